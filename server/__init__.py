@@ -1,0 +1,1 @@
+"""tinymorph protocol layer: CLI, LSP server, HTTP API."""

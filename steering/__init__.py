@@ -1,0 +1,1 @@
+"""tinymorph engine: model, generation with a prefix KV cache, SAE steering."""
