@@ -1,0 +1,349 @@
+// VS Code entry point: starts `tinymorph lsp`, wires its notifications into the status bar and
+// registers the commands. Everything testable without VS Code lives in settings.ts, status.ts and steering.ts.
+
+import * as fs from "fs";
+import * as os from "os";
+import * as vscode from "vscode";
+import {
+  ExecuteCommandRequest,
+  LanguageClient,
+  LanguageClientOptions,
+  ServerOptions,
+  State,
+  TransportKind,
+} from "vscode-languageclient/node";
+import {
+  ServerKey,
+  ServerSettings,
+  resolveServerCommand,
+  serverSettings,
+  settingsChange,
+  RESTART_KEYS,
+  SERVER_KEYS,
+} from "./settings";
+import { LoadProgressFeature } from "./progress";
+import { MetricsPayload, StatusModel, StatusPayload, statusView, SteeringEntry } from "./status";
+import { CompareView, pickFeature, editSteering } from "./steeringUi";
+
+const SECTION = "tinymorph";
+
+let client: LanguageClient | undefined;
+let output: vscode.LogOutputChannel;
+let statusItem: vscode.StatusBarItem;
+const model = new StatusModel();
+let sentSettings: ServerSettings = {};
+
+function config(): vscode.WorkspaceConfiguration {
+  return vscode.workspace.getConfiguration(SECTION);
+}
+
+function currentServerSettings(): ServerSettings {
+  const cfg = config();
+  return serverSettings((key) => cfg.inspect(key));
+}
+
+/** The declared defaults of the server keys (package.json), used when the user removes a setting. */
+function declaredDefaults(): ServerSettings {
+  const cfg = config();
+  const out: ServerSettings = {};
+  for (const key of Object.keys(SERVER_KEYS) as ServerKey[]) {
+    const value = cfg.inspect(key)?.defaultValue;
+    if (value !== undefined && value !== null && value !== "") out[key] = value as string | number | boolean;
+  }
+  return out;
+}
+
+function languages(): string[] {
+  return config().get<string[]>("languages", ["markdown", "plaintext", "git-commit"]);
+}
+
+function display(): string {
+  return config().get<string>("display", "both");
+}
+
+function renderStatus(): void {
+  const view = statusView(model);
+  statusItem.text = view.text;
+  statusItem.tooltip = view.tooltip;
+  statusItem.backgroundColor =
+    view.severity === "error"
+      ? new vscode.ThemeColor("statusBarItem.errorBackground")
+      : view.severity === "warning"
+        ? new vscode.ThemeColor("statusBarItem.warningBackground")
+        : undefined;
+  statusItem.show();
+}
+
+/** Sends `workspace/executeCommand` to the server; undefined (after a message) when not running. */
+async function serverCommand<T>(command: string, args: unknown[] = []): Promise<T | undefined> {
+  if (!client || !client.isRunning()) {
+    vscode.window.showWarningMessage("tinymorph: the server is not running (see the tinymorph output).");
+    return undefined;
+  }
+  try {
+    return (await client.sendRequest(ExecuteCommandRequest.type, { command, arguments: args })) as T;
+  } catch (err) {
+    const message = err instanceof Error ? err.message : String(err);
+    output.error(`${command} failed: ${message}`);
+    vscode.window.showErrorMessage(`tinymorph: ${command} failed: ${message}`);
+    return undefined;
+  }
+}
+
+function activeUri(): string | undefined {
+  const editor = vscode.window.activeTextEditor;
+  return editor ? editor.document.uri.toString() : undefined;
+}
+
+function updateActiveContext(): void {
+  const editor = vscode.window.activeTextEditor;
+  const active = !!editor && languages().includes(editor.document.languageId) && !!client?.isRunning();
+  void vscode.commands.executeCommand("setContext", "tinymorph.active", active);
+}
+
+function buildClient(): LanguageClient {
+  const cfg = config();
+  const folder = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath;
+  const resolved = resolveServerCommand(
+    cfg.get<string>("server.command", "tinymorph"),
+    cfg.get<string[]>("server.args", ["lsp"]),
+    { home: os.homedir(), workspaceFolder: folder, platform: process.platform },
+    {
+      isDir: (p) => {
+        try {
+          return fs.statSync(p).isDirectory();
+        } catch {
+          return false;
+        }
+      },
+      exists: (p) => fs.existsSync(p),
+    },
+  );
+  const env = { ...process.env, ...cfg.get<Record<string, string>>("server.env", {}) };
+  const executable = { command: resolved.command, args: resolved.args, transport: TransportKind.stdio, options: { env } };
+  const serverOptions: ServerOptions = { run: executable, debug: executable };
+  sentSettings = currentServerSettings();
+
+  const selector = languages().flatMap((language) => [
+    { scheme: "file", language },
+    { scheme: "untitled", language },
+  ]);
+  const clientOptions: LanguageClientOptions = {
+    documentSelector: selector,
+    initializationOptions: sentSettings,
+    outputChannel: output,
+    middleware: {
+      didChange: (event, next) => {
+        if (event.contentChanges.length > 0) {
+          model.onEdit(event.document.uri.toString());
+          renderStatus();
+        }
+        return next(event);
+      },
+      didClose: (document, next) => {
+        model.onSettled(document.uri.toString());
+        renderStatus();
+        return next(document);
+      },
+      // The same suggestion can be shown twice (hint and ghost text); `tinymorph.display` picks.
+      provideInlayHints: (document, range, token, next) =>
+        display() === "ghostText" ? [] : next(document, range, token),
+      provideInlineCompletionItems: (document, position, context, token, next) =>
+        display() === "inlayHint" ? null : next(document, position, context, token),
+      workspace: {
+        // Servers that pull settings get the same object as initializationOptions.
+        configuration: (params, token, next) =>
+          params.items.map((item) => (item.section === SECTION ? currentServerSettings() : null)),
+      },
+    },
+  };
+  const c = new LanguageClient("tinymorph", "tinymorph", serverOptions, clientOptions);
+  c.registerFeature(
+    new LoadProgressFeature(c, (value) => {
+      model.onProgress(value);
+      renderStatus();
+    }),
+  );
+  c.onDidChangeState((e) => {
+    if (e.newState === State.Running) updateActiveContext();
+    if (e.newState === State.Stopped) {
+      model.onStopped();
+      renderStatus();
+      updateActiveContext();
+    }
+  });
+  return c;
+}
+
+async function startClient(): Promise<void> {
+  model.onStarting();
+  renderStatus();
+  client = buildClient();
+  client.onNotification("tinymorph/status", (payload: StatusPayload) => {
+    model.onStatus(payload);
+    renderStatus();
+  });
+  client.onNotification("tinymorph/metrics", (payload: MetricsPayload) => {
+    model.onMetrics(payload);
+    renderStatus();
+  });
+  try {
+    await client.start();
+  } catch (err) {
+    const message = err instanceof Error ? err.message : String(err);
+    model.onClientError(`could not start the server: ${message}`);
+    renderStatus();
+    const choice = await vscode.window.showErrorMessage(
+      `tinymorph: could not start "${config().get("server.command")}" (${message}). ` +
+        "Install it (pip install tinymorph) or set tinymorph.server.command.",
+      "Open Settings",
+      "Show Log",
+    );
+    if (choice === "Open Settings") void vscode.commands.executeCommand("workbench.action.openSettings", "tinymorph.server");
+    if (choice === "Show Log") output.show();
+    return;
+  }
+  const status = await serverCommand<StatusPayload>("tinymorph.status");
+  if (status) {
+    model.onStatus(status);
+    renderStatus();
+  }
+}
+
+async function stopClient(): Promise<void> {
+  const c = client;
+  client = undefined;
+  if (c) {
+    try {
+      await c.stop(3000);
+    } catch (err) {
+      output.warn(`stopping the server: ${String(err)}`);
+    }
+  }
+}
+
+async function onConfigurationChanged(e: vscode.ConfigurationChangeEvent): Promise<void> {
+  if (!e.affectsConfiguration(SECTION)) return;
+  updateActiveContext();
+  if (RESTART_KEYS.some((key) => e.affectsConfiguration(`${SECTION}.${key}`))) {
+    const choice = await vscode.window.showInformationMessage(
+      "tinymorph: restart the server to use the new server settings?",
+      "Restart",
+    );
+    if (choice === "Restart") await vscode.commands.executeCommand("tinymorph.restartServer");
+    return;
+  }
+  const next = currentServerSettings();
+  const change = settingsChange(sentSettings, next, declaredDefaults());
+  sentSettings = next;
+  if (change && client?.isRunning()) {
+    output.info(`settings changed: ${JSON.stringify(change)}`);
+    await client.sendNotification("workspace/didChangeConfiguration", { settings: { [SECTION]: change } });
+  }
+}
+
+/** The text before the cursor, for the compare view's context. */
+function contextBeforeCursor(): string {
+  const editor = vscode.window.activeTextEditor;
+  if (!editor) return "";
+  return editor.document.getText(new vscode.Range(new vscode.Position(0, 0), editor.selection.active));
+}
+
+async function showMenu(): Promise<void> {
+  const items: (vscode.QuickPickItem & { command: string })[] = [
+    { label: "$(check) Accept suggestion", command: "tinymorph.acceptSuggestion" },
+    { label: "$(symbol-color) Steer: pick a feature…", command: "tinymorph.pickFeature" },
+    { label: "$(list-unordered) Steer: edit current steering…", command: "tinymorph.editSteering" },
+    { label: "$(split-horizontal) Steer: compare steered vs unsteered", command: "tinymorph.compareSteering" },
+    { label: "$(clear-all) Steer: clear", command: "tinymorph.clearSteering" },
+    {
+      label: model.state === "disabled" ? "$(play) Turn suggestions on" : "$(circle-slash) Turn suggestions off",
+      command: "tinymorph.toggleSuggestions",
+    },
+    { label: "$(info) Show server status", command: "tinymorph.showStatus" },
+    { label: "$(output) Show log", command: "tinymorph.showLog" },
+    { label: "$(debug-restart) Restart server", command: "tinymorph.restartServer" },
+  ];
+  const pick = await vscode.window.showQuickPick(items, { title: "tinymorph" });
+  if (pick) await vscode.commands.executeCommand(pick.command);
+}
+
+export async function activate(context: vscode.ExtensionContext): Promise<void> {
+  output = vscode.window.createOutputChannel("tinymorph", { log: true });
+  statusItem = vscode.window.createStatusBarItem("tinymorph.status", vscode.StatusBarAlignment.Right, 100);
+  statusItem.name = "tinymorph";
+  statusItem.command = "tinymorph.showMenu";
+  const compare = new CompareView();
+  const timer = setInterval(() => {
+    if (model.tick()) renderStatus();
+  }, 1000);
+  context.subscriptions.push(output, statusItem, compare, { dispose: () => clearInterval(timer) });
+
+  // Accept/dismiss go through the server so it can keep the rest of a partly accepted suggestion.
+  const onDocument = (server: string) => async () => {
+    const uri = activeUri();
+    if (uri) await serverCommand(server, [uri]);
+  };
+  const steerList = async () => (await serverCommand<SteeringEntry[]>("tinymorph.steer.list")) ?? [];
+  const commands: Record<string, (...args: unknown[]) => unknown> = {
+    "tinymorph.acceptSuggestion": onDocument("tinymorph.accept"),
+    "tinymorph.acceptNextWord": onDocument("tinymorph.acceptWord"),
+    "tinymorph.acceptNextLine": onDocument("tinymorph.acceptLine"),
+    "tinymorph.dismissSuggestion": onDocument("tinymorph.dismiss"),
+    "tinymorph.toggleSuggestions": async () => {
+      const result = await serverCommand<{ enabled: boolean }>("tinymorph.toggle");
+      if (result) vscode.window.setStatusBarMessage(`tinymorph: suggestions ${result.enabled ? "on" : "off"}`, 3000);
+    },
+    "tinymorph.pickFeature": async () => {
+      const changed = await pickFeature(serverCommand, await steerList());
+      if (changed) model.onStatus({ steering: changed });
+      renderStatus();
+    },
+    "tinymorph.editSteering": async () => {
+      const changed = await editSteering(serverCommand, await steerList());
+      if (changed) model.onStatus({ steering: changed });
+      renderStatus();
+    },
+    "tinymorph.clearSteering": async () => {
+      const list = await serverCommand<SteeringEntry[]>("tinymorph.steer.clear");
+      if (list) model.onStatus({ steering: list });
+      renderStatus();
+    },
+    "tinymorph.compareSteering": async () => {
+      const uri = activeUri();
+      const context = contextBeforeCursor();
+      const result = await vscode.window.withProgress(
+        { location: vscode.ProgressLocation.Notification, title: "tinymorph: generating steered and unsteered…" },
+        () => serverCommand<{ steered: string; unsteered: string }>("tinymorph.steer.compare", uri ? [uri] : []),
+      );
+      if (result) await compare.show(result, await steerList(), context);
+    },
+    "tinymorph.showStatus": async () => {
+      const status = await serverCommand<StatusPayload>("tinymorph.status");
+      if (!status) return;
+      model.onStatus(status);
+      renderStatus();
+      output.info(`status: ${JSON.stringify(status)}`);
+      output.show(true);
+    },
+    "tinymorph.showLog": () => output.show(),
+    "tinymorph.showMenu": showMenu,
+    "tinymorph.restartServer": async () => {
+      await stopClient();
+      await startClient();
+    },
+  };
+  for (const [id, handler] of Object.entries(commands)) {
+    context.subscriptions.push(vscode.commands.registerCommand(id, handler));
+  }
+  context.subscriptions.push(
+    vscode.workspace.onDidChangeConfiguration((e) => void onConfigurationChanged(e)),
+    vscode.window.onDidChangeActiveTextEditor(() => updateActiveContext()),
+  );
+  renderStatus();
+  await startClient();
+}
+
+export async function deactivate(): Promise<void> {
+  await stopClient();
+}

@@ -1,0 +1,79 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { formatMs, GENERATING_TIMEOUT_MS, StatusModel, statusView } from "../src/status";
+
+test("formatMs", () => {
+  assert.equal(formatMs(84.6), "85 ms");
+  assert.equal(formatMs(1234), "1.2 s");
+  assert.equal(formatMs(null), "–");
+});
+
+test("starting → loading with percentage → ready with TTFT", () => {
+  const m = new StatusModel();
+  assert.match(statusView(m).text, /loading~spin\) tinymorph starting$/);
+  m.onProgress({ kind: "begin", title: "Loading model", percentage: 0 });
+  m.onProgress({ kind: "report", percentage: 42.4, message: "weights" });
+  assert.equal(m.state, "loading");
+  assert.equal(statusView(m).text, "$(loading~spin) tinymorph loading 42%");
+  assert.match(statusView(m).tooltip, /weights/);
+  m.onProgress({ kind: "end" });
+  assert.equal(m.state, "ready");
+  m.onStatus({ state: "ready", model: "SmolLM2-135M", lastTtftMs: null, message: "", steering: [] });
+  assert.equal(statusView(m).text, "$(sparkle) tinymorph ready");
+  m.onMetrics({ uri: "file:///a.md", ttftMs: 85.2, tokensPerSecond: 31.5 });
+  const view = statusView(m);
+  assert.equal(view.text, "$(sparkle) tinymorph 85 ms");
+  assert.match(view.tooltip, /model: SmolLM2-135M/);
+  assert.match(view.tooltip, /31\.5 tok\/s/);
+});
+
+test("an edit shows generating until the metrics for that document arrive", () => {
+  const m = new StatusModel();
+  m.onStatus({ state: "ready", lastTtftMs: 90 });
+  m.onEdit("file:///a.md", 1000);
+  assert.equal(m.state, "generating");
+  assert.equal(statusView(m).text, "$(sync~spin) tinymorph 90 ms");
+  m.onMetrics({ uri: "file:///other.md", ttftMs: 50 }, 1100);
+  assert.equal(m.state, "generating", "metrics for another document do not end this one");
+  m.onMetrics({ uri: "file:///a.md", ttftMs: 70 }, 1200);
+  assert.equal(m.state, "ready");
+  assert.equal(m.lastTtftMs, 70);
+});
+
+test("generating times out when no suggestion comes", () => {
+  const m = new StatusModel();
+  m.onStatus({ state: "ready" });
+  m.onEdit("file:///a.md", 0);
+  assert.equal(m.tick(GENERATING_TIMEOUT_MS - 1), false);
+  assert.equal(m.tick(GENERATING_TIMEOUT_MS + 1), true);
+  assert.equal(m.state, "ready");
+});
+
+test("disabled and error states; edits while disabled do not show generating", () => {
+  const m = new StatusModel();
+  m.onStatus({ state: "disabled" });
+  m.onEdit("file:///a.md");
+  assert.equal(m.state, "disabled");
+  assert.equal(statusView(m).text, "$(circle-slash) tinymorph off");
+  m.onStatus({ state: "error", message: "model not found" });
+  const view = statusView(m);
+  assert.equal(view.text, "$(error) tinymorph error");
+  assert.equal(view.severity, "error");
+  assert.match(view.tooltip, /model not found/);
+  m.onStatus({ state: "bogus" });
+  assert.equal(m.state, "error", "unknown states are ignored");
+});
+
+test("steering count and entries appear in the status", () => {
+  const m = new StatusModel();
+  m.onStatus({
+    state: "ready",
+    steering: [
+      { feature: "default:12", layer: 15, mode: "add", strength: 4 },
+      { feature: "default:7", layer: 15, mode: "clamp", strength: -2 },
+    ],
+  });
+  const view = statusView(m);
+  assert.equal(view.text, "$(sparkle) tinymorph ready $(symbol-color)2");
+  assert.match(view.tooltip, /steering: default:12 \+4 @L15, default:7 -2 clamp @L15/);
+});

@@ -1,0 +1,72 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { compareDocument, featureItems, LatestOnly, parseStrength, showToken, steeringItems } from "../src/steering";
+
+test("feature items show label, id, top tokens and the current strength", () => {
+  const items = featureItems(
+    [
+      { id: "default:12", label: "formal register", topTokens: [" therefore", "\n", "hence"], maxActivation: 7.25 },
+      { id: "default:99", label: "", topTokens: [] },
+    ],
+    [{ feature: "default:12", strength: 4 }],
+  );
+  assert.equal(items.length, 2);
+  assert.equal(items[0].label, "$(check) formal register");
+  assert.equal(items[0].description, "default:12  (steering 4)");
+  assert.equal(items[0].detail, "top tokens: ·therefore  \\n  hence · max act 7.25");
+  assert.equal(items[0].currentStrength, 4);
+  assert.equal(items[0].alwaysShow, true);
+  assert.equal(items[1].label, "default:99", "a feature without label shows its id");
+  assert.equal(items[1].detail, undefined);
+  assert.equal(items[1].currentStrength, undefined);
+});
+
+test("showToken makes whitespace visible", () => {
+  assert.equal(showToken(" the"), "·the");
+  assert.equal(showToken("a\tb"), "a\\tb");
+});
+
+test("steering items: entries, add, and clear only when something is steered", () => {
+  assert.deepEqual(
+    steeringItems([]).map((i) => i.action),
+    ["add"],
+  );
+  const items = steeringItems([{ feature: "default:3", strength: -1.5, layer: 15 }]);
+  assert.deepEqual(
+    items.map((i) => i.action),
+    ["edit", "add", "clear"],
+  );
+  assert.equal(items[0].featureId, "default:3");
+  assert.match(items[0].label, /default:3 -1\.5 @L15/);
+});
+
+test("parseStrength", () => {
+  assert.equal(parseStrength(" 4 "), 4);
+  assert.equal(parseStrength("-2,5"), -2.5);
+  assert.equal(typeof parseStrength(""), "string");
+  assert.equal(typeof parseStrength("abc"), "string");
+  assert.equal(typeof parseStrength("0"), "string");
+  assert.equal(typeof parseStrength("1e9"), "string");
+});
+
+test("LatestOnly discards answers to older searches", () => {
+  const l = new LatestOnly();
+  const a = l.next();
+  const b = l.next();
+  assert.equal(l.isLatest(a), false);
+  assert.equal(l.isLatest(b), true);
+});
+
+test("compare document holds both texts, fenced safely", () => {
+  const doc = compareDocument(
+    { steered: "Thus we proceed ```formally```.", unsteered: "So we go on." },
+    [{ feature: "default:12", strength: 4 }],
+    "The plan was simple.",
+  );
+  assert.match(doc, /Steering: default:12 \+4/);
+  assert.match(doc, /## Steered\n\n````text\nThus we proceed ```formally```\.\n````/);
+  assert.match(doc, /## Unsteered\n\n```text\nSo we go on\.\n```/);
+  assert.match(doc, /The plan was simple\./);
+  assert.doesNotMatch(doc, /identical/);
+  assert.match(compareDocument({ steered: "x", unsteered: "x" }, [], ""), /identical/);
+});
