@@ -1,0 +1,173 @@
+"""The engine: one loaded model, its tokenizer, per-document prefix caches and steering.
+
+Usable without any editor:
+
+    engine = Engine.load("default")
+    result = engine.complete(CompletionRequest(doc_id="notes.md", text="The sea was"))
+    print(result.text, result.timings.ttft_ms)
+
+`stream()` yields `TokenEvent`s and returns the `Completion`; it runs one forward pass per
+`next()`, so callers can interleave or cancel generations between tokens. Calls are serialized by
+a lock: two cores are better spent on one generation at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import model as model_loading
+from .context import ContextPolicy, select_window
+from .generate import CancelToken, Completion, GenerationOptions, Timings, TokenEvent, generate
+from .llama import LlamaModel, load_llama
+from .prefix_cache import PrefixCache
+from .steering import SteeringHooks, SteeringPlan
+
+
+@dataclass
+class CompletionRequest:
+    """Continue `text` (everything before the cursor) for document `doc_id`."""
+
+    text: str
+    doc_id: str = "default"
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+    steering: SteeringPlan | None = None
+    queued_at: float | None = None  # time.perf_counter() when the request was queued (for queue_ms)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    folder: str
+    dtype: str
+    threads: int
+    layers: int
+    d_model: int
+    vocab: int
+    max_positions: int
+    weight_bytes: int
+    load_s: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Engine:
+    """Model + tokenizer + prefix caches + steering hooks."""
+
+    def __init__(self, model: LlamaModel, tokenizer, *, name: str = "custom", folder: Path | None = None,
+                 context: ContextPolicy | None = None, cache_budget_mb: int = 256, load_s: float = 0.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context = context or ContextPolicy()
+        self.caches = PrefixCache(cache_budget_mb * 2**20, lambda: model.new_cache(256))
+        self.hooks = SteeringHooks(model.layers)
+        self._lock = threading.RLock()
+        self._resolver: Callable[[SteeringPlan], object] | None = None
+        self.eos_ids = frozenset(
+            i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+            if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id
+        )
+        cfg = model.cfg
+        self.info = EngineInfo(
+            model=name, folder=str(folder or ""), dtype=model_loading.dtype_name(model.dtype),
+            threads=torch.get_num_threads(), layers=cfg.n_layers, d_model=cfg.dim, vocab=cfg.vocab_size,
+            max_positions=cfg.max_positions, weight_bytes=model.weight_bytes(), load_s=load_s,
+        )
+
+    @classmethod
+    def load(cls, model: str | None = "default", *, dtype: str | None = "auto", threads: int | None = None,
+             context_tokens: int = 1024, cache_budget_mb: int = 256,
+             progress: model_loading.ProgressFn | None = None) -> Engine:
+        """Load a model by name ("default", a folder, a GGUF file or a cached HF id)."""
+        started = time.perf_counter()
+        if threads:
+            torch.set_num_threads(threads)
+        torch_dtype = model_loading.pick_dtype(dtype)
+        folder = model_loading.local_folder(model, progress)
+        if progress:
+            progress("loading weights", 0.9)
+        try:
+            llama = load_llama(folder, torch_dtype)
+        except (ValueError, KeyError) as exc:
+            raise model_loading.ModelError(f"cannot load {model}: {exc}") from exc
+        tokenizer = model_loading.load_tokenizer(folder)
+        engine = cls(llama, tokenizer, name=str(model or "default"), folder=folder,
+                     context=ContextPolicy(max_tokens=context_tokens), cache_budget_mb=cache_budget_mb,
+                     load_s=time.perf_counter() - started)
+        if progress:
+            progress("ready", 1.0)
+        return engine
+
+    # -- tokens -----------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    # -- steering ---------------------------------------------------------------------------
+    def set_steering_resolver(self, resolver: Callable[[SteeringPlan], object]) -> None:
+        """How plans become tensors (a `FeatureLibrary`-backed function from the steering module)."""
+        self._resolver = resolver
+
+    def resolve(self, plan: SteeringPlan | None):
+        if plan is None or plan.is_empty():
+            return None
+        if self._resolver is None:
+            from .steering import default_resolver
+
+            self._resolver = default_resolver(self)
+        return self._resolver(plan)
+
+    # -- generation -------------------------------------------------------------------------
+    def stream(self, request: CompletionRequest,
+               cancel: CancelToken | None = None) -> Generator[TokenEvent, None, Completion]:
+        """Continue `request.text`, yielding text as it appears; returns the `Completion`."""
+        request.options.validate()
+        plan = request.steering or SteeringPlan()
+        resolved = self.resolve(plan)  # validate before any work, errors reach the caller
+        timings = Timings()
+        if request.queued_at is not None:
+            timings.queue_ms = (time.perf_counter() - request.queued_at) * 1000
+        window = select_window(request.text, self.tokenize, self.context)
+        ids = window.ids
+        if not ids:  # empty document: start from the beginning-of-text token
+            ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0]
+        key = (request.doc_id, plan.cache_key())
+        with self._lock:
+            cache, reused = self.caches.checkout(key, ids)
+        timings.tokens_reused = reused
+        room = self.model.cfg.max_positions - len(ids)
+
+        def step(chunk: list[int]) -> torch.Tensor:
+            with self._lock, self.hooks.active(resolved):
+                return self.model(chunk, cache)
+
+        completion = yield from generate(
+            step, ids[reused:], decode=self.detokenize, options=request.options, eos_ids=self.eos_ids,
+            timings=timings, cancel=cancel, max_new=max(room, 1),
+        )
+        completion.steering = plan.describe()
+        self.caches.enforce_budget(keep=key)
+        return completion
+
+    def complete(self, request: CompletionRequest, cancel: CancelToken | None = None,
+                 on_token: Callable[[TokenEvent], None] | None = None) -> Completion:
+        """Run `stream` to the end."""
+        gen = self.stream(request, cancel)
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as done:
+                return done.value
+            if on_token is not None:
+                on_token(event)
+
+    def forget(self, doc_id: str) -> None:
+        self.caches.drop(doc_id)

@@ -1,0 +1,212 @@
+"""Token generation: sampling, stop rules, cancellation and timings, as one plain loop.
+
+`generate` is a generator: each `next()` runs at most one forward pass, so a caller (the server's
+scheduler) can interleave several generations token by token, cancel between any two tokens, and
+stream text as it appears.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+StopRule = Literal["word", "line", "sentence", "paragraph", "none"]
+STOP_RULES: tuple[str, ...] = ("word", "line", "sentence", "paragraph", "none")
+
+# Where each stop rule ends a continuation: the match's start is the cut point. Matching needs
+# one character past the boundary, so "3.14" or "e.g. this" does not end a sentence at ".".
+_STOP_PATTERNS: dict[str, re.Pattern[str]] = {
+    "word": re.compile(r"(?<=\w)(?=[^\w'’-])"),
+    "line": re.compile(r"\n"),
+    "sentence": re.compile(r"(?<=[^\s.]{2}[.!?])(?=[\"'’”)\]]*\s)|(?<=[.!?][\"'’”)\]])(?=\s)|\n"),
+    "paragraph": re.compile(r"\n[ \t]*\n"),
+}
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What one request wants from the generator."""
+
+    max_tokens: int = 24
+    stop: StopRule = "sentence"
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if not 1 <= self.max_tokens <= 1024:
+            raise ValueError("max_tokens must be between 1 and 1024")
+        if self.stop not in STOP_RULES:
+            raise ValueError(f"stop must be one of {', '.join(STOP_RULES)}")
+        if not 0.0 <= self.temperature <= 5.0:
+            raise ValueError("temperature must be between 0 and 5")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+@dataclass
+class Timings:
+    """Where the time of one generation went. TTFT counts from when the request was queued."""
+
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+    tokens_reused: int = 0
+    tokens_prefilled: int = 0
+    tokens_generated: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.tokens_generated - 1  # the first token comes from the prefill pass
+        return steps / (self.decode_ms / 1000) if steps > 0 and self.decode_ms > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "decode_tokens_per_s": round(self.decode_tokens_per_s, 2)}
+
+
+@dataclass
+class Completion:
+    """The finished continuation and how it was made."""
+
+    text: str
+    token_ids: list[int]
+    stop_reason: str  # "stop-rule", "max-tokens", "eos", "stop-string", "cancelled", "window"
+    timings: Timings
+    steering: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "stop_reason": self.stop_reason, "timings": self.timings.to_dict(),
+                "steering": self.steering}
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One streamed step: `delta` is the new visible text (may be empty mid-character)."""
+
+    delta: str
+    text: str
+    token_id: int
+    index: int
+
+
+class CancelToken:
+    """Set from any thread; checked by the generator between forward passes."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+def cut_at_stop(text: str, options: GenerationOptions) -> str | None:
+    """The continuation cut at its stop point, or None if no stop point has been reached yet."""
+    cuts = [text.find(s) for s in options.stop_strings if s and s in text]
+    pattern = _STOP_PATTERNS.get(options.stop)
+    if pattern is not None:
+        # A continuation that starts with a line break (or, for words, whitespace) must not end
+        # before it has said anything.
+        lead = len(text) - len(text.lstrip() if options.stop == "word" else text.lstrip("\n"))
+        match = pattern.search(text, lead)
+        if match is not None and match.start() > 0:
+            cuts.append(match.start())
+    return text[: min(cuts)] if cuts else None
+
+
+def sample(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None,
+           allowed: torch.Tensor | None = None) -> int:
+    """Greedy when temperature is 0, else temperature + nucleus sampling."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if options.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / options.temperature, dim=-1)
+    if options.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < options.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+StepFn = Callable[[list[int]], torch.Tensor]
+
+
+def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int]], str],
+             options: GenerationOptions, eos_ids: frozenset[int], timings: Timings,
+             cancel: CancelToken | None = None, max_new: int | None = None,
+             prefill_chunk: int = 512) -> Iterator[TokenEvent]:
+    """Prefill `prompt_tail` through `step` (which appends to the KV cache), then decode.
+
+    Returns (as the generator's return value) the `Completion`. `timings` is filled in place;
+    its queue_ms must already be set by the caller, `tokens_reused` too.
+    """
+    started = time.perf_counter()
+    rng = None
+    if options.temperature > 0 and options.seed is not None:
+        rng = torch.Generator().manual_seed(options.seed)
+    budget = options.max_tokens if max_new is None else min(options.max_tokens, max_new)
+    logits = None
+    for i in range(0, len(prompt_tail), prefill_chunk):  # chunks keep cancellation responsive
+        if cancel is not None and cancel.cancelled:
+            return _finish([], "", "cancelled", timings, started, started)
+        logits = step(prompt_tail[i : i + prefill_chunk])
+    assert logits is not None, "prompt_tail must not be empty"
+    timings.tokens_prefilled = len(prompt_tail)
+    timings.prefill_ms = (time.perf_counter() - started) * 1000
+    first_token_at = time.perf_counter()
+    ids: list[int] = []
+    text = ""
+    reason = "max-tokens"
+    for index in range(budget):
+        if index > 0:
+            if cancel is not None and cancel.cancelled:
+                reason = "cancelled"
+                break
+            logits = step(ids[-1:])
+        token = sample(logits, options, rng)
+        if index == 0:
+            first_token_at = time.perf_counter()
+            timings.ttft_ms = timings.queue_ms + (first_token_at - started) * 1000
+        if token in eos_ids:
+            reason = "eos"
+            break
+        ids.append(token)
+        new_text = decode(ids)
+        if new_text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            continue
+        cut = cut_at_stop(new_text, options)
+        if cut is not None:
+            if len(cut) > len(text):
+                yield TokenEvent(cut[len(text):], cut, token, index)
+            text = cut
+            reason = "stop-rule"
+            break
+        if len(new_text) > len(text):
+            yield TokenEvent(new_text[len(text):], new_text, token, index)
+        text = new_text
+    else:
+        if budget < options.max_tokens:
+            reason = "window"
+    return _finish(ids, text, reason, timings, started, first_token_at)
+
+
+def _finish(ids: list[int], text: str, reason: str, timings: Timings, started: float,
+            first_token_at: float) -> Completion:
+    now = time.perf_counter()
+    timings.tokens_generated = len(ids)
+    timings.decode_ms = (now - first_token_at) * 1000 if ids else 0.0
+    timings.total_ms = timings.queue_ms + (now - started) * 1000
+    return Completion(text.rstrip("\ufffd"), ids, reason, timings)

@@ -1,0 +1,265 @@
+"""A plain Llama-family decoder with an explicit KV cache, in the spirit of gpt-fast's model.py.
+
+Why not `transformers`' forward: for keystroke latency the per-step overhead matters more than
+FLOPs (a 1–8 token forward over a 2k cache), and we want (1) logits for the last position only,
+(2) a preallocated cache we can truncate to any common prefix for free, (3) fused QKV and
+gate/up projections. Weights come from any HF Llama/Mistral/Qwen2-style folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    norm_eps: float
+    rope_theta: float
+    max_positions: int
+    tie_embeddings: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> LlamaConfig:
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") not in ("default", None):
+            raise ValueError(f"rope type {rope.get('rope_type')!r} is not supported by the plain backend")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            max_positions=cfg.get("max_position_embeddings", 4096),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=cfg.get("attention_bias", False) or cfg.get("model_type") == "qwen2",
+        )
+
+
+class KVCache:
+    """Keys/values of one token sequence for every layer, growable, truncatable in O(1).
+
+    `ids` mirrors the tokens whose keys/values are stored, so a new request can find its longest
+    common prefix with the cache by comparing token ids.
+    """
+
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, capacity: int = 256):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.ids: list[int] = []
+        self.k = torch.empty(cfg.n_layers, 1, cfg.n_kv_heads, capacity, cfg.head_dim, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def reserve(self, n: int) -> None:
+        """Make room for `n` tokens (grows geometrically, keeping what is stored)."""
+        if n <= self.capacity:
+            return
+        new_cap = max(n, self.capacity * 2)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.empty(*old.shape[:3], new_cap, old.shape[4], dtype=old.dtype)
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)
+
+    def truncate(self, n: int) -> None:
+        del self.ids[n:]
+
+    def common_prefix(self, ids: list[int]) -> int:
+        n = min(len(ids), len(self.ids))
+        i = 0
+        while i < n and ids[i] == self.ids[i]:
+            i += 1
+        return i
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(cfg: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    angles = torch.outer(torch.arange(cfg.max_positions, dtype=torch.float32), inv)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    """One block. Its output is the residual stream, which is where steering hooks attach."""
+
+    def __init__(self, cfg: LlamaConfig, index: int):
+        super().__init__()
+        self.cfg = cfg
+        self.index = index
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.input_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.qkv = nn.Linear(cfg.dim, q + 2 * kv, bias=cfg.qkv_bias)
+        self.o = nn.Linear(q, cfg.dim, bias=False)
+        self.post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.gate_up = nn.Linear(cfg.dim, 2 * cfg.intermediate, bias=False)
+        self.down = nn.Linear(cfg.intermediate, cfg.dim, bias=False)
+        self.sizes = (q, kv, kv)
+
+    def forward(self, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.input_norm(x)).split(self.sizes, dim=-1)
+        q = apply_rope(q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        end = start + t
+        cache.k[self.index, :, :, start:end] = k
+        cache.v[self.index, :, :, start:end] = v
+        keys = cache.k[self.index, :, :, :end]
+        values = cache.v[self.index, :, :, :end]
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
+        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class LlamaModel(nn.Module):
+    """Embedding → decoder layers → final norm → logits of the last position."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        return KVCache(self.cfg, self.dtype, capacity)
+
+    def weight_bytes(self) -> int:
+        """Bytes read per forward pass (tied embeddings counted once: the lm_head reads them)."""
+        seen, total = set(), 0
+        for p in self.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+        return total
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Append `ids` to `cache` and return the logits (float32) of the last new position."""
+        start, t = cache.length, len(ids)
+        if start + t > self.cfg.max_positions:
+            raise ValueError(f"{start + t} tokens exceed the model's window of {self.cfg.max_positions}")
+        cache.reserve(start + t)
+        x = self.embed(torch.tensor([ids], dtype=torch.long))
+        cos = self.rope_cos[start : start + t].to(x.dtype)
+        sin = self.rope_sin[start : start + t].to(x.dtype)
+        mask = None
+        if t > 1:  # causal mask offset by the cached prefix (SDPA's is_causal assumes no prefix)
+            mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
+        for layer in self.layers:
+            x = layer(x, cache, start, cos, sin, mask)
+        cache.ids.extend(ids)
+        hidden = x[0] if all_logits else x[0, -1:]
+        return self.lm_head(self.norm(hidden)).float().squeeze(0)
+
+
+def load_llama(folder: Path, dtype: torch.dtype) -> LlamaModel:
+    """Build a `LlamaModel` from an HF folder's config.json + safetensors, fusing projections."""
+    from safetensors.torch import load_file
+
+    cfg_dict = json.loads((folder / "config.json").read_text())
+    archs = cfg_dict.get("architectures") or ["LlamaForCausalLM"]
+    if archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"architecture {archs[0]} is not a Llama-style decoder")
+    cfg = LlamaConfig.from_hf(cfg_dict)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no .safetensors weights in {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+
+    def take(name: str) -> torch.Tensor:
+        return state.pop(name).to(dtype)
+
+    new: dict[str, torch.Tensor] = {"embed.weight": take("model.embed_tokens.weight")}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+        new[f"layers.{i}.qkv.weight"] = torch.cat(qkv)
+        if cfg.qkv_bias:
+            new[f"layers.{i}.qkv.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        new[f"layers.{i}.o.weight"] = take(p + "self_attn.o_proj.weight")
+        new[f"layers.{i}.input_norm.weight"] = take(p + "input_layernorm.weight")
+        new[f"layers.{i}.post_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        new[f"layers.{i}.gate_up.weight"] = torch.cat(
+            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
+        )
+        new[f"layers.{i}.down.weight"] = take(p + "mlp.down_proj.weight")
+    new["norm.weight"] = take("model.norm.weight")
+    head = state.pop("lm_head.weight", None)
+    new["lm_head.weight"] = new["embed.weight"] if head is None or cfg.tie_embeddings else head.to(dtype)
+    model.load_state_dict(new, assign=True, strict=True)
+    cos, sin = rope_tables(cfg)
+    model.rope_cos, model.rope_sin = cos, sin
+    model.eval()
+    return model
+
+
+def approx_flops_per_token(cfg: LlamaConfig) -> float:
+    """Matmul FLOPs per prompt token, without attention scores (for reporting only)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    per_layer = cfg.dim * (q + 2 * kv) + q * cfg.dim + 3 * cfg.dim * cfg.intermediate
+    return 2.0 * cfg.n_layers * per_layer

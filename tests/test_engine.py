@@ -1,0 +1,118 @@
+"""Engine tests: exact reuse, stop rules, cancellation, the window policy, cache budget."""
+
+from __future__ import annotations
+
+import torch
+
+from tinymorph.steering.context import ContextPolicy, select_window
+from tinymorph.steering.engine import CompletionRequest, Engine
+from tinymorph.steering.generate import CancelToken, GenerationOptions, cut_at_stop
+from tinymorph.steering.llama import load_llama
+
+PROSE = (
+    "The harbour was quiet in the early morning. Fishing boats rocked gently against the pier, "
+    "and gulls circled above the masts, calling to one another over the sound of the waves. "
+) * 8
+
+
+def test_plain_model_matches_transformers(default_model_dir):
+    """Our forward pass equals transformers' LlamaForCausalLM on the real default model (fp32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    ids = tok(PROSE, add_special_tokens=False).input_ids[:120]
+    hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        reference = hf(torch.tensor([ids])).logits[0]
+    ours = load_llama(default_model_dir, torch.float32)
+    logits = ours(ids, ours.new_cache(), all_logits=True)
+    assert (logits - reference).abs().max().item() < 1e-3
+
+
+def test_prefix_reuse_equals_cold_prefill(default_model_dir):
+    """Logits after reusing a cached prefix equal a cold prefill.
+
+    Tolerance: fp32 1e-4 absolute; bf16 0.5 absolute on logits of magnitude ~20-30 (a few bf16 ulps;
+    chunking changes the summation order) and the same argmax.
+    """
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.5)):
+        model = load_llama(default_model_dir, dtype)
+        ids = list(range(1000, 1300))
+        cold = model(ids, model.new_cache())
+        cache = model.new_cache(16)  # small capacity: exercises growth too
+        model(ids[:200] + [5, 6, 7], cache)  # a divergent tail that must be discarded
+        keep = cache.common_prefix(ids)
+        assert keep == 200
+        cache.truncate(keep)
+        warm = model(ids[keep:], cache)
+        assert (warm - cold).abs().max().item() < tol
+        assert warm.argmax() == cold.argmax()
+
+
+def test_bf16_close_to_fp32(default_model_dir):
+    ids = list(range(2000, 2200))
+    f32 = load_llama(default_model_dir, torch.float32)
+    b16 = load_llama(default_model_dir, torch.bfloat16)
+    a, b = f32(ids, f32.new_cache()), b16(ids, b16.new_cache())
+    top_a, top_b = set(a.topk(5).indices.tolist()), set(b.topk(5).indices.tolist())
+    assert a.argmax() == b.argmax() and len(top_a & top_b) >= 4
+
+
+def test_stop_rules():
+    opts = lambda stop: GenerationOptions(stop=stop)  # noqa: E731
+    assert cut_at_stop(" sat on the", opts("word")) == " sat"
+    assert cut_at_stop(" sat", opts("word")) is None
+    assert cut_at_stop(" the end. Then", opts("sentence")) == " the end."
+    assert cut_at_stop(" pi is 3.14 and", opts("sentence")) is None
+    assert cut_at_stop(" e.g. this", opts("sentence")) is None
+    assert cut_at_stop(" one\ntwo", opts("line")) == " one"
+    assert cut_at_stop("\nnext line\n", opts("line")) == "\nnext line"  # a leading break is text
+    assert cut_at_stop(" a\n\nb", opts("paragraph")) == " a"
+    assert cut_at_stop(" a\nb", opts("paragraph")) is None
+    assert cut_at_stop(" x END y", GenerationOptions(stop="none", stop_strings=("END",))) == " x "
+
+
+def test_engine_streams_reuses_and_cancels(tiny_model_dir):
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    options = GenerationOptions(max_tokens=8, stop="none")
+    first = engine.complete(CompletionRequest(PROSE, "doc", options))
+    assert first.timings.tokens_reused == 0 and first.timings.tokens_generated == 8
+    streamed = []
+    second = engine.complete(CompletionRequest(PROSE + "And", "doc", options), on_token=streamed.append)
+    assert second.timings.tokens_reused > 0.9 * second.timings.tokens_prefilled + 50
+    assert "".join(e.delta for e in streamed) == second.text
+    # typing exactly what the model produced needs (almost) no prefill
+    third = engine.complete(CompletionRequest(PROSE + "And" + second.text, "doc", options))
+    assert third.timings.tokens_prefilled <= 3
+    cancel = CancelToken()
+    gen = engine.stream(CompletionRequest(PROSE + "Later", "doc", GenerationOptions(max_tokens=50, stop="none")),
+                        cancel)
+    next(gen, None)
+    cancel.cancel()
+    try:
+        while True:
+            next(gen)
+    except StopIteration as done:
+        assert done.value.stop_reason == "cancelled"
+        assert done.value.timings.tokens_generated < 50
+
+
+def test_window_start_is_stable_while_typing(tiny_model_dir):
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    policy = ContextPolicy(max_tokens=256, stride_chars=512)
+    text = PROSE * 4
+    starts, firsts = set(), set()
+    for n in range(len(text) - 300, len(text)):
+        window = select_window(text[:n], engine.tokenize, policy)
+        assert len(window.ids) <= 256
+        starts.add(window.start)
+        firsts.add(tuple(window.ids[:8]))
+    assert len(starts) <= 2 and len(firsts) <= 2  # the prompt's head moves at most once in 300 chars
+
+
+def test_cache_budget_evicts_lru(tiny_model_dir):
+    engine = Engine.load(str(tiny_model_dir), dtype="float32", cache_budget_mb=1)
+    for i in range(6):
+        engine.complete(CompletionRequest(PROSE * 3, f"doc{i}", GenerationOptions(max_tokens=2)))
+    assert engine.caches.total_bytes() <= 2**20 or len(engine.caches) == 1
+    assert engine.caches.stats.evictions > 0
