@@ -1,0 +1,387 @@
+-- tinymorph for Neovim >= 0.10: starts `tinymorph lsp`, shows its suggestion as an inlay hint,
+-- and maps keys to the server's accept commands (the server answers with workspace/applyEdit).
+local config = require("tinymorph.config")
+local state = require("tinymorph.state")
+
+local M = {}
+
+M.name = "tinymorph"
+M.options = nil
+
+local augroup = vim.api.nvim_create_augroup("tinymorph", { clear = true })
+-- Buffers whose next workspace/applyEdit comes from an accept we asked for: the cursor follows it.
+local accepting = {}
+
+local has_011 = vim.fn.has("nvim-0.11") == 1
+
+---------------------------------------------------------------------------
+-- Client access and requests
+---------------------------------------------------------------------------
+
+--- The tinymorph client attached to `bufnr` (default current), else any running tinymorph client.
+function M.client(bufnr)
+  local clients = vim.lsp.get_clients({ name = M.name, bufnr = bufnr or vim.api.nvim_get_current_buf() })
+  if #clients == 0 then
+    clients = vim.lsp.get_clients({ name = M.name })
+  end
+  return clients[1]
+end
+
+local function request(client, method, params, handler, bufnr)
+  if has_011 then
+    return client:request(method, params, handler, bufnr)
+  end
+  return client.request(method, params, handler, bufnr)
+end
+
+local function notify(msg, level)
+  vim.notify("tinymorph: " .. msg, level or vim.log.levels.INFO)
+end
+
+--- Runs a server command (workspace/executeCommand); `callback(result)` on success.
+function M.exec(command, arguments, callback, bufnr)
+  local client = M.client(bufnr)
+  if not client then
+    notify("no server running (is the buffer's filetype enabled? see :checkhealth tinymorph)", vim.log.levels.WARN)
+    return false
+  end
+  request(client, "workspace/executeCommand", { command = command, arguments = arguments or {} }, function(err, result)
+    if err then
+      notify(command .. " failed: " .. (err.message or vim.inspect(err)), vim.log.levels.ERROR)
+      return
+    end
+    if callback then
+      callback(result)
+    end
+  end, bufnr)
+  return true
+end
+
+local function refresh_statusline()
+  vim.schedule(function()
+    pcall(vim.cmd.redrawstatus)
+    pcall(vim.api.nvim_exec_autocmds, "User", { pattern = "TinymorphStatus", modeline = false })
+  end)
+end
+
+---------------------------------------------------------------------------
+-- Accept / dismiss
+---------------------------------------------------------------------------
+
+local accept_commands = {
+  accept = "tinymorph.accept",
+  word = "tinymorph.acceptWord",
+  line = "tinymorph.acceptLine",
+}
+
+--- Accepts the whole suggestion (`what` = "accept"), its next word ("word") or next line ("line").
+function M.accept(what)
+  local bufnr = vim.api.nvim_get_current_buf()
+  local command = accept_commands[what or "accept"] or accept_commands.accept
+  accepting[bufnr] = true
+  local sent = M.exec(command, { vim.uri_from_bufnr(bufnr) }, function(result)
+    accepting[bufnr] = nil
+    if type(result) == "table" and result.applied == false then
+      notify("no suggestion to accept", vim.log.levels.INFO)
+    end
+  end, bufnr)
+  if not sent then
+    accepting[bufnr] = nil
+  end
+end
+
+function M.accept_word()
+  M.accept("word")
+end
+
+function M.accept_line()
+  M.accept("line")
+end
+
+function M.dismiss()
+  local bufnr = vim.api.nvim_get_current_buf()
+  M.exec("tinymorph.dismiss", { vim.uri_from_bufnr(bufnr) }, nil, bufnr)
+  state.on_settled(vim.uri_from_bufnr(bufnr))
+  refresh_statusline()
+end
+
+-- Byte column of an LSP `character` offset on `line` in the client's position encoding.
+local function byte_col(line, character, encoding)
+  if encoding == "utf-8" then
+    return math.min(character, #line)
+  end
+  local ok, col = pcall(vim.str_byteindex, line, encoding, character, false)
+  if not ok then -- Neovim 0.10 signature: (str, index, use_utf16)
+    ok, col = pcall(vim.str_byteindex, line, character, encoding == "utf-16")
+  end
+  return ok and col or #line
+end
+
+-- The end of the last edit for `uri` in a WorkspaceEdit, as (0-based row, LSP start, new text).
+local function last_edit_for(edit, uri)
+  local edits = {}
+  if edit.changes and edit.changes[uri] then
+    edits = edit.changes[uri]
+  end
+  for _, change in ipairs(edit.documentChanges or {}) do
+    if change.textDocument and change.textDocument.uri == uri then
+      vim.list_extend(edits, change.edits)
+    end
+  end
+  return edits[#edits]
+end
+
+-- Moves the cursor to the end of the text an accept inserted (Neovim leaves it before an insertion at the cursor).
+local function follow_edit(bufnr, edit, encoding)
+  local e = last_edit_for(edit, vim.uri_from_bufnr(bufnr))
+  if not e or vim.api.nvim_get_current_buf() ~= bufnr then
+    return
+  end
+  local lines = vim.split(e.newText, "\n", { plain = true })
+  local row = e.range.start.line + #lines - 1
+  local col
+  if #lines == 1 then
+    local line = vim.api.nvim_buf_get_lines(bufnr, e.range.start.line, e.range.start.line + 1, false)[1] or ""
+    col = byte_col(line, e.range.start.character, encoding) + #lines[1]
+  else
+    col = #lines[#lines]
+  end
+  local line_count = vim.api.nvim_buf_line_count(bufnr)
+  if row >= line_count then
+    return
+  end
+  pcall(vim.api.nvim_win_set_cursor, 0, { row + 1, col })
+end
+
+---------------------------------------------------------------------------
+-- Handlers for the server's notifications
+---------------------------------------------------------------------------
+
+local function make_handlers()
+  return {
+    ["tinymorph/status"] = function(_, result)
+      state.on_status(result)
+      refresh_statusline()
+    end,
+    ["tinymorph/metrics"] = function(_, result)
+      state.on_metrics(result)
+      refresh_statusline()
+    end,
+    ["workspace/applyEdit"] = function(err, params, ctx, cfg)
+      local response = vim.lsp.handlers["workspace/applyEdit"](err, params, ctx, cfg)
+      local client = vim.lsp.get_client_by_id(ctx.client_id)
+      for bufnr in pairs(accepting) do
+        if params and params.edit and response and response.applied ~= false then
+          follow_edit(bufnr, params.edit, client and client.offset_encoding or "utf-16")
+        end
+      end
+      return response
+    end,
+  }
+end
+
+---------------------------------------------------------------------------
+-- Attaching to buffers
+---------------------------------------------------------------------------
+
+local function map_keys(bufnr)
+  local keys = M.options.keymaps or {}
+  local actions = {
+    accept = { M.accept, "Accept suggestion" },
+    accept_word = { M.accept_word, "Accept next word of suggestion" },
+    accept_line = { M.accept_line, "Accept next line of suggestion" },
+    dismiss = { M.dismiss, "Dismiss suggestion" },
+  }
+  for name, action in pairs(actions) do
+    local lhs = keys[name]
+    if lhs and lhs ~= "" then
+      vim.keymap.set({ "i", "n" }, lhs, function()
+        action[1]()
+      end, { buffer = bufnr, desc = "tinymorph: " .. action[2], silent = true })
+    end
+  end
+end
+
+local function on_attach(bufnr)
+  if M.options.inlay_hints and vim.lsp.inlay_hint then
+    vim.lsp.inlay_hint.enable(true, { bufnr = bufnr })
+  end
+  map_keys(bufnr)
+  -- Every edit starts a suggestion on the server: show "generating" until its metrics arrive.
+  vim.api.nvim_create_autocmd({ "TextChanged", "TextChangedI" }, {
+    group = augroup,
+    buffer = bufnr,
+    callback = function(ev)
+      state.on_edit(vim.uri_from_bufnr(ev.buf))
+      refresh_statusline()
+    end,
+  })
+end
+
+local function lsp_config()
+  local opts = M.options
+  return {
+    name = M.name,
+    cmd = opts.cmd,
+    cmd_env = opts.cmd_env,
+    filetypes = opts.filetypes,
+    init_options = vim.deepcopy(opts.settings),
+    settings = { tinymorph = vim.deepcopy(opts.settings) },
+    handlers = make_handlers(),
+    on_exit = function()
+      vim.schedule(function()
+        state.on_stopped()
+        refresh_statusline()
+      end)
+    end,
+  }
+end
+
+-- Neovim 0.10: start (or reuse) the client on FileType for real files.
+local function start_on_filetype()
+  vim.api.nvim_create_autocmd("FileType", {
+    group = augroup,
+    pattern = M.options.filetypes,
+    callback = function(ev)
+      if vim.bo[ev.buf].buftype ~= "" then
+        return
+      end
+      vim.lsp.start(lsp_config(), { bufnr = ev.buf })
+    end,
+  })
+end
+
+---------------------------------------------------------------------------
+-- Public API
+---------------------------------------------------------------------------
+
+function M.setup(opts)
+  M.options = config.merge(opts)
+  state.reset()
+  vim.api.nvim_clear_autocmds({ group = augroup })
+
+  if vim.fn.has("nvim-0.10") ~= 1 then
+    notify("needs Neovim 0.10 or newer (inlay hints)", vim.log.levels.ERROR)
+    return
+  end
+
+  vim.api.nvim_create_autocmd("LspAttach", {
+    group = augroup,
+    callback = function(ev)
+      local client = vim.lsp.get_client_by_id(ev.data.client_id)
+      if client and client.name == M.name then
+        on_attach(ev.buf)
+      end
+    end,
+  })
+  -- Model loading reports work-done progress; Neovim's default $/progress handler fires LspProgress.
+  vim.api.nvim_create_autocmd("LspProgress", {
+    group = augroup,
+    callback = function(ev)
+      local client = vim.lsp.get_client_by_id(ev.data.client_id)
+      if client and client.name == M.name and ev.data.params then
+        state.on_progress(ev.data.params.value)
+        refresh_statusline()
+      end
+    end,
+  })
+
+  if has_011 and vim.lsp.config and vim.lsp.enable then
+    vim.lsp.config(M.name, lsp_config())
+    vim.lsp.enable(M.name)
+  else
+    start_on_filetype()
+  end
+  require("tinymorph.commands").register()
+end
+
+--- Statusline component: "tinymorph ready 85ms", "tinymorph loading 42%", ...
+function M.statusline()
+  if not M.options then
+    return ""
+  end
+  return state.statusline()
+end
+
+--- Turns suggestions on/off (`on` = nil toggles).
+function M.toggle(on)
+  return M.exec("tinymorph.toggle", on == nil and {} or { on }, function(result)
+    if type(result) == "table" then
+      notify("suggestions " .. (result.enabled and "on" or "off"))
+    end
+  end)
+end
+
+--- Replaces server settings at run time (same keys as setup's `settings`).
+function M.set_settings(settings)
+  M.options.settings = vim.tbl_extend("force", M.options.settings or {}, settings)
+  for _, client in ipairs(vim.lsp.get_clients({ name = M.name })) do
+    if has_011 then
+      client:notify("workspace/didChangeConfiguration", { settings = { tinymorph = settings } })
+    else
+      client.notify("workspace/didChangeConfiguration", { settings = { tinymorph = settings } })
+    end
+  end
+end
+
+function M.status(callback)
+  return M.exec("tinymorph.status", {}, function(result)
+    state.on_status(result)
+    refresh_statusline()
+    if callback then
+      callback(result)
+    end
+  end)
+end
+
+function M.steer(feature, strength, extra, callback)
+  local entry = vim.tbl_extend("force", extra or {}, { feature = feature, strength = strength })
+  return M.exec("tinymorph.steer.set", { entry }, function(list)
+    state.on_status({ steering = list })
+    refresh_statusline()
+    if callback then
+      callback(list)
+    end
+  end)
+end
+
+function M.steer_remove(feature, callback)
+  return M.exec("tinymorph.steer.remove", { feature }, function(list)
+    state.on_status({ steering = list })
+    refresh_statusline()
+    if callback then
+      callback(list)
+    end
+  end)
+end
+
+function M.steer_clear(callback)
+  return M.exec("tinymorph.steer.clear", {}, function(list)
+    state.on_status({ steering = list or {} })
+    refresh_statusline()
+    if callback then
+      callback(list)
+    end
+  end)
+end
+
+function M.steer_list(callback)
+  return M.exec("tinymorph.steer.list", {}, function(list)
+    state.on_status({ steering = list })
+    refresh_statusline()
+    if callback then
+      callback(list)
+    end
+  end)
+end
+
+function M.features(query, callback, limit)
+  return M.exec("tinymorph.features.search", { query or "", limit or 50 }, callback)
+end
+
+function M.compare(callback)
+  local bufnr = vim.api.nvim_get_current_buf()
+  return M.exec("tinymorph.steer.compare", { vim.uri_from_bufnr(bufnr) }, callback, bufnr)
+end
+
+return M
