@@ -1,0 +1,91 @@
+"""`GET /v1/features` and `GET /v1/features/{id}` over the steering module's feature search.
+
+Why a separate adapter: feature search belongs to the steering package (labels, BM25 index, the
+SAE library); the HTTP side only maps its outcomes to statuses. An SAE that is missing or has no
+labels is a 503 "feature search not available" with the reason, never an empty or made-up result
+that would look like "no feature matches".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from .http_completions import ApiError
+
+
+def _unavailable(reason: object) -> ApiError:
+    return ApiError(
+        503, f"feature search not available: {reason}", "unavailable", headers={"Retry-After": "30"}
+    )
+
+
+class FeatureService:
+    """Feature search for one app: its `FeatureLibrary` comes from the effective config, once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._library: Any = None
+
+    def library(self):
+        try:
+            from ..steering.config import ConfigError, library_from_config, load_config
+        except ImportError as exc:
+            raise _unavailable(exc) from None
+        with self._lock:
+            if self._library is None:
+                try:
+                    self._library = library_from_config(load_config())
+                except ConfigError as exc:
+                    raise _unavailable(f"config: {exc}") from None
+            return self._library
+
+    async def search(self, query: str, limit: int) -> list[dict]:
+        return await asyncio.to_thread(_search, self, query, limit)
+
+    async def show(self, ref: str) -> dict:
+        return await asyncio.to_thread(_show, self, ref)
+
+
+def _search(service: FeatureService, query: str, limit: int) -> list[dict]:
+    try:
+        from ..steering.features import search_features
+        from ..steering.steering import SteeringError
+    except ImportError as exc:
+        raise _unavailable(exc) from None
+    lib = service.library()
+    try:
+        return search_features(lib, query, limit)
+    except SteeringError as exc:  # e.g. the default SAE is not installed
+        raise _unavailable(exc) from None
+    except (OSError, ValueError, KeyError) as exc:  # unreadable labels
+        raise _unavailable(exc) from None
+
+
+def _show(service: FeatureService, ref: str) -> dict:
+    try:
+        from ..steering.features import show_feature
+        from ..steering.steering import SteeringError, parse_feature_ref
+    except ImportError as exc:
+        raise _unavailable(exc) from None
+    try:
+        source, key = parse_feature_ref(ref)
+    except SteeringError as exc:
+        raise ApiError(400, str(exc), param="id") from None
+    lib = service.library()
+    if source != "vector":
+        if source not in lib.sae_names:
+            raise ApiError(
+                404, f"unknown SAE {source!r}; configured: {', '.join(lib.sae_names)}", "not_found"
+            )
+        try:
+            lib.sae(source)
+        except SteeringError as exc:
+            raise _unavailable(exc) from None
+    try:
+        return show_feature(lib, ref)
+    except SteeringError as exc:  # out of range, unknown vector
+        raise ApiError(404, str(exc), "not_found") from None
+    except (OSError, KeyError, IndexError) as exc:
+        raise _unavailable(exc) from None
