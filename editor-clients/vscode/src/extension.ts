@@ -6,6 +6,7 @@ import * as os from "os";
 import * as vscode from "vscode";
 import {
   ExecuteCommandRequest,
+  InlayHintRequest,
   LanguageClient,
   LanguageClientOptions,
   ServerOptions,
@@ -22,6 +23,7 @@ import {
   SERVER_KEYS,
 } from "./settings";
 import { LoadProgressFeature } from "./progress";
+import { cursorMoveChangesHints, DisplayMode, displayMode, Pos, showsGhostText, showsHint } from "./display";
 import { MetricsPayload, StatusModel, StatusPayload, statusView, SteeringEntry } from "./status";
 import { CompareView, pickFeature, editSteering } from "./steeringUi";
 
@@ -57,8 +59,40 @@ function languages(): string[] {
   return config().get<string[]>("languages", ["markdown", "plaintext", "git-commit"]);
 }
 
-function display(): string {
-  return config().get<string>("display", "both");
+function display(): DisplayMode {
+  return displayMode(config().get<string>("display", "both"));
+}
+
+/** The cursor of the active editor in `document`, if it is a plain cursor (no selection). */
+function cursorIn(document: vscode.TextDocument): Pos | undefined {
+  const editor = vscode.window.activeTextEditor;
+  if (!editor || editor.document !== document || !editor.selection.isEmpty) return undefined;
+  return editor.selection.active;
+}
+
+// Positions of the hints the server last returned, per document, and the cursor we filtered them with.
+const lastHints = new Map<string, Pos[]>();
+let lastCursor: Pos | undefined;
+
+/** Asks VS Code to request inlay hints again (the feature's refresh event). */
+function refreshHints(document: vscode.TextDocument): void {
+  const provider = client?.getFeature(InlayHintRequest.method)?.getProvider(document);
+  provider?.onDidChangeInlayHints.fire();
+}
+
+function onSelectionChanged(e: vscode.TextEditorSelectionChangeEvent): void {
+  const uri = e.textEditor.document.uri.toString();
+  const hints = lastHints.get(uri);
+  const cursor = e.selections.length === 1 && e.selections[0].isEmpty ? e.selections[0].active : undefined;
+  const before = lastCursor;
+  lastCursor = cursor;
+  if (!hints) return;
+  if (cursorMoveChangesHints(display(), hints, before, cursor)) refreshHints(e.textEditor.document);
+  // Back on the suggestion's anchor: bring its ghost text back (VS Code dropped it when the cursor left).
+  const onAnchor = cursor && hints.some((h) => h.line === cursor.line && h.character === cursor.character);
+  if (onAnchor && showsGhostText(display()) && e.textEditor === vscode.window.activeTextEditor) {
+    void vscode.commands.executeCommand("editor.action.inlineSuggest.trigger");
+  }
 }
 
 function renderStatus(): void {
@@ -142,14 +176,22 @@ function buildClient(): LanguageClient {
       },
       didClose: (document, next) => {
         model.onSettled(document.uri.toString());
+        lastHints.delete(document.uri.toString());
         renderStatus();
         return next(document);
       },
-      // The same suggestion can be shown twice (hint and ghost text); `tinymorph.display` picks.
-      provideInlayHints: (document, range, token, next) =>
-        display() === "ghostText" ? [] : next(document, range, token),
+      // `tinymorph.display` picks the surfaces; see display.ts for why "both" hides the hint at the cursor.
+      provideInlayHints: async (document, range, token, next) => {
+        const mode = display();
+        if (mode === "ghostText") return [];
+        const hints = (await next(document, range, token)) ?? [];
+        lastHints.set(document.uri.toString(), hints.map((h) => h.position));
+        const cursor = cursorIn(document);
+        lastCursor = cursor;
+        return hints.filter((h) => showsHint(mode, h.position, cursor));
+      },
       provideInlineCompletionItems: (document, position, context, token, next) =>
-        display() === "inlayHint" ? null : next(document, position, context, token),
+        showsGhostText(display()) ? next(document, position, context, token) : null,
       workspace: {
         // Servers that pull settings get the same object as initializationOptions.
         configuration: (params, token, next) =>
@@ -175,6 +217,19 @@ function buildClient(): LanguageClient {
   return c;
 }
 
+/**
+ * VS Code asks for inline completions on each keystroke, before the debounced suggestion exists,
+ * and LSP has no "inline completion refresh". When a suggestion for the visible version of the
+ * active document finishes, ask again so that it appears as ghost text without another keystroke.
+ */
+function retriggerGhostText(payload: MetricsPayload): void {
+  const editor = vscode.window.activeTextEditor;
+  if (!editor || !showsGhostText(display()) || !payload.uri) return;
+  if (editor.document.uri.toString() !== payload.uri) return;
+  if (payload.version !== undefined && payload.version !== editor.document.version) return;
+  void vscode.commands.executeCommand("editor.action.inlineSuggest.trigger");
+}
+
 async function startClient(): Promise<void> {
   model.onStarting();
   renderStatus();
@@ -186,6 +241,7 @@ async function startClient(): Promise<void> {
   client.onNotification("tinymorph/metrics", (payload: MetricsPayload) => {
     model.onMetrics(payload);
     renderStatus();
+    retriggerGhostText(payload);
   });
   try {
     await client.start();
@@ -339,6 +395,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   context.subscriptions.push(
     vscode.workspace.onDidChangeConfiguration((e) => void onConfigurationChanged(e)),
     vscode.window.onDidChangeActiveTextEditor(() => updateActiveContext()),
+    vscode.window.onDidChangeTextEditorSelection(onSelectionChanged),
   );
   renderStatus();
   await startClient();
