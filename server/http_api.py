@@ -216,11 +216,14 @@ class SSEResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, bridge: JobBridge, ids: ResponseIds, include_usage: bool):
-        super().__init__(
-            status_code=200,
-            media_type=self.media_type,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        # no super().__init__: it would declare Content-Length: 0 for the empty initial body
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
         self.bridge, self.ids, self.include_usage = bridge, ids, include_usage
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -312,7 +315,7 @@ async def completions(request: Request, state: ApiState) -> Response:
     body = await _json_body(request)
     call = parse_completion(body, max_tokens_limit=state.max_tokens_limit, runtime=runtime)
     _require_ready(runtime)
-    await check_plan(runtime, call.steering)
+    await check_plan(runtime, call.steering, sources_available=state.features.check_sources)
     if state.pending >= state.max_pending:
         raise ApiError(
             429,
@@ -361,7 +364,7 @@ async def put_steering(request: Request, state: ApiState) -> Response:
     if body["steering"] == "editor":
         raise ApiError(400, "steering must be a list of entries", param="steering")
     plan = parse_steering(body["steering"], state.runtime, "steering")
-    await check_plan(state.runtime, plan)
+    await check_plan(state.runtime, plan, sources_available=state.features.check_sources)
     state.runtime.steering = plan
     return JSONResponse({"steering": plan.describe()})
 

@@ -247,11 +247,22 @@ def parse_steering(value: Any, runtime: Runtime, param: str) -> SteeringPlan | N
     return SteeringPlan(tuple(entries))
 
 
-async def check_plan(runtime: Runtime, plan: SteeringPlan | None, param: str = "steering") -> None:
-    """Resolve `plan` against the loaded model so unknown features are a 400 before any streaming."""
+async def check_plan(
+    runtime: Runtime,
+    plan: SteeringPlan | None,
+    param: str = "steering",
+    sources_available: Callable[[SteeringPlan], None] | None = None,
+) -> None:
+    """Resolve `plan` against the loaded model so unknown features are a 400 before any streaming.
+
+    `sources_available` raises an `ApiError` (503) first when an SAE the plan names cannot be
+    loaded: that is the server's problem, not a bad request.
+    """
     engine = runtime.engine
     if engine is None or plan is None or plan.is_empty():
         return
+    if sources_available is not None:
+        await asyncio.to_thread(sources_available, plan)
     try:
         await asyncio.to_thread(engine.resolve, plan)
     except ValueError as exc:  # SteeringError and friends

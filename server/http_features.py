@@ -41,6 +41,24 @@ class FeatureService:
                     raise _unavailable(f"config: {exc}") from None
             return self._library
 
+    def check_sources(self, plan) -> None:
+        """Raise a 503 when a configured SAE that `plan` steers cannot be loaded (400s come later)."""
+        from ..steering.steering import SteeringError, parse_feature_ref
+
+        lib = self.library()
+        for entry in plan.entries:
+            try:
+                source, _ = parse_feature_ref(entry.feature)
+            except SteeringError:
+                continue  # a malformed id is the request's fault: resolving reports it as a 400
+            if source != "vector" and source in lib.sae_names:
+                try:
+                    lib.sae(source)
+                except SteeringError as exc:
+                    raise ApiError(
+                        503, f"steering is not available: {exc}", "unavailable", "steering"
+                    ) from None
+
     async def search(self, query: str, limit: int) -> list[dict]:
         return await asyncio.to_thread(_search, self, query, limit)
 
