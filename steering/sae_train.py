@@ -214,6 +214,61 @@ def train_sae(files: Sequence[Path | str], out_dir: Path | str, settings: TrainS
     return out
 
 
+@torch.no_grad()
+def evaluate_sae(sae, hf_model, rows: Sequence[Sequence[int]], batch_size: int = 8) -> dict[str, float]:
+    """FVU, L0 and next-token CE without / with the SAE reconstruction spliced in at its layer.
+
+    `sae` is a `LoadedSAE`; position 0 (BOS, the attention sink) is neither measured nor replaced.
+    """
+    layer_mod = hf_model.model.layers[sae.layer]
+    state: dict[str, object] = {"splice": False}
+    sums = {"sse": 0.0, "sst": 0.0, "l0": 0.0, "n": 0, "ce": 0.0, "ce_sae": 0.0, "ce_n": 0}
+    x_sum = torch.zeros(sae.d_in)
+    x_sq = 0.0
+
+    def hook(_m, _i, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        x = hidden[:, 1:].float()
+        mags = sae.encode(x)
+        recon = sae.decode(mags)
+        if not state["splice"]:
+            nonlocal x_sum, x_sq
+            flat = x.reshape(-1, sae.d_in)
+            sums["sse"] += float(((recon - x) ** 2).sum())
+            x_sum += flat.sum(0)
+            x_sq += float((flat**2).sum())
+            sums["l0"] += float((mags > 0).sum())
+            sums["n"] += flat.shape[0]
+            return None
+        new = hidden.clone()
+        new[:, 1:] = recon.to(hidden.dtype)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    handle = layer_mod.register_forward_hook(hook)
+    try:
+        for b in range(0, len(rows), batch_size):
+            ids = torch.tensor([list(r) for r in rows[b : b + batch_size]])
+            targets = ids[:, 2:]
+            for splice in (False, True):
+                state["splice"] = splice
+                logits = hf_model(ids).logits[:, 1:-1].float()
+                ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                       reduction="sum")
+                sums["ce_sae" if splice else "ce"] += float(ce)
+            sums["ce_n"] += targets.numel()
+    finally:
+        handle.remove()
+    n = sums["n"]
+    sst = x_sq - float((x_sum**2).sum()) / n  # total variance around the mean activation
+    return {
+        "fvu": sums["sse"] / sst,
+        "l0": sums["l0"] / n,
+        "ce": sums["ce"] / sums["ce_n"],
+        "ce_with_sae": sums["ce_sae"] / sums["ce_n"],
+        "tokens": n,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m tinymorph.steering.sae_train FILES... --out DIR` (the CLI wraps the same function)."""
     import argparse

@@ -1,0 +1,176 @@
+"""Feature labels: what each SAE feature reacts to and what it makes the model say.
+
+Why: a user steers features by meaning, so every feature needs a searchable description. We have no
+LLM to write explanations, so a label is built from evidence: the tokens a feature fires on most
+(top-activating contexts, the token marked «like this») and the tokens its decoder direction
+promotes (unit decoder row → final RMSNorm weight → unembedding). Per-feature max activation and
+density come from the same pass; max activation is also the unit of steering strength.
+
+Stored as ``labels.json`` beside the SAE (see `sae.STATS_FILE`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .sae import STATS_FILE, LoadedSAE
+
+N_CONTEXTS = 8
+N_TOKENS = 10
+LEFT, RIGHT = 14, 4  # tokens of context each side of the marked token
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def batch_activations(hf_model, ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Residual after decoder layer `layer` of a transformers model for a batch [B, T] → [B, T, d]."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_m, _i, out):
+        captured.append((out[0] if isinstance(out, tuple) else out).detach())
+        raise _Stop
+
+    handle = hf_model.model.layers[layer].register_forward_hook(hook)
+    try:
+        hf_model(ids)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0].float()
+
+
+def unembed_parts(hf_model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final norm weight [d], unembedding [vocab, d]) of a transformers causal LM, fp32."""
+    return (hf_model.model.norm.weight.detach().float(), hf_model.lm_head.weight.detach().float())
+
+
+@torch.no_grad()
+def promoted_tokens(directions: torch.Tensor, norm_w: torch.Tensor, unembed: torch.Tensor, tokenizer,
+                    n: int = N_TOKENS, chunk: int = 512) -> tuple[list[list[str]], list[list[str]]]:
+    """Top promoted and suppressed tokens for each unit direction [F, d]."""
+    promoted, suppressed = [], []
+    for start in range(0, directions.shape[0], chunk):
+        logits = (directions[start : start + chunk] * norm_w) @ unembed.T  # [f, vocab]
+        top = logits.topk(n, dim=-1).indices.tolist()
+        bottom = (-logits).topk(n, dim=-1).indices.tolist()
+        promoted += [[tokenizer.decode([t]) for t in row] for row in top]
+        suppressed += [[tokenizer.decode([t]) for t in row] for row in bottom]
+    return promoted, suppressed
+
+
+def snippet(tokenizer, ids: Sequence[int], pos: int) -> str:
+    """Context around `pos` with the token marked «like this» (newlines shown as ⏎)."""
+    left = tokenizer.decode(list(ids[max(1, pos - LEFT) : pos]))
+    tok = tokenizer.decode([ids[pos]])
+    right = tokenizer.decode(list(ids[pos + 1 : pos + 1 + RIGHT]))
+    return f"{left}«{tok}»{right}".replace("\n", "⏎")
+
+
+def make_label(top_acts: list[str], promoted: list[str]) -> str:
+    """A one-line label: the most frequent activating tokens, then what the feature promotes."""
+    acts = ", ".join(repr(t.strip() or t) for t in top_acts[:4]) or "(never active)"
+    prom = ", ".join(repr(t.strip() or t) for t in promoted[:5])
+    return f"on {acts} → {prom}"
+
+
+@torch.no_grad()
+def compute_labels(sae: LoadedSAE, hf_model, tokenizer, rows: Sequence[Sequence[int]], batch_size: int = 8,
+                   progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run `rows` (each starting with BOS, which is skipped) through the model and the SAE."""
+    n_feat = sae.d_sae
+    max_act = torch.zeros(n_feat)
+    fires = torch.zeros(n_feat, dtype=torch.long)
+    feats_all, vals_all, where_all = [], [], []
+    n_tokens = 0
+    ctx = len(rows[0])
+    for b in range(0, len(rows), batch_size):
+        batch = torch.tensor([list(r) for r in rows[b : b + batch_size]])
+        acts = batch_activations(hf_model, batch, sae.layer)[:, 1:]  # drop the BOS sink
+        mags = sae.encode(acts.reshape(-1, sae.d_in))  # [N, F]
+        nz = mags.nonzero(as_tuple=False)
+        vals = mags[nz[:, 0], nz[:, 1]]
+        max_act = torch.maximum(max_act, mags.max(dim=0).values)
+        fires += torch.bincount(nz[:, 1], minlength=n_feat)
+        # global token index: row * ctx + position (position counted with BOS included)
+        row_idx = b + nz[:, 0] // (ctx - 1)
+        pos = nz[:, 0] % (ctx - 1) + 1
+        feats_all.append(nz[:, 1].int())
+        vals_all.append(vals.float())
+        where_all.append((row_idx * ctx + pos).int())
+        n_tokens += mags.shape[0]
+        if progress:
+            progress(min(b + batch_size, len(rows)), len(rows))
+    feats = torch.cat(feats_all)
+    vals = torch.cat(vals_all)
+    where = torch.cat(where_all)
+    order = vals.argsort(descending=True)
+    order = order[feats[order].argsort(stable=True)]
+    feats, vals, where = feats[order], vals[order], where[order]
+    counts = torch.bincount(feats.long(), minlength=n_feat).tolist()
+
+    norm_w, unembed = unembed_parts(hf_model)
+    promoted, suppressed = promoted_tokens(sae.directions, norm_w, unembed, tokenizer)
+
+    features = []
+    start = 0
+    flat_rows = [list(r) for r in rows]
+    for f in range(n_feat):
+        end = start + counts[f]
+        contexts, used_rows, act_tokens = [], set(), Counter()
+        for j in range(start, min(end, start + 400)):  # the strongest activations only
+            r, p = divmod(int(where[j]), ctx)
+            if j - start < 200:
+                act_tokens[tokenizer.decode([flat_rows[r][p]])] += 1
+            if r not in used_rows and len(contexts) < N_CONTEXTS:
+                used_rows.add(r)
+                contexts.append({"text": snippet(tokenizer, flat_rows[r], p), "act": round(float(vals[j]), 3)})
+        start = end
+        top_act_tokens = [t for t, _ in act_tokens.most_common(8)]
+        features.append({
+            "id": f,
+            "label": make_label(top_act_tokens, promoted[f]),
+            "max_act": round(float(max_act[f]), 4),
+            "density": float(fires[f]) / max(1, n_tokens),
+            "top_act_tokens": top_act_tokens,
+            "top_tokens": promoted[f],
+            "bottom_tokens": suppressed[f],
+            "contexts": contexts,
+        })
+    return {
+        "sae": sae.name,
+        "layer": sae.layer,
+        "n_tokens": n_tokens,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "max_act": [round(float(x), 4) for x in max_act],
+        "features": features,
+    }
+
+
+def save_labels(labels: dict, sae_dir: str | os.PathLike) -> Path:
+    """Write labels.json atomically beside the SAE."""
+    path = Path(sae_dir) / STATS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(labels, ensure_ascii=False, separators=(",", ":")))
+    os.replace(tmp, path)
+    return path
+
+
+def load_labels(sae_dir: str | os.PathLike) -> dict | None:
+    path = Path(sae_dir) / STATS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

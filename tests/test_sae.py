@@ -1,0 +1,221 @@
+"""SAE loading/validation and the steering math (add / clamp / ablate) on tiny random SAEs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinymorph.steering.sae import SAEError, load_sae, validate_for_model
+from tinymorph.steering.steering import (
+    FeatureLibrary,
+    SteeringEntry,
+    SteeringError,
+    SteeringHooks,
+    SteeringPlan,
+    apply_layer_edit,
+    resolve_plan,
+)
+from tinymorph.steering.vectors import SteeringVector, save_vector
+
+D_IN, D_SAE, LAYER = 16, 32, 2
+
+
+def make_sae(folder: Path, *, rescale: bool = False, d_in: int = D_IN, hook: str = f"model.layers.{LAYER}",
+             seed: int = 0) -> Path:
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(seed)
+    cfg = TopKSAEConfig(d_in=d_in, d_sae=D_SAE, k=4, rescale_acts_by_decoder_norm=rescale)
+    cfg.metadata.hook_name = hook
+    sae = TopKSAE(cfg)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+        sae.W_dec.mul_(torch.rand(D_SAE, 1) * 3 + 0.5)  # non-unit decoder rows on purpose
+    sae.save_model(str(folder))
+    return folder
+
+
+@pytest.fixture
+def sae_dir(tmp_path: Path) -> Path:
+    return make_sae(tmp_path / "tiny")
+
+
+def test_magnitude_convention_matches_sae_lens(sae_dir: Path, tmp_path: Path) -> None:
+    """Our unit directions × magnitudes rebuild exactly what sae-lens decodes, for both TopK flavours."""
+    for rescale in (False, True):
+        folder = make_sae(tmp_path / f"r{rescale}", rescale=rescale)
+        sae = load_sae(folder)
+        x = torch.randn(10, D_IN)
+        ours = sae.reconstruct(x)
+        theirs = sae._sae.decode(sae._sae.encode(x))
+        assert torch.allclose(ours, theirs, atol=1e-4)
+        assert torch.allclose(sae.directions.norm(dim=-1), torch.ones(D_SAE), atol=1e-5)
+        # the ReLU pre-activation of our encoder equals the magnitude wherever TopK keeps the feature
+        mags = sae.encode(x)
+        pre = torch.relu((x - sae.decoder_bias()) @ sae.enc + sae.b_enc)
+        kept = mags > 0
+        assert torch.allclose(mags[kept], pre[kept], atol=1e-4)
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(SAEError, match="not found"):
+        load_sae(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SAEError, match="not an sae-lens SAE folder"):
+        load_sae(tmp_path / "empty")
+    bad = make_sae(tmp_path / "bad")
+    (bad / "sae_weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SAEError, match="could not load"):
+        load_sae(bad)
+    nolayer = make_sae(tmp_path / "nolayer", hook="embed")
+    with pytest.raises(SAEError, match="cannot tell the layer"):
+        load_sae(nolayer)
+    with pytest.raises(SAEError, match="not available offline"):
+        load_sae("no-such-release:no-such-id")
+
+
+def test_validate_for_model(sae_dir: Path) -> None:
+    sae = load_sae(sae_dir)
+    validate_for_model(sae, D_IN, 4)
+    with pytest.raises(SAEError, match="different model"):
+        validate_for_model(sae, 576, 30)
+    with pytest.raises(SAEError, match="layers 0..1"):
+        validate_for_model(sae, D_IN, 2)
+
+
+def test_stats_give_max_activation(sae_dir: Path) -> None:
+    max_act = [float(i) for i in range(D_SAE)]  # feature 0 is dead: gets the median of live ones
+    (sae_dir / "labels.json").write_text(json.dumps({"max_act": max_act, "features": []}))
+    sae = load_sae(sae_dir)
+    assert sae.has_stats and sae.max_activation(5) == 5.0
+    assert sae.max_activation(0) == pytest.approx(float(torch.arange(1, D_SAE).float().median()))
+
+
+def _library(sae_dir: Path, tmp_path: Path) -> FeatureLibrary:
+    return FeatureLibrary({"tiny": str(sae_dir)}, vectors_dir=tmp_path / "vectors")
+
+
+def test_add_math(sae_dir: Path, tmp_path: Path) -> None:
+    lib = _library(sae_dir, tmp_path)
+    sae = lib.sae("tiny")
+    plan = SteeringPlan((SteeringEntry("tiny:3", 2.0), SteeringEntry("tiny:7", -0.5)))
+    resolved = resolve_plan(plan, lib, D_IN, 4)
+    assert set(resolved) == {LAYER}
+    expected = 2.0 * sae.max_activation(3) * sae.direction(3) - 0.5 * sae.max_activation(7) * sae.direction(7)
+    h = torch.randn(1, 5, D_IN)
+    out = apply_layer_edit(h, resolved[LAYER])
+    assert torch.allclose(out - h, expected.expand_as(h), atol=1e-5)
+
+
+def test_clamp_sets_feature_and_keeps_the_rest(sae_dir: Path, tmp_path: Path) -> None:
+    lib = _library(sae_dir, tmp_path)
+    sae = lib.sae("tiny")
+    i, strength = 4, 0.75
+    resolved = resolve_plan(SteeringPlan((SteeringEntry(f"tiny:{i}", strength, "clamp"),)), lib, D_IN, 4)
+    h = torch.randn(1, 6, D_IN) * 3
+    out = apply_layer_edit(h, resolved[LAYER])
+    pre = lambda x: torch.relu((x - sae.decoder_bias()) @ sae.encoder_column(i) + sae.encoder_bias(i))  # noqa: E731
+    before = pre(h)
+    # the SAE's reconstruction gets the feature at the target value and the error term is kept:
+    # the change is only along the feature's direction, by exactly target − current value
+    delta = out - h
+    target = strength * sae.max_activation(i)
+    assert torch.allclose(delta, (target - before).unsqueeze(-1) * sae.direction(i), atol=1e-4)
+    # where TopK keeps the feature, this is "decode with the feature clamped, plus the SAE error"
+    mags = sae.encode(h[0])
+    error = h[0] - sae.decode(mags)
+    clamped = mags.clone()
+    clamped[:, i] = target
+    same = torch.isclose(mags[:, i], before[0], atol=1e-4)
+    assert torch.allclose(out[0][same], (sae.decode(clamped) + error)[same], atol=1e-3)
+
+
+def test_ablate_removes_feature(sae_dir: Path, tmp_path: Path) -> None:
+    lib = _library(sae_dir, tmp_path)
+    sae = lib.sae("tiny")
+    i = 9
+    # pick inputs where feature 9 fires strongly
+    h = (5 * sae.direction(i) + 0.1 * torch.randn(1, 4, D_IN))
+    resolved = resolve_plan(SteeringPlan((SteeringEntry(f"tiny:{i}", 1.0, "ablate"),)), lib, D_IN, 4)
+    out = apply_layer_edit(h, resolved[LAYER])
+    pre = torch.relu((h - sae.decoder_bias()) @ sae.encoder_column(i) + sae.encoder_bias(i))
+    assert torch.allclose(out - h, -pre.unsqueeze(-1) * sae.direction(i), atol=1e-4)
+    half = resolve_plan(SteeringPlan((SteeringEntry(f"tiny:{i}", 0.5, "ablate"),)), lib, D_IN, 4)
+    out_half = apply_layer_edit(h, half[LAYER])
+    assert torch.allclose(out_half - h, -0.5 * pre.unsqueeze(-1) * sae.direction(i), atol=1e-4)
+
+
+def test_strength_zero_is_unsteered(sae_dir: Path, tmp_path: Path) -> None:
+    lib = _library(sae_dir, tmp_path)
+    for mode in ("add", "clamp", "ablate"):
+        assert resolve_plan(SteeringPlan((SteeringEntry("tiny:1", 0.0, mode),)), lib, D_IN, 4) is None
+    assert resolve_plan(SteeringPlan(), lib, D_IN, 4) is None
+
+
+def test_resolve_errors(sae_dir: Path, tmp_path: Path) -> None:
+    lib = _library(sae_dir, tmp_path)
+    cases = [
+        (SteeringEntry("tiny:999", 1.0), "features 0..31"),
+        (SteeringEntry("nosuch:1", 1.0), "unknown SAE"),
+        (SteeringEntry("tiny", 1.0), "bad feature id"),
+        (SteeringEntry("tiny:x", 1.0), "feature index"),
+        (SteeringEntry("tiny:1", 1e6), "out of range"),
+        (SteeringEntry("tiny:1", float("nan")), "out of range"),
+        (SteeringEntry("tiny:1", 2.0, "ablate"), r"\[0, 1\]"),
+        (SteeringEntry("tiny:1", 1.0, "boost"), "unknown mode"),  # type: ignore[arg-type]
+        (SteeringEntry("tiny:1", 1.0, layer=9), "layer 9"),
+        (SteeringEntry("vector:nope", 1.0), "unknown vector"),
+    ]
+    for entry, message in cases:
+        with pytest.raises(SteeringError, match=message):
+            resolve_plan(SteeringPlan((entry,)), lib, D_IN, 4)
+    with pytest.raises(SteeringError, match="different model"):
+        resolve_plan(SteeringPlan((SteeringEntry("tiny:1", 1.0),)), lib, 32, 4)
+
+
+def test_vectors_steer_like_features(sae_dir: Path, tmp_path: Path) -> None:
+    lib = _library(sae_dir, tmp_path)
+    direction = torch.zeros(D_IN)
+    direction[0] = 1.0
+    save_vector(SteeringVector("calm", 1, direction, 4.0, {"model": "test"}), tmp_path / "vectors")
+    plan = SteeringPlan((SteeringEntry("vector:calm", 0.5), SteeringEntry("tiny:2", 1.0)))
+    resolved = resolve_plan(plan, lib, D_IN, 4)
+    assert set(resolved) == {1, LAYER}  # several layers in one plan
+    h = torch.zeros(1, 2, D_IN)
+    assert torch.allclose(apply_layer_edit(h, resolved[1])[0, 0], 2.0 * direction)
+    # clamp on a vector sets the projection onto its direction
+    clamp = resolve_plan(SteeringPlan((SteeringEntry("vector:calm", 1.0, "clamp"),)), lib, D_IN, 4)
+    h = torch.randn(1, 3, D_IN).abs()
+    out = apply_layer_edit(h, clamp[1])
+    assert torch.allclose(out[..., 0], torch.full((1, 3), 4.0), atol=1e-5)
+    assert torch.allclose(out[..., 1:], h[..., 1:])
+
+
+def test_hooks_apply_the_active_plan(sae_dir: Path, tmp_path: Path) -> None:
+    """The hooks edit only inside `active(...)`, on every forward (prompt and 1-token steps)."""
+    lib = _library(sae_dir, tmp_path)
+    layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(4))
+    hooks = SteeringHooks(layers)
+    resolved = resolve_plan(SteeringPlan((SteeringEntry("tiny:3", 1.0),)), lib, D_IN, 4)
+
+    def run(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    x = torch.randn(1, 1, D_IN)
+    assert torch.equal(run(x), x)
+    with hooks.active(resolved):
+        steered = run(x)
+    assert not torch.equal(steered, x)
+    assert torch.equal(run(x), x)
+    hooks.remove()
+
+
+def test_library_caches_saes(sae_dir: Path, tmp_path: Path) -> None:
+    lib = _library(sae_dir, tmp_path)
+    assert lib.sae("tiny") is lib.sae("tiny")
