@@ -1,0 +1,531 @@
+"""The HTTP API against the real app: uvicorn on a loopback port with the tiny random Llama.
+
+What matters to a client: OpenAI-shaped answers (JSON and SSE), 4xx JSON errors for every bad input,
+the safety rules (token off loopback, Host check, body and max_tokens limits), cancellation when a
+client leaves, health while loading, metrics, and an OpenAPI document the server actually obeys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import torch
+from tinymorph.server.http_api import check_exposure, create_app, parse_address, start_http_server
+from tinymorph.server.runtime import ModelSettings, Runtime
+from tinymorph.server.scheduler import PRIORITY_EDITOR, PRIORITY_HTTP, Job
+from tinymorph.steering.engine import CompletionRequest
+from tinymorph.steering.generate import Completion, GenerationOptions
+
+GREEDY = {"temperature": 0, "stop_rule": "none"}
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory) -> Iterator[None]:
+    """Empty user config, and a vectors folder with one steering vector made for the tiny model."""
+    from tinymorph.steering.vectors import SteeringVector, save_vector
+
+    root = tmp_path_factory.mktemp("tinymorph-http")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYMORPH_CONFIG_DIR", str(root / "config"))
+        mp.setenv("TINYMORPH_DATA_DIR", str(root / "data"))
+        gen = torch.Generator().manual_seed(1)
+        direction = torch.randn(64, generator=gen)
+        save_vector(SteeringVector("tiny", 0, direction / direction.norm(), 40.0))
+        yield
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_model_dir, data_dirs) -> Iterator[Runtime]:
+    threads = torch.get_num_threads()
+    rt = Runtime()
+    # one torch thread: the tiny model is latency-bound, and CI's two cores are shared with the client
+    rt.load(ModelSettings(model=str(tiny_model_dir), dtype="float32", threads=1))
+    assert rt.wait_ready(120), rt.message
+    yield rt
+    rt.scheduler.stop()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def server(runtime):
+    handle = start_http_server(runtime, "127.0.0.1:0", None)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
+def finished(runtime) -> Iterator[list[Completion]]:
+    """Completions the runtime reports from HTTP jobs while the test runs."""
+    seen: list[Completion] = []
+
+    def listen(completion: Completion, source: str) -> None:
+        if source == "http":
+            seen.append(completion)
+
+    runtime.completion_listeners.append(listen)
+    yield seen
+    runtime.completion_listeners.remove(listen)
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class EngineHold:
+    """An editor-priority job whose token callback blocks the engine thread until released.
+
+    Lets a test queue HTTP work deterministically behind it (callbacks run on the engine thread).
+    """
+
+    def __init__(self, runtime: Runtime):
+        self.started, self.release = threading.Event(), threading.Event()
+        request = CompletionRequest(
+            "hold", doc_id="test-hold", options=GenerationOptions(max_tokens=2, stop="none")
+        )
+        self.job = Job(request, priority=PRIORITY_EDITOR, on_token=self._on_token)
+        runtime.scheduler.submit(self.job)
+        assert self.started.wait(30), "the engine never started the hold job"
+
+    def _on_token(self, _job, _event) -> None:
+        self.started.set()
+        self.release.wait(30)
+
+    def __enter__(self) -> EngineHold:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self.job.wait(30)
+
+
+def http_jobs(runtime: Runtime) -> list[Job]:
+    # test-only peek at the scheduler's queue: the only place a pending job's cancel flag is visible
+    with runtime.scheduler._cv:
+        return [job for job, _ in runtime.scheduler._jobs if job.priority == PRIORITY_HTTP]
+
+
+def sse_events(lines: Iterator[str]) -> list[dict | str]:
+    events: list[dict | str] = []
+    for line in lines:
+        if not line.startswith("data: "):
+            assert line == "", f"unexpected SSE line {line!r}"
+            continue
+        payload = line.removeprefix("data: ")
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+# -- completions --------------------------------------------------------------------------------
+
+
+def test_completion_is_openai_shaped_and_reuses_the_prefix(client):
+    body = {"model": "anything", "prompt": "The sea was calm and", "max_tokens": 6, **GREEDY}
+    first = client.post("/v1/completions", json=body)
+    assert first.status_code == 200, first.text
+    data = first.json()
+    assert data["object"] == "text_completion" and data["id"].startswith("cmpl-")
+    choice = data["choices"][0]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length" and choice["text"]
+    assert data["usage"]["completion_tokens"] == 6
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + 6
+    ext = data["tinymorph"]
+    assert ext["stop_reason"] == "max-tokens" and ext["steering"] == []
+    assert ext["timings"]["ttft_ms"] > 0 and ext["timings"]["tokens_generated"] == 6
+
+    again = client.post("/v1/completions", json={**body, "prompt": [body["prompt"]]}).json()
+    assert again["choices"][0]["text"] == choice["text"]  # greedy: same text
+    assert again["tinymorph"]["timings"]["tokens_reused"] > 0  # pooled doc slot kept its KV cache
+
+
+def test_stream_sends_chunks_then_done(client):
+    body = {"prompt": "Once upon a time", "max_tokens": 8, **GREEDY}
+    expected = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    with client.stream(
+        "POST", "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert "content-length" not in response.headers
+        events = sse_events(response.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert last["usage"]["completion_tokens"] == 8 and last["tinymorph"]["timings"]["tokens_generated"] == 8
+
+
+def test_stop_strings_cut_the_text(client):
+    body = {"prompt": "Numbers:", "max_tokens": 12, **GREEDY}
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert len(text) > 4
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = text[: text.find(stop)]
+    data = client.post("/v1/completions", json={**body, "stop": [stop, "\x00never"]}).json()
+    assert data["choices"][0]["text"] == cut
+    assert data["choices"][0]["finish_reason"] == "stop"
+
+
+def test_seed_makes_sampling_repeatable(client):
+    body = {"prompt": "Random words:", "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 1234}
+    a = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    b = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert a == b
+
+
+def test_per_request_steering_leaves_the_editor_plan_alone(client, runtime):
+    body = {"prompt": "The weather today", "max_tokens": 8, **GREEDY}
+    plain = client.post("/v1/completions", json=body).json()
+    steered = client.post(
+        "/v1/completions", json={**body, "steering": [{"feature": "vector:tiny", "strength": 4}]}
+    ).json()
+    assert steered["tinymorph"]["steering"] == [{"feature": "vector:tiny", "strength": 4.0, "mode": "add"}]
+    assert steered["choices"][0]["text"] != plain["choices"][0]["text"]
+    assert runtime.steering.is_empty()
+
+
+def test_put_and_get_editor_steering(client, runtime):
+    entry = {"feature": "vector:tiny", "strength": 2.5, "mode": "add"}
+    put = client.put("/v1/steering", json={"steering": [entry]})
+    assert put.status_code == 200, put.text
+    assert put.json() == {"steering": [entry]}
+    assert client.get("/v1/steering").json() == {"steering": [entry]}
+    assert [e.feature for e in runtime.steering.entries] == ["vector:tiny"]
+    editor = client.post(
+        "/v1/completions", json={"prompt": "x", "max_tokens": 2, "steering": "editor", **GREEDY}
+    )
+    assert editor.json()["tinymorph"]["steering"] == [entry]
+
+    bad = client.put("/v1/steering", json={"steering": [{"feature": "vector:tiny", "mode": "twist"}]})
+    assert bad.status_code == 400 and "mode" in bad.json()["error"]["message"]
+    assert (
+        client.put("/v1/steering", json={"steering": [{"feature": "vector:nope", "strength": 1}]}).status_code
+        == 400
+    )
+    assert client.get("/v1/steering").json() == {"steering": [entry]}  # refused PUTs change nothing
+    assert client.put("/v1/steering", json={"steering": []}).json() == {"steering": []}
+    assert runtime.steering.is_empty()
+
+
+def test_feature_endpoints_answer_or_say_unavailable(client):
+    search = client.get("/v1/features", params={"q": "ocean"})
+    assert search.status_code in (200, 503), search.text
+    if search.status_code == 200:
+        assert isinstance(search.json()["features"], list)
+    else:
+        assert "feature search not available" in search.json()["error"]["message"]
+    assert client.get("/v1/features/not-an-id").status_code == 400
+    assert client.get("/v1/features/nosuchsae:1").status_code == 404
+    assert client.get("/v1/features", params={"limit": "0"}).status_code == 400
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+BAD_BODIES = [
+    ({}, "prompt"),
+    ({"prompt": 3}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 513}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "x", "temperature": 3}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stop": [1]}, "stop"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "x", "stop_rule": "chapter"}, "stop_rule"),
+    ({"prompt": "x", "steering": {"feature": "vector:tiny"}}, "steering"),
+    ({"prompt": "x", "steering": [{"feature": "no-colon", "strength": 1}]}, "steering"),
+    ({"prompt": "x", "steering": [{"feature": "vector:tiny", "strength": 99}]}, "steering"),
+    ({"prompt": "x", "steering": [{"feature": "vector:tiny", "strength": 1, "colour": "red"}]}, "steering"),
+    ({"prompt": "x", "steering": [{"feature": "vector:tiny"}, {"feature": "vector:tiny"}]}, "steering"),
+    ({"prompt": "x", "steering": [{"feature": "vector:missing", "strength": 1}]}, "steering"),
+    ([1, 2], None),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"), BAD_BODIES, ids=[str(p) + str(i) for i, (_, p) in enumerate(BAD_BODIES)]
+)
+def test_bad_requests_are_4xx_json(client, body, param):
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+
+
+def test_protocol_errors_are_json(client):
+    broken = client.post(
+        "/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
+    form = client.post("/v1/completions", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"})
+    assert form.status_code == 415  # a cross-site form cannot reach the model
+    assert client.get("/nope").json()["error"]["type"] == "not_found"
+    assert client.delete("/v1/steering").status_code == 405
+
+
+def test_body_size_limit(client):
+    big = json.dumps({"prompt": "x" * (1 << 20)}).encode()
+    assert (
+        client.post("/v1/completions", content=big, headers={"Content-Type": "application/json"}).status_code
+        == 413
+    )
+
+    def chunks():  # no Content-Length: the limit must hold while reading
+        for _ in range(20):
+            yield b" " * 65536
+
+    chunked = client.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 413
+    assert chunked.json()["error"]["message"].startswith("request body larger than")
+
+
+# -- safety -------------------------------------------------------------------------------------
+
+
+def test_loopback_only_without_a_token(runtime):
+    with pytest.raises(ValueError, match="token"):
+        start_http_server(runtime, "0.0.0.0:0", None)
+    check_exposure("127.0.0.1", None)
+    check_exposure("::1", None)
+    check_exposure("localhost", None)
+    with pytest.raises(ValueError):
+        check_exposure("192.168.1.5", "")
+    assert parse_address("[::1]:9000") == ("::1", 9000)
+    assert parse_address(":9001") == ("127.0.0.1", 9001)
+    assert parse_address("localhost") == ("localhost", 8765)
+
+
+def test_cli_refuses_a_public_bind_without_a_token(monkeypatch, capsys):
+    from tinymorph.server.cli import main
+
+    monkeypatch.delenv("TINYMORPH_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "token" in capsys.readouterr().err
+
+
+def test_token_is_required_and_checked(runtime):
+    handle = start_http_server(runtime, "0.0.0.0:0", "s3cret-token")
+    try:
+        url = f"http://127.0.0.1:{handle.port}"
+        with httpx.Client(base_url=url, timeout=30) as c:
+            missing = c.get("/v1/steering")
+            assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+            assert missing.json()["error"]["type"] == "authentication_error"
+            assert c.get("/v1/steering", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert c.get("/v1/steering", headers={"Authorization": "Basic s3cret-token"}).status_code == 401
+            ok = c.post(
+                "/v1/completions",
+                json={"prompt": "hi", "max_tokens": 2},
+                headers={"Authorization": "Bearer s3cret-token"},
+            )
+            assert ok.status_code == 200
+            assert c.get("/healthz").status_code == 200  # probes need no token
+            doc = c.get("/openapi.json", headers={"Authorization": "Bearer s3cret-token"}).json()
+            assert doc["security"] == [{"bearer": []}]
+    finally:
+        handle.stop()
+
+
+def test_foreign_host_header_is_refused(client):
+    # DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not reach the model
+    refused = client.get("/v1/steering", headers={"Host": "evil.example:8765"})
+    assert refused.status_code == 403
+    assert client.get("/v1/steering", headers={"Host": "localhost"}).status_code == 200
+
+
+# -- cancellation -------------------------------------------------------------------------------
+
+
+def test_stream_disconnect_cancels_the_generation(client, finished):
+    body = {"prompt": "Go on and on", "max_tokens": 512, "stream": True, **GREEDY}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # first token arrived; now hang up
+    wait_for(lambda: finished, what="the cancelled completion")
+    assert finished[0].stop_reason == "cancelled"
+    assert finished[0].timings.tokens_generated < 512
+
+
+def test_queued_request_is_cancelled_when_the_client_leaves(server, runtime, finished):
+    with EngineHold(runtime):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{server.url}/v1/completions",
+                json={"prompt": "never mind", "max_tokens": 50},
+                timeout=httpx.Timeout(30, read=0.5),
+            )
+        wait_for(
+            lambda: http_jobs(runtime) and all(j.cancel.cancelled for j in http_jobs(runtime)),
+            what="the queued job's cancel flag",
+        )
+    wait_for(lambda: finished, what="the cancelled completion")
+    assert finished[0].stop_reason == "cancelled" and finished[0].timings.tokens_generated == 0
+
+
+# -- health and metrics -------------------------------------------------------------------------
+
+
+async def test_healthz_follows_loading(tiny_model_dir):
+    gate = threading.Event()
+    rt = Runtime()
+    app = create_app(rt)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+        idle = await c.get("/healthz")
+        assert idle.status_code == 503 and idle.json()["state"] == "idle"
+        rt.load(
+            ModelSettings(model=str(tiny_model_dir), dtype="float32"),
+            progress=lambda _message, _fraction: gate.wait(30),
+        )
+        loading = await c.get("/healthz")
+        assert loading.status_code == 503 and loading.json()["state"] == "loading"
+        refused = await c.post("/v1/completions", json={"prompt": "x"})
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert refused.json()["error"]["type"] == "unavailable"
+        gate.set()
+        assert rt.wait_ready(60), rt.message
+        ready = await c.get("/healthz")
+        assert ready.status_code == 200 and ready.json()["state"] == "ready" and ready.json()["model"]
+    rt.scheduler.stop()
+
+
+async def test_healthz_reports_a_failed_load(tmp_path):
+    rt = Runtime()
+    rt.load(ModelSettings(model=str(tmp_path / "no-such-model")))
+    rt.wait_ready(30)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(rt)), base_url="http://x") as c:
+        failed = await c.get("/healthz")
+    assert failed.status_code == 503 and failed.json()["state"] == "error" and failed.json()["message"]
+    rt.scheduler.stop()
+
+
+METRIC_LINE = re.compile(r'^[a-z_]+(\{([a-z_]+="[^"]*",?)+\})? [-+0-9.eInf]+$')
+
+
+def test_metrics_are_prometheus_text(client, runtime):
+    client.post("/v1/completions", json={"prompt": "count me", "max_tokens": 3, **GREEDY})
+    client.post("/v1/completions", json={"prompt": "count me", "max_tokens": 3, **GREEDY})
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for line in text.splitlines():
+        assert line.startswith("# ") or METRIC_LINE.match(line), line
+    assert 'tinymorph_ttft_seconds_bucket{source="http",le="+Inf"}' in text
+    assert 'tinymorph_decode_tokens_per_second_count{source="http"}' in text
+    assert "tinymorph_queue_depth 0" in text
+    assert re.search(r"tinymorph_prefix_cache_hit_ratio 0\.[0-9]*[1-9]", text)  # the repeat hit the cache
+    assert 'tinymorph_http_requests_total{method="POST",route="/v1/completions",status="200"}' in text
+    assert "tinymorph_model_ready 1" in text
+
+
+# -- the OpenAPI document -----------------------------------------------------------------------
+
+
+def test_openapi_document_lists_every_route(client):
+    doc = client.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.1")
+    assert set(doc["paths"]) == {
+        "/v1/completions",
+        "/v1/steering",
+        "/v1/features",
+        "/v1/features/{feature_id}",
+        "/metrics",
+        "/healthz",
+        "/openapi.json",
+    }
+    limits = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert limits["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 512
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_openapi_conformance(runtime, mode):
+    """Schemathesis: generated requests (valid and invalid) get documented, schema-conforming answers."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    # its own Runtime over the same engine and scheduler, so generated PUTs cannot touch other tests' plan
+    isolated = Runtime(scheduler=runtime.scheduler, state="ready", settings=runtime.settings)
+    app = create_app(isolated, max_tokens_limit=4)  # short generations keep the property test fast
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    checks = [status_code_conformance, content_type_conformance, response_schema_conformance]
+    if mode == "negative":
+        checks.append(negative_data_rejection)
+    generation = GenerationMode.POSITIVE if mode == "positive" else GenerationMode.NEGATIVE
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 7  # every path but (perhaps) the document itself
+
+    for operation in operations:
+
+        @given(case=operation.as_strategy(generation))
+        @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def conforms(case) -> None:
+            response = case.call()
+            unavailable = response.status_code == 503 and case.path.startswith("/v1/features")
+            assert response.status_code < 500 or unavailable, (case.method, case.path, response.text)
+            case.validate_response(response, checks=checks)
+
+        try:
+            conforms()
+        except Unsatisfiable:  # no parameters or body to make invalid (e.g. GET /metrics)
+            assert mode == "negative", operation.label
+
+
+# -- the real model -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_model_completes_sensibly():
+    rt = Runtime()
+    rt.load()
+    try:
+        assert rt.wait_ready(600), rt.message
+        app = create_app(rt)
+        from starlette.testclient import TestClient
+
+        with TestClient(app, base_url="http://127.0.0.1") as c:
+            r = c.post(
+                "/v1/completions",
+                json={"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0},
+            )
+        assert r.status_code == 200, r.text
+        assert "Paris" in r.json()["choices"][0]["text"]
+    finally:
+        rt.scheduler.stop()
