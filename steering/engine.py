@@ -151,7 +151,7 @@ class Engine:
 
         completion = yield from generate(
             step, ids[reused:], decode=self.detokenize, options=request.options, eos_ids=self.eos_ids,
-            timings=timings, cancel=cancel, max_new=max(room, 1),
+            timings=timings, history=ids, cancel=cancel, max_new=max(room, 1),
         )
         completion.steering = plan.describe()
         self.caches.enforce_budget(keep=key)

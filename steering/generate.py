@@ -39,6 +39,8 @@ class GenerationOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
+    repetition_penalty: float = 1.1  # llama.cpp-style, over the last `repetition_window` tokens
+    repetition_window: int = 64
 
     def validate(self) -> None:
         if not 1 <= self.max_tokens <= 1024:
@@ -49,6 +51,8 @@ class GenerationOptions:
             raise ValueError("temperature must be between 0 and 5")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
+        if not 1.0 <= self.repetition_penalty <= 2.0:
+            raise ValueError("repetition_penalty must be between 1 and 2")
 
 
 @dataclass
@@ -127,10 +131,18 @@ def cut_at_stop(text: str, options: GenerationOptions) -> str | None:
 
 
 def sample(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None,
-           allowed: torch.Tensor | None = None) -> int:
-    """Greedy when temperature is 0, else temperature + nucleus sampling."""
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+           recent: list[int] | None = None) -> int:
+    """Greedy when temperature is 0, else temperature + nucleus sampling.
+
+    A mild repetition penalty on `recent` tokens keeps a 135M model out of "and he'd be there,
+    and he'd be there" loops, which greedy decoding otherwise falls into quickly.
+    """
+    if recent and options.repetition_penalty != 1.0:
+        index = torch.tensor(sorted(set(recent)), dtype=torch.long)
+        picked = logits[index]
+        logits = logits.clone()
+        logits[index] = torch.where(picked > 0, picked / options.repetition_penalty,
+                                    picked * options.repetition_penalty)
     if options.temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / options.temperature, dim=-1)
@@ -146,12 +158,14 @@ StepFn = Callable[[list[int]], torch.Tensor]
 
 def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int]], str],
              options: GenerationOptions, eos_ids: frozenset[int], timings: Timings,
+             history: list[int] | None = None,
              cancel: CancelToken | None = None, max_new: int | None = None,
              prefill_chunk: int = 512) -> Iterator[TokenEvent]:
     """Prefill `prompt_tail` through `step` (which appends to the KV cache), then decode.
 
     Returns (as the generator's return value) the `Completion`. `timings` is filled in place;
-    its queue_ms must already be set by the caller, `tokens_reused` too.
+    its queue_ms must already be set by the caller, `tokens_reused` too. `history` is the prompt's
+    token ids (for the repetition penalty).
     """
     started = time.perf_counter()
     rng = None
@@ -176,7 +190,8 @@ def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int
                 reason = "cancelled"
                 break
             logits = step(ids[-1:])
-        token = sample(logits, options, rng)
+        recent = ((history or []) + ids)[-options.repetition_window:]
+        token = sample(logits, options, rng, recent)
         if index == 0:
             first_token_at = time.perf_counter()
             timings.ttft_ms = timings.queue_ms + (first_token_at - started) * 1000
