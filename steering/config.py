@@ -142,7 +142,8 @@ def _table(where: str, value: Any, allowed: set[str]) -> dict[str, Any]:
     _expect(where, value, dict, "a table")
     unknown = sorted(set(value) - allowed)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} "
+                          f"(allowed: {', '.join(sorted(allowed))})")
     return value
 
 
@@ -157,7 +158,8 @@ def parse_sections(data: dict[str, Any], source: str, base: Path | None = None) 
             model["path"] = _expect(f"{source}: [model].path", m["path"], str, "a string")
         if "dtype" in m:
             if m["dtype"] not in DTYPES:
-                raise ConfigError(f"{source}: [model].dtype must be one of {', '.join(DTYPES)}, not {m['dtype']!r}")
+                raise ConfigError(f"{source}: [model].dtype must be one of {', '.join(DTYPES)}, "
+                                  f"not {m['dtype']!r}")
             model["dtype"] = m["dtype"]
         if "threads" in m:
             t = _expect(f"{source}: [model].threads", m["threads"], int, "a positive integer")
@@ -197,7 +199,8 @@ def parse_sections(data: dict[str, Any], source: str, base: Path | None = None) 
         c = _table(f"{source}: [completion]", data["completion"],
                    {"max_tokens", "stop", "debounce_ms", "context_tokens"})
         comp: dict[str, Any] = {}
-        for key, lo, hi in (("max_tokens", 1, 4096), ("debounce_ms", 0, 60_000), ("context_tokens", 16, 1 << 20)):
+        limits = (("max_tokens", 1, 4096), ("debounce_ms", 0, 60_000), ("context_tokens", 16, 1 << 20))
+        for key, lo, hi in limits:
             if key in c:
                 v = _expect(f"{source}: [completion].{key}", c[key], int, "an integer")
                 if not lo <= v <= hi:
@@ -205,7 +208,8 @@ def parse_sections(data: dict[str, Any], source: str, base: Path | None = None) 
                 comp[key] = v
         if "stop" in c:
             if c["stop"] not in STOPS:
-                raise ConfigError(f"{source}: [completion].stop must be one of {', '.join(STOPS)}, not {c['stop']!r}")
+                raise ConfigError(f"{source}: [completion].stop must be one of {', '.join(STOPS)}, "
+                                  f"not {c['stop']!r}")
             comp["stop"] = c["stop"]
         out["completion"] = comp
     return out

@@ -32,38 +32,34 @@ def words(text: str) -> list[str]:
 class _Doc:
     ref: str
     info: dict
-    terms: Counter
-    length: float
+    fields: dict[str, Counter]  # field name -> term counts
+    lengths: dict[str, int]
 
 
 class FeatureIndex:
-    """BM25 index over one or more SAEs' labels (features with no label evidence are skipped)."""
+    """Per-field BM25 (summed with `FIELD_WEIGHTS`) over one or more SAEs' labels."""
 
-    def __init__(self, labels_by_sae: dict[str, dict], k1: float = 1.2, b: float = 0.6):
+    def __init__(self, labels_by_sae: dict[str, dict], k1: float = 1.2, b: float = 0.5):
         self.k1, self.b = k1, b
         self.docs: list[_Doc] = []
-        self.by_ref: dict[str, dict] = {}
         for sae_name, labels in labels_by_sae.items():
             for feat in labels.get("features", []):
-                ref = f"{sae_name}:{feat['id']}"
-                self.by_ref[ref] = feat
-                terms: Counter = Counter()
-                for fld, w in FIELD_WEIGHTS.items():
+                fields: dict[str, Counter] = {}
+                for fld in FIELD_WEIGHTS:
                     value = feat.get(fld) or []
                     texts = [c["text"] if isinstance(c, dict) else str(c) for c in value]
                     if fld == "contexts":  # only the marked token and its close neighbours matter
                         texts = [_near_mark(t) for t in texts]
-                    for t in texts:
-                        for word in words(t):
-                            terms[word] += w
-                if terms:
-                    self.docs.append(_Doc(ref, feat, terms, sum(terms.values())))
+                    fields[fld] = Counter(w for t in texts for w in words(t))
+                if any(fields.values()):
+                    lengths = {f: sum(c.values()) for f, c in fields.items()}
+                    self.docs.append(_Doc(f"{sae_name}:{feat['id']}", feat, fields, lengths))
         n = len(self.docs)
         df: Counter = Counter()
         for d in self.docs:
-            df.update(d.terms.keys())
+            df.update(set().union(*(c.keys() for c in d.fields.values())))
         self.idf = {t: math.log(1 + (n - c + 0.5) / (c + 0.5)) for t, c in df.items()}
-        self.avg_len = sum(d.length for d in self.docs) / n if n else 1.0
+        self.avg = {f: (sum(d.lengths[f] for d in self.docs) / n if n else 1.0) or 1.0 for f in FIELD_WEIGHTS}
 
     def search(self, query: str, limit: int = 10) -> list[tuple[str, float, dict]]:
         """(feature id, score, label info) best first; empty when nothing matches."""
@@ -74,12 +70,14 @@ class FeatureIndex:
         for d in self.docs:
             s = 0.0
             for t in q:
-                tf = d.terms.get(t, 0.0)
-                if tf:
-                    norm = tf + self.k1 * (1 - self.b + self.b * d.length / self.avg_len)
-                    s += self.idf[t] * tf * (self.k1 + 1) / norm
+                for fld, weight in FIELD_WEIGHTS.items():
+                    tf = d.fields[fld].get(t, 0)
+                    if tf:
+                        norm = tf + self.k1 * (1 - self.b + self.b * d.lengths[fld] / self.avg[fld])
+                        s += weight * self.idf[t] * tf * (self.k1 + 1) / norm
             if s > 0:
-                s *= 1.0 + 0.05 * min(math.log10(1e-9 + d.info.get("density", 0.0) * 1e6), 4)  # mild prior for live features
+                # mild prior for features that fire often enough to have been labelled well
+                s *= 1.0 + 0.05 * max(0.0, min(math.log10(1e-9 + d.info.get("density", 0.0) * 1e6), 4))
                 scored.append((d.ref, s, d.info))
         scored.sort(key=lambda x: -x[1])
         return scored[:limit]
@@ -94,7 +92,12 @@ def library_labels(library: FeatureLibrary, names: Sequence[str] | None = None) 
     """Labels of the library's SAEs that have them (loading each SAE only to find its folder)."""
     out = {}
     for name in names or library.sae_names:
-        sae = library.sae(name)
+        try:
+            sae = library.sae(name)
+        except SteeringError:
+            if names:  # asked for by name: say why it cannot be searched
+                raise
+            continue  # searching everything: an unavailable SAE just has no results
         labels = load_labels(sae.path) if sae.path is not None else None
         if labels:
             out[name] = labels
@@ -153,7 +156,8 @@ def rank_by_examples(library: FeatureLibrary, sae_name: str, model, tokenizer, p
     out = []
     for i in diff.topk(min(limit, sae.d_sae)).indices.tolist():
         info = labels["features"][i] if labels else {}
-        out.append({"id": f"{sae_name}:{i}", "diff": round(float(diff[i]), 4), "positive": round(float(pos[i]), 4),
+        out.append({"id": f"{sae_name}:{i}", "diff": round(float(diff[i]), 4),
+                    "positive": round(float(pos[i]), 4),
                     "negative": round(float(neg[i]), 4), "label": info.get("label", ""),
                     "topTokens": info.get("top_tokens", [])[:8]})
     return out

@@ -134,7 +134,8 @@ def compute_labels(sae: LoadedSAE, hf_model, tokenizer, rows: Sequence[Sequence[
                 act_tokens[tokenizer.decode([flat_rows[r][p]])] += 1
             if r not in used_rows and len(contexts) < N_CONTEXTS:
                 used_rows.add(r)
-                contexts.append({"text": snippet(tokenizer, flat_rows[r], p), "act": round(float(vals[j]), 3)})
+                text = snippet(tokenizer, flat_rows[r], p)
+                contexts.append({"text": text, "act": round(float(vals[j]), 3)})
         start = end
         top_act_tokens = [t for t, _ in act_tokens.most_common(8)]
         features.append({

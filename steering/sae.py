@@ -122,7 +122,8 @@ def resolve_sae_path(spec: str | os.PathLike) -> tuple[str, Path | None, str | N
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
-            raise SAEError(f"{path} is not an sae-lens SAE folder (needs cfg.json and sae_weights.safetensors)")
+            raise SAEError(f"{path} is not an sae-lens SAE folder "
+                           "(needs cfg.json and sae_weights.safetensors)")
         return path.name, path, None
     if path.exists():
         raise SAEError(f"{path} is a file; give the SAE's folder (with cfg.json and sae_weights.safetensors)")
@@ -161,7 +162,8 @@ def load_sae(spec: str | os.PathLike = DEFAULT_SAE, name: str | None = None) -> 
         raise SAEError(f"SAE {display!r} normalises its input with {norm!r}: only "
                        f"{', '.join(SUPPORTED_NORMALIZATION)} can be steered")
     if getattr(cfg, "reshape_activations", "none") != "none":
-        raise SAEError(f"SAE {display!r} reads attention heads (hook_z); only residual-stream SAEs are supported")
+        raise SAEError(f"SAE {display!r} reads attention heads (hook_z); "
+                       "only residual-stream SAEs are supported")
     meta = getattr(cfg, "metadata", None)
     hook = getattr(meta, "hook_name", None) or ""
     layer = layer_from_hook(hook)

@@ -110,14 +110,11 @@ def load_model_for_training(spec: str = "default", dtype: torch.dtype = torch.fl
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest sae-lens checkpoint under `ckpt_dir` (directories named by sample count)."""
+    """The newest complete sae-lens checkpoint under `ckpt_dir` (sae-lens adds a run id folder)."""
     if not ckpt_dir.is_dir():
         return None
-    found = [p for p in ckpt_dir.rglob("trainer_state.pt")] + [p for p in ckpt_dir.rglob("*.safetensors")]
-    dirs = {p.parent for p in found if (p.parent / "cfg.json").exists() or p.name == "trainer_state.pt"}
-    if not dirs:
-        return None
-    return max(dirs, key=lambda d: d.stat().st_mtime)
+    done = [p.parent for p in ckpt_dir.rglob("trainer_state.pt") if (p.parent / "cfg.json").is_file()]
+    return max(done, key=lambda d: d.stat().st_mtime) if done else None
 
 
 def train_sae(files: Sequence[Path | str], out_dir: Path | str, settings: TrainSettings | None = None,
@@ -214,6 +211,27 @@ def train_sae(files: Sequence[Path | str], out_dir: Path | str, settings: TrainS
     return out
 
 
+def export_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
+    """Turn a sae-lens training checkpoint into an inference SAE folder (cfg.json + weights).
+
+    Why: training can be stopped early (shared CPUs); a checkpoint holds unfolded weights plus the
+    activation scaler, so we fold the scaling factor in exactly as sae-lens does at the end of `fit`.
+    """
+    from sae_lens import TrainingSAE
+
+    ckpt = Path(checkpoint)
+    sae = TrainingSAE.load_from_disk(str(ckpt), device="cpu")
+    scaler = ckpt / "activation_scaler.json"
+    if scaler.is_file():
+        factor = json.loads(scaler.read_text()).get("scaling_factor")
+        if factor is not None:
+            sae.fold_activation_norm_scaling_factor(float(factor))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sae.save_inference_model(str(out))
+    return out
+
+
 @torch.no_grad()
 def evaluate_sae(sae, hf_model, rows: Sequence[Sequence[int]], batch_size: int = 8) -> dict[str, float]:
     """FVU, L0 and next-token CE without / with the SAE reconstruction spliced in at its layer.
@@ -252,8 +270,8 @@ def evaluate_sae(sae, hf_model, rows: Sequence[Sequence[int]], batch_size: int =
             for splice in (False, True):
                 state["splice"] = splice
                 logits = hf_model(ids).logits[:, 1:-1].float()
-                ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                       reduction="sum")
+                flat = logits.reshape(-1, logits.shape[-1])
+                ce = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), reduction="sum")
                 sums["ce_sae" if splice else "ce"] += float(ce)
             sums["ce_n"] += targets.numel()
     finally:

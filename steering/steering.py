@@ -217,7 +217,8 @@ def validate_entry(entry: SteeringEntry) -> None:
     try:
         strength = float(entry.strength)
     except (TypeError, ValueError):
-        raise SteeringError(f"strength for {entry.feature} must be a number, not {entry.strength!r}") from None
+        raise SteeringError(f"strength for {entry.feature} must be a number, "
+                            f"not {entry.strength!r}") from None
     if strength != strength or abs(strength) > MAX_STRENGTH:
         raise SteeringError(f"strength {entry.strength} for {entry.feature} is out of range "
                             f"[-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] (1 = the feature's max activation)")
@@ -247,7 +248,8 @@ def resolve_plan(plan: SteeringPlan | None, library: FeatureLibrary, d_model: in
             continue
         h = library.handle(entry.feature)
         if h.direction.shape[-1] != d_model:
-            raise SteeringError(f"{entry.feature} has {h.direction.shape[-1]} dims but the model has {d_model}: "
+            raise SteeringError(f"{entry.feature} has {h.direction.shape[-1]} dims but the model has "
+                                f"{d_model}: "
                                 "it was made for a different model")
         layer = h.layer if entry.layer is None else int(entry.layer)
         if n_layers is not None and not 0 <= layer < n_layers:
@@ -257,7 +259,8 @@ def resolve_plan(plan: SteeringPlan | None, library: FeatureLibrary, d_model: in
             delta = (strength * h.scale) * h.direction.float()
             edit.add = delta if edit.add is None else edit.add + delta
         elif entry.mode == "clamp":
-            edit.clamps.append((h.enc.float(), h.direction.float(), h.b_enc, h.b_dec.float(), strength * h.scale))
+            target = strength * h.scale
+            edit.clamps.append((h.enc.float(), h.direction.float(), h.b_enc, h.b_dec.float(), target))
         else:
             edit.scales.append((h.enc.float(), h.direction.float(), h.b_enc, h.b_dec.float(), 1.0 - strength))
     return resolved or None

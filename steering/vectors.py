@@ -175,7 +175,8 @@ def vector_from_examples(name: str, model, tokenizer, positive: Sequence[str], n
                          layer: int, model_name: str = "default") -> SteeringVector:
     """Mean difference (positive − negative) at `layer`, stored as unit direction + norm."""
     check_name(name)
-    diff = mean_activation(model, tokenizer, positive, layer) - mean_activation(model, tokenizer, negative, layer)
+    pos = mean_activation(model, tokenizer, positive, layer)
+    diff = pos - mean_activation(model, tokenizer, negative, layer)
     norm = float(diff.norm())
     if norm == 0.0:
         raise VectorError("positive and negative examples give the same mean activation")

@@ -186,9 +186,11 @@ def run_compare(args: argparse.Namespace) -> int:
     engine.set_steering_resolver(lambda p: resolve_plan(p, library, engine.info.d_model, engine.info.layers))
     opts = GenerationOptions(max_tokens=args.max_tokens, stop="paragraph")
     plain = engine.complete(CompletionRequest(text=text, doc_id="compare", options=opts)).text
-    steered = engine.complete(CompletionRequest(text=text, doc_id="compare", options=opts, steering=plan)).text
+    request = CompletionRequest(text=text, doc_id="compare", options=opts, steering=plan)
+    steered = engine.complete(request).text
     if args.json:
-        print(json.dumps({"steered": steered, "unsteered": plain, "steering": plan.describe()}, ensure_ascii=False))
+        out = {"steered": steered, "unsteered": plain, "steering": plan.describe()}
+        print(json.dumps(out, ensure_ascii=False))
     else:
         print(_side_by_side(plain, steered))
     return 0

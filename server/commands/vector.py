@@ -56,7 +56,8 @@ def run_list(_args: argparse.Namespace) -> int:
 
     names = list_vectors()
     if not names:
-        print("no vectors yet: build one with `tinymorph vector from-examples NAME --positive F --negative F`")
+        print("no vectors yet: build one with "
+              "`tinymorph vector from-examples NAME --positive F --negative F`")
     for n in names:
         v = load_vector(n)
         print(f"vector:{n}  layer {v.layer}  scale {v.scale:.2f}")
