@@ -21,6 +21,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import socket
 import threading
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,7 @@ MAX_BODY_BYTES = 1 << 20
 MAX_TOKENS_LIMIT = 512
 MAX_PENDING = 256
 PUBLIC_PATHS = frozenset({"/healthz"})  # answered without a token (liveness probes)
+TOKEN_ENV = "TINYMORPH_TOKEN"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
@@ -522,9 +524,12 @@ class HttpServerHandle:
 def start_http_server(runtime: Runtime, address: str, token: str | None = None) -> HttpServerHandle:
     """Serve the API for `runtime` on `address` ("HOST:PORT"; port 0 picks one) in a daemon thread.
 
+    `token` defaults to $TINYMORPH_TOKEN, so `tinymorph lsp --http` honours it like `tinymorph serve`.
+
     Binding happens here, so a busy port or a refused address raises `OSError`/`ValueError` in the
     caller instead of dying silently in the thread.
     """
+    token = token or os.environ.get(TOKEN_ENV) or None
     host, port = parse_address(address)
     check_exposure(host, token)
     sock = _bind(host, port)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import torch
+
 from tinymorph.server.http_api import check_exposure, create_app, parse_address, start_http_server
 from tinymorph.server.runtime import ModelSettings, Runtime
 from tinymorph.server.scheduler import PRIORITY_EDITOR, PRIORITY_HTTP, Job
@@ -311,7 +312,8 @@ def test_body_size_limit(client):
 # -- safety -------------------------------------------------------------------------------------
 
 
-def test_loopback_only_without_a_token(runtime):
+def test_loopback_only_without_a_token(runtime, monkeypatch):
+    monkeypatch.delenv("TINYMORPH_TOKEN", raising=False)
     with pytest.raises(ValueError, match="token"):
         start_http_server(runtime, "0.0.0.0:0", None)
     check_exposure("127.0.0.1", None)

@@ -25,10 +25,10 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..http_api import check_exposure, serve
+    from ..http_api import TOKEN_ENV, check_exposure, serve
     from ..runtime import ModelSettings, Runtime
 
-    token = args.token or os.environ.get("TINYMORPH_TOKEN") or None
+    token = args.token or os.environ.get(TOKEN_ENV) or None
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be 0..65535")
     try:
