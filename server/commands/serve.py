@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from ..cli import UserError
 from .common import add_model_options, progress_printer
@@ -50,4 +51,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
     finally:
         runtime.scheduler.stop()
+        if runtime.state == "loading":
+            # Ctrl-C mid-load: interpreter shutdown under a torch loader thread aborts the process
+            # ("terminate called without an active exception"); leave without finalizing instead.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
     return 0
