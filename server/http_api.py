@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,7 +86,15 @@ def route_label(path: str) -> str:
     """Bounded-cardinality route name for metrics (never the raw path: feature ids vary)."""
     if path.startswith("/v1/features/"):
         return "/v1/features/{id}"
-    if path in ("/v1/completions", "/v1/steering", "/v1/features", "/metrics", "/healthz", "/openapi.json"):
+    if path in (
+        "/v1/completions",
+        "/v1/models",
+        "/v1/steering",
+        "/v1/features",
+        "/metrics",
+        "/healthz",
+        "/openapi.json",
+    ):
         return path
     return "other"
 
@@ -178,9 +187,7 @@ class GuardMiddleware:
                 return b"".join(chunks), None
 
     def _too_big(self) -> Response:
-        return error_response(
-            413, f"request body larger than {self.max_body_bytes} bytes", "invalid_request_error"
-        )
+        return error_response(413, f"request body larger than {self.max_body_bytes} bytes", "invalid_request_error")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -232,9 +239,7 @@ class SSEResponse(Response):
         watcher = asyncio.ensure_future(wait_disconnect(receive))
         watcher.add_done_callback(lambda task: task.cancelled() or self.bridge.cancel())
         try:
-            await send(
-                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-            )
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             while not watcher.done():
                 kind, payload, error = await self.bridge.next_event()
                 if kind == "token":
@@ -278,6 +283,7 @@ class ApiState:
     slots: DocSlots = field(default_factory=DocSlots)
     features: FeatureService = field(default_factory=FeatureService)
     pending: int = 0
+    started: int = field(default_factory=lambda: int(time.time()))
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -307,9 +313,7 @@ def _require_ready(runtime: Runtime) -> None:
     if not runtime.ready:
         state = runtime.state
         message = runtime.message or f"model is {state}"
-        raise ApiError(
-            503, f"model not ready ({state}): {message}", "unavailable", headers={"Retry-After": "2"}
-        )
+        raise ApiError(503, f"model not ready ({state}): {message}", "unavailable", headers={"Retry-After": "2"})
 
 
 async def completions(request: Request, state: ApiState) -> Response:
@@ -394,6 +398,15 @@ async def metrics(request: Request, state: ApiState) -> Response:
     return Response(text, media_type=None, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
+async def list_models(request: Request, state: ApiState) -> Response:
+    """OpenAI's model list (clients call it before completing): the one model this process serves."""
+    runtime = state.runtime
+    engine = runtime.engine
+    name = engine.info.model if engine is not None else runtime.settings.model
+    model = {"id": name, "object": "model", "created": state.started, "owned_by": "tinymorph", "ready": runtime.ready}
+    return JSONResponse({"object": "list", "data": [model]})
+
+
 async def healthz(request: Request, state: ApiState) -> Response:
     runtime = state.runtime
     body: dict[str, Any] = {"state": runtime.state, "message": runtime.message}
@@ -427,6 +440,7 @@ def create_app(
         Route("/v1/steering", _api(put_steering, state), methods=["PUT"]),
         Route("/v1/features", _api(search_features, state), methods=["GET"]),
         Route("/v1/features/{feature_id:path}", _api(show_feature, state), methods=["GET"]),
+        Route("/v1/models", _api(list_models, state), methods=["GET"]),
         Route("/metrics", _api(metrics, state), methods=["GET"]),
         Route("/healthz", _api(healthz, state), methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
@@ -537,9 +551,7 @@ def start_http_server(runtime: Runtime, address: str, token: str | None = None) 
     allowed = LOOPBACK_NAMES if (is_loopback(host) and not token) else None
     app = create_app(runtime, token, allowed_hosts=allowed)
     server = _uvicorn_server(app)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="tinymorph-http", daemon=True
-    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tinymorph-http", daemon=True)
     thread.start()
     handle = HttpServerHandle(host.strip("[]"), bound_port, app, server, thread)
     for _ in range(500):  # started within 5 s, or the thread has died

@@ -66,9 +66,7 @@ def openapi_document(max_tokens_limit: int, max_body_bytes: int, secured: bool =
                     {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
                 ]
             },
-            "max_tokens": _nullable(
-                {"type": "integer", "minimum": 1, "maximum": max_tokens_limit, "default": 16}
-            ),
+            "max_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": max_tokens_limit, "default": 16}),
             "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2, "default": 1}),
             "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1}),
             "stop": _nullable(
@@ -118,8 +116,7 @@ def openapi_document(max_tokens_limit: int, max_body_bytes: int, secured: bool =
                     "type": "string",
                     "enum": list(STOP_RULES),
                     "default": "none",
-                    "description": "tinymorph extension: also stop at a word/line/sentence/"
-                    "paragraph boundary",
+                    "description": "tinymorph extension: also stop at a word/line/sentence/paragraph boundary",
                 }
             ),
         },
@@ -153,9 +150,7 @@ def openapi_document(max_tokens_limit: int, max_body_bytes: int, secured: bool =
     usage = {
         "type": "object",
         "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-        "properties": {
-            k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")
-        },
+        "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
     }
     choice = {
         "type": "object",
@@ -199,6 +194,27 @@ def openapi_document(max_tokens_limit: int, max_body_bytes: int, secured: bool =
             "state": {"type": "string", "enum": ["idle", "loading", "ready", "error"]},
             "message": {"type": "string"},
             "model": {"type": "string"},
+        },
+    }
+    models = {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "object", "created", "owned_by"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "object": {"const": "model"},
+                        "created": {"type": "integer"},
+                        "owned_by": {"type": "string"},
+                        "ready": {"type": "boolean"},
+                    },
+                },
+            },
         },
     }
     feature_unavailable = _error("Feature search not available (no SAE or no labels installed).")
@@ -277,9 +293,7 @@ def openapi_document(max_tokens_limit: int, max_body_bytes: int, secured: bool =
                                     "schema": {
                                         "type": "object",
                                         "required": ["features"],
-                                        "properties": {
-                                            "features": {"type": "array", "items": {"type": "object"}}
-                                        },
+                                        "properties": {"features": {"type": "array", "items": {"type": "object"}}},
                                     }
                                 }
                             },
@@ -322,6 +336,19 @@ def openapi_document(max_tokens_limit: int, max_body_bytes: int, secured: bool =
                         "200": {
                             "description": "Prometheus text format 0.0.4",
                             "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **common,
+                    },
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "The model this server runs (OpenAI model list)",
+                    "operationId": "listModels",
+                    "responses": {
+                        "200": {
+                            "description": "One model; `ready` is false while it loads",
+                            "content": {JSON: {"schema": models}},
                         },
                         **common,
                     },

@@ -7,6 +7,7 @@ client leaves, health while loading, metrics, and an OpenAPI document the server
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -99,9 +100,7 @@ class EngineHold:
 
     def __init__(self, runtime: Runtime):
         self.started, self.release = threading.Event(), threading.Event()
-        request = CompletionRequest(
-            "hold", doc_id="test-hold", options=GenerationOptions(max_tokens=2, stop="none")
-        )
+        request = CompletionRequest("hold", doc_id="test-hold", options=GenerationOptions(max_tokens=2, stop="none"))
         self.job = Job(request, priority=PRIORITY_EDITOR, on_token=self._on_token)
         runtime.scheduler.submit(self.job)
         assert self.started.wait(30), "the engine never started the hold job"
@@ -213,17 +212,12 @@ def test_put_and_get_editor_steering(client, runtime):
     assert put.json() == {"steering": [entry]}
     assert client.get("/v1/steering").json() == {"steering": [entry]}
     assert [e.feature for e in runtime.steering.entries] == ["vector:tiny"]
-    editor = client.post(
-        "/v1/completions", json={"prompt": "x", "max_tokens": 2, "steering": "editor", **GREEDY}
-    )
+    editor = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "steering": "editor", **GREEDY})
     assert editor.json()["tinymorph"]["steering"] == [entry]
 
     bad = client.put("/v1/steering", json={"steering": [{"feature": "vector:tiny", "mode": "twist"}]})
     assert bad.status_code == 400 and "mode" in bad.json()["error"]["message"]
-    assert (
-        client.put("/v1/steering", json={"steering": [{"feature": "vector:nope", "strength": 1}]}).status_code
-        == 400
-    )
+    assert client.put("/v1/steering", json={"steering": [{"feature": "vector:nope", "strength": 1}]}).status_code == 400
     assert client.get("/v1/steering").json() == {"steering": [entry]}  # refused PUTs change nothing
     assert client.put("/v1/steering", json={"steering": []}).json() == {"steering": []}
     assert runtime.steering.is_empty()
@@ -239,6 +233,32 @@ def test_feature_endpoints_answer_or_say_unavailable(client):
     assert client.get("/v1/features/not-an-id").status_code == 400
     assert client.get("/v1/features/nosuchsae:1").status_code == 404
     assert client.get("/v1/features", params={"limit": "0"}).status_code == 400
+
+
+def test_models_lists_the_loaded_model(client, runtime):
+    data = client.get("/v1/models").json()
+    assert data["object"] == "list"
+    assert [m["id"] for m in data["data"]] == [runtime.engine.info.model]
+    assert data["data"][0]["ready"] is True
+
+
+async def test_too_many_pending_requests_get_429(runtime):
+    app = create_app(runtime, max_pending=1)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+        hold = await asyncio.to_thread(EngineHold, runtime)
+        try:
+            first = asyncio.ensure_future(c.post("/v1/completions", json={"prompt": "first", "max_tokens": 2}))
+            for _ in range(500):
+                if app.state.api.pending == 1:
+                    break
+                await asyncio.sleep(0.01)
+            second = await c.post("/v1/completions", json={"prompt": "second", "max_tokens": 2})
+            assert second.status_code == 429 and second.headers["retry-after"]
+            assert second.json()["error"]["type"] == "rate_limit_error"
+        finally:
+            hold.release.set()
+        assert (await first).status_code == 200
+    await asyncio.to_thread(hold.job.wait, 30)
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -271,9 +291,7 @@ BAD_BODIES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("body", "param"), BAD_BODIES, ids=[str(p) + str(i) for i, (_, p) in enumerate(BAD_BODIES)]
-)
+@pytest.mark.parametrize(("body", "param"), BAD_BODIES, ids=[str(p) + str(i) for i, (_, p) in enumerate(BAD_BODIES)])
 def test_bad_requests_are_4xx_json(client, body, param):
     response = client.post("/v1/completions", json=body)
     assert response.status_code == 400, response.text
@@ -283,9 +301,7 @@ def test_bad_requests_are_4xx_json(client, body, param):
 
 
 def test_protocol_errors_are_json(client):
-    broken = client.post(
-        "/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"}
-    )
+    broken = client.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
     form = client.post("/v1/completions", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"})
     assert form.status_code == 415  # a cross-site form cannot reach the model
@@ -295,10 +311,7 @@ def test_protocol_errors_are_json(client):
 
 def test_body_size_limit(client):
     big = json.dumps({"prompt": "x" * (1 << 20)}).encode()
-    assert (
-        client.post("/v1/completions", content=big, headers={"Content-Type": "application/json"}).status_code
-        == 413
-    )
+    assert client.post("/v1/completions", content=big, headers={"Content-Type": "application/json"}).status_code == 413
 
     def chunks():  # no Content-Length: the limit must hold while reading
         for _ in range(20):
@@ -458,6 +471,7 @@ def test_openapi_document_lists_every_route(client):
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) == {
         "/v1/completions",
+        "/v1/models",
         "/v1/steering",
         "/v1/features",
         "/v1/features/{feature_id}",
