@@ -240,8 +240,13 @@ class SSEResponse(Response):
         watcher.add_done_callback(lambda task: task.cancelled() or self.bridge.cancel())
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            while not watcher.done():
-                kind, payload, error = await self.bridge.next_event()
+            while True:
+                event = asyncio.ensure_future(self.bridge.next_event())
+                await asyncio.wait({event, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():  # the client left (the watcher has cancelled the job): stop now
+                    event.cancel()
+                    return
+                kind, payload, error = event.result()
                 if kind == "token":
                     await self._event(send, chunk_body(self.ids, payload.delta))
                     continue
@@ -307,6 +312,8 @@ async def _json_body(request: Request) -> Any:
         return json.loads(await request.body())
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # "[[[[…" a few hundred thousand deep fits in the body limit
+        raise ApiError(400, "the request body is nested too deeply") from None
 
 
 def _require_ready(runtime: Runtime) -> None:

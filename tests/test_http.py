@@ -303,6 +303,8 @@ def test_bad_requests_are_4xx_json(client, body, param):
 def test_protocol_errors_are_json(client):
     broken = client.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
+    deep = client.post("/v1/completions", content=b"[" * 200_000, headers={"Content-Type": "application/json"})
+    assert deep.status_code == 400
     form = client.post("/v1/completions", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"})
     assert form.status_code == 415  # a cross-site form cannot reach the model
     assert client.get("/nope").json()["error"]["type"] == "not_found"
