@@ -27,6 +27,7 @@ from .generate import CancelToken, Completion, GenerationOptions, Timings, Token
 from .llama import LlamaModel, load_llama
 from .prefix_cache import PrefixCache
 from .steering import SteeringHooks, SteeringPlan
+from .tokenizer import load_fast_tokenizer
 
 
 @dataclass
@@ -96,7 +97,7 @@ class Engine:
             llama = load_llama(folder, torch_dtype)
         except (ValueError, KeyError) as exc:
             raise model_loading.ModelError(f"cannot load {model}: {exc}") from exc
-        tokenizer = model_loading.load_tokenizer(folder)
+        tokenizer = load_fast_tokenizer(folder)
         engine = cls(llama, tokenizer, name=str(model or "default"), folder=folder,
                      context=ContextPolicy(max_tokens=context_tokens), cache_budget_mb=cache_budget_mb,
                      load_s=time.perf_counter() - started)

@@ -215,7 +215,7 @@ class LlamaModel(nn.Module):
 
 def load_llama(folder: Path, dtype: torch.dtype) -> LlamaModel:
     """Build a `LlamaModel` from an HF folder's config.json + safetensors, fusing projections."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     cfg_dict = json.loads((folder / "config.json").read_text())
     archs = cfg_dict.get("architectures") or ["LlamaForCausalLM"]
@@ -225,14 +225,14 @@ def load_llama(folder: Path, dtype: torch.dtype) -> LlamaModel:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no .safetensors weights in {folder}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {name: h for h in handles for name in h.keys()}
     with torch.device("meta"):
         model = LlamaModel(cfg)
 
     def take(name: str) -> torch.Tensor:
-        return state.pop(name).to(dtype)
+        """One tensor, converted as it is read: the full-precision copy never exists all at once."""
+        return where.pop(name).get_tensor(name).to(dtype)
 
     new: dict[str, torch.Tensor] = {"embed.weight": take("model.embed_tokens.weight")}
     for i in range(cfg.n_layers):
@@ -249,8 +249,8 @@ def load_llama(folder: Path, dtype: torch.dtype) -> LlamaModel:
         )
         new[f"layers.{i}.down.weight"] = take(p + "mlp.down_proj.weight")
     new["norm.weight"] = take("model.norm.weight")
-    head = state.pop("lm_head.weight", None)
-    new["lm_head.weight"] = new["embed.weight"] if head is None or cfg.tie_embeddings else head.to(dtype)
+    head = take("lm_head.weight") if "lm_head.weight" in where and not cfg.tie_embeddings else None
+    new["lm_head.weight"] = new["embed.weight"] if head is None else head
     model.load_state_dict(new, assign=True, strict=True)
     cos, sin = rope_tables(cfg)
     model.rope_cos, model.rope_sin = cos, sin

@@ -116,3 +116,17 @@ def test_cache_budget_evicts_lru(tiny_model_dir):
         engine.complete(CompletionRequest(PROSE * 3, f"doc{i}", GenerationOptions(max_tokens=2)))
     assert engine.caches.total_bytes() <= 2**20 or len(engine.caches) == 1
     assert engine.caches.stats.evictions > 0
+
+
+def test_fast_tokenizer_matches_transformers(default_model_dir):
+    """The engine's lightweight tokenizer gives the same ids and text as transformers' AutoTokenizer."""
+    from tinymorph.steering.model import load_tokenizer
+    from tinymorph.steering.tokenizer import FastTokenizer
+
+    hf, fast = load_tokenizer(default_model_dir), FastTokenizer(default_model_dir)
+    for text in ("The sea was calm.", "  two spaces\r\n\r\nCRLF and émojis 🎉", "def f(x):\n    return x**2",
+                 "<|im_start|>user hi", "日本語のテキスト", ""):
+        ids = hf(text, add_special_tokens=False)["input_ids"]
+        assert fast(text)["input_ids"] == ids
+        assert fast.decode(ids) == hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert (fast.bos_token_id, fast.eos_token_id, len(fast)) == (hf.bos_token_id, hf.eos_token_id, len(hf))
