@@ -347,6 +347,9 @@ async def completions(request: Request, state: ApiState) -> Response:
     gone = asyncio.ensure_future(wait_disconnect(request.receive))
     try:
         await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # server shutting down: nobody will read the answer
+        bridge.cancel()
+        raise
     finally:
         gone.cancel()
     if not done.done():  # the client left: stop generating for nobody
