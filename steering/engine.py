@@ -24,7 +24,7 @@ import torch
 from . import model as model_loading
 from .context import ContextPolicy, select_window
 from .generate import CancelToken, Completion, GenerationOptions, Timings, TokenEvent, generate
-from .llama import LlamaModel, load_llama
+from .llama import LlamaModel, load_llama, quantize_int8
 from .prefix_cache import PrefixCache
 from .steering import SteeringHooks, SteeringPlan
 from .tokenizer import load_fast_tokenizer
@@ -76,7 +76,8 @@ class Engine:
         )
         cfg = model.cfg
         self.info = EngineInfo(
-            model=name, folder=str(folder or ""), dtype=model_loading.dtype_name(model.dtype),
+            model=name, folder=str(folder or ""),
+            dtype=model_loading.dtype_name(model.dtype) + ("+int8" if getattr(model, "quantized", None) else ""),
             threads=torch.get_num_threads(), layers=cfg.n_layers, d_model=cfg.dim, vocab=cfg.vocab_size,
             max_positions=cfg.max_positions, weight_bytes=model.weight_bytes(), load_s=load_s,
         )
@@ -97,6 +98,8 @@ class Engine:
             llama = load_llama(folder, torch_dtype)
         except (ValueError, KeyError) as exc:
             raise model_loading.ModelError(f"cannot load {model}: {exc}") from exc
+        if dtype == "int8":
+            quantize_int8(llama)
         tokenizer = load_fast_tokenizer(folder)
         engine = cls(llama, tokenizer, name=str(model or "default"), folder=folder,
                      context=ContextPolicy(max_tokens=context_tokens), cache_budget_mb=cache_budget_mb,

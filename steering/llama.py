@@ -179,7 +179,8 @@ class LlamaModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        """Activation (and KV cache) dtype; weights may be int8 (see `quantize_int8`)."""
+        return self.norm.weight.dtype
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         return KVCache(self.cfg, self.dtype, capacity)
@@ -187,7 +188,8 @@ class LlamaModel(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes read per forward pass (tied embeddings counted once: the lm_head reads them)."""
         seen, total = set(), 0
-        for p in self.parameters():
+        tensors = [*self.parameters(), *(b for n, b in self.named_buffers() if not n.startswith("rope_"))]
+        for p in tensors:
             if p.data_ptr() not in seen:
                 seen.add(p.data_ptr())
                 total += p.numel() * p.element_size()
@@ -263,3 +265,54 @@ def approx_flops_per_token(cfg: LlamaConfig) -> float:
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     per_layer = cfg.dim * (q + 2 * kv) + q * cfg.dim + 3 * cfg.dim * cfg.intermediate
     return 2.0 * cfg.n_layers * per_layer
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear (per-output-row scales), activations stay in the model dtype.
+
+    Why: decode reads every weight once per token, so halving the bytes read (and resident memory)
+    matters more than the extra dequantization work the fused kernel does.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
+        super().__init__()
+        w = weight.float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(act_dtype))
+        self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], -1)
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding stored as int8 rows with per-row scales; rows are dequantized on lookup."""
+
+    def __init__(self, linear: Int8Linear):
+        super().__init__()
+        self.table = linear  # shared with the tied lm_head: one int8 matrix serves both
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table.weight[ids].to(self.table.scales.dtype)
+        return rows * self.table.scales[ids].unsqueeze(-1)
+
+
+def quantize_int8(model: LlamaModel) -> LlamaModel:
+    """Replace every projection (and the tied embedding/lm_head) by int8 weight-only versions."""
+    act = model.dtype
+    for layer in model.layers:
+        for name in ("qkv", "o", "gate_up", "down"):
+            linear = getattr(layer, name)
+            setattr(layer, name, Int8Linear(linear.weight.data, linear.bias, act))
+    tied = model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
+    head = Int8Linear(model.lm_head.weight.data, None, act)
+    model.lm_head = head
+    if tied:
+        model.embed = Int8Embedding(head)
+    model.quantized = "int8"
+    return model

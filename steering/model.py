@@ -179,13 +179,14 @@ def cpu_has_bf16() -> bool:
 
 
 def pick_dtype(name: str | None) -> torch.dtype:
-    """`auto` → bf16 where the CPU has native bf16, else fp32."""
-    if name in (None, "", "auto"):
+    """`auto` → bf16 where the CPU has native bf16, else fp32. `int8` (weight-only) computes in the
+    same dtype as `auto`; the engine quantizes the weights after loading."""
+    if name in (None, "", "auto", "int8"):
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     try:
         return DTYPES[name]
     except KeyError:
-        raise ModelError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}") from None
+        raise ModelError(f"unknown dtype {name!r}; choose one of auto, int8, {', '.join(DTYPES)}") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -130,3 +130,16 @@ def test_fast_tokenizer_matches_transformers(default_model_dir):
         assert fast(text)["input_ids"] == ids
         assert fast.decode(ids) == hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert (fast.bos_token_id, fast.eos_token_id, len(fast)) == (hf.bos_token_id, hf.eos_token_id, len(hf))
+
+
+def test_int8_weights_keep_the_prediction(default_model_dir):
+    """int8 weight-only quantization halves weight bytes and keeps the top prediction."""
+    from tinymorph.steering.llama import quantize_int8
+
+    ids = list(range(1000, 1200))
+    ref = load_llama(default_model_dir, torch.float32)
+    q8 = quantize_int8(load_llama(default_model_dir, torch.bfloat16))
+    a, b = ref(ids, ref.new_cache()), q8(ids, q8.new_cache())
+    assert a.argmax() == b.argmax()
+    assert len(set(a.topk(5).indices.tolist()) & set(b.topk(5).indices.tolist())) >= 3
+    assert q8.weight_bytes() < 0.55 * load_llama(default_model_dir, torch.bfloat16).weight_bytes()

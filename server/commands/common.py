@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+DTYPE_CHOICES = ["auto", "bfloat16", "float32", "float16", "int8"]
+
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
                        help='"default" (embedded SmolLM2-135M), an HF folder, a .gguf file or a cached HF id')
-    group.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32", "float16"],
-                       help="weights/activations dtype (default: auto = bf16 where the CPU has it)")
+    group.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                       help="auto = bf16 where the CPU has it, else fp32; int8 = int8 weights (half the memory)")
     group.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ...steering import model as model_loading
-from .common import progress_printer
+from .common import DTYPE_CHOICES, progress_printer
 
 
 def register(sub) -> None:
@@ -14,7 +14,7 @@ def register(sub) -> None:
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     info = msub.add_parser("info", help="show where a model is, its size, dtype and speed-relevant facts")
     info.add_argument("model", nargs="?", default="default")
-    info.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    info.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=run_info)
     convert = msub.add_parser("convert", help="dequantize a GGUF model once into the local cache")
