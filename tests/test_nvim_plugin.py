@@ -71,6 +71,49 @@ def nvim_tiny_model(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def nvim_tiny_sae(nvim_tiny_model, tmp_path_factory) -> tuple[Path, str]:
+    """A labelled random TopK SAE on the tiny model's layer 1, registered as "tiny" in a tinymorph.toml.
+
+    Returns the config path and a query that feature search answers (a token a live feature fires on).
+    """
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tinymorph.steering.labels import compute_labels, save_labels
+    from tinymorph.steering.sae import load_sae
+
+    root = tmp_path_factory.mktemp("tiny-sae")
+    model = AutoModelForCausalLM.from_pretrained(nvim_tiny_model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(nvim_tiny_model)
+    torch.manual_seed(0)
+    cfg = TopKSAEConfig(d_in=model.config.hidden_size, d_sae=32, k=4)
+    cfg.metadata.hook_name = "model.layers.1"
+    sae = TopKSAE(cfg)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+    sae.save_model(str(root / "sae"))
+    texts = [
+        "The ocean was calm and the waves were small.",
+        "The king rode out at dawn with his men.",
+        "She walked along the shore, listening to the sea.",
+    ] * 3
+    rows = [
+        [tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"][:15]] for t in texts
+    ]
+    rows = [r + [tokenizer.eos_token_id] * (16 - len(r)) for r in rows]
+    labels = compute_labels(load_sae(root / "sae"), model, tokenizer, rows, batch_size=4)
+    save_labels(labels, root / "sae")
+    live = [f for f in labels["features"] if f["max_act"] > 0]
+    assert live, "a random SAE on a random model still fires"
+    query = live[0]["top_act_tokens"][0].strip() or live[0]["label"]
+    config = root / "tinymorph.toml"
+    config.write_text(f'[[sae]]\nname = "tiny"\npath = "{(root / "sae").as_posix()}"\n')
+    return config, query
+
+
+@pytest.fixture(scope="session")
 def nvim_bin() -> str:
     nvim = _nvim()
     if nvim is None:
@@ -80,7 +123,9 @@ def nvim_bin() -> str:
     return nvim
 
 
-def run_plugin_script(nvim: str, server_cmd: list[str], workdir: Path, settings: dict) -> dict:
+def run_plugin_script(
+    nvim: str, server_cmd: list[str], workdir: Path, settings: dict, feature_query: str
+) -> dict:
     result_file = workdir / "report.json"
     env = dict(
         os.environ,
@@ -90,6 +135,7 @@ def run_plugin_script(nvim: str, server_cmd: list[str], workdir: Path, settings:
         TINYMORPH_WORKDIR=str(workdir),
         TINYMORPH_RESULT=str(result_file),
         TINYMORPH_TIMEOUT_MS="90000",
+        TINYMORPH_FEATURE_QUERY=feature_query,
         # Keep user configuration and state of the machine's Neovim out of the test.
         XDG_CONFIG_HOME=str(workdir / "config"),
         XDG_STATE_HOME=str(workdir / "state"),
@@ -108,17 +154,28 @@ def run_plugin_script(nvim: str, server_cmd: list[str], workdir: Path, settings:
     report["_rc"] = proc.returncode
     log = workdir / "state" / "nvim" / "lsp.log"
     # The server's stderr lands in Neovim's LSP log: keep its tail for failure messages.
-    report["_stderr"] = proc.stderr + ("\n--- lsp.log (tail) ---\n" + log.read_text()[-4000:] if log.exists() else "")
+    report["_stderr"] = proc.stderr + (
+        "\n--- lsp.log (tail) ---\n" + log.read_text()[-4000:] if log.exists() else ""
+    )
     return report
 
 
-def test_nvim_plugin_against_real_server(nvim_bin, nvim_tiny_model, tmp_path):
+def test_nvim_plugin_against_real_server(nvim_bin, nvim_tiny_model, nvim_tiny_sae, tmp_path):
+    config, query = nvim_tiny_sae
     server_cmd = [_tinymorph(), "lsp", "--model", str(nvim_tiny_model)]
     # Short suggestions keep the tiny model fast; "paragraph" so a random model's output is not cut at once.
-    settings = {"maxTokens": 12, "debounceMs": 30, "stop": "paragraph", "temperature": 0}
-    report = run_plugin_script(nvim_bin, server_cmd, tmp_path, settings)
+    settings = {
+        "maxTokens": 12,
+        "debounceMs": 30,
+        "stop": "paragraph",
+        "temperature": 0,
+        "config": str(config),
+    }
+    report = run_plugin_script(nvim_bin, server_cmd, tmp_path, settings, query)
     steps = {s["name"]: s for s in report["steps"]}
-    assert report.get("ok"), f"{report.get('error')}\nsteps: {json.dumps(report['steps'], indent=1)}\n{report['_stderr']}"
+    assert report.get("ok"), (
+        f"{report.get('error')}\nsteps: {json.dumps(report['steps'], indent=1)}\n{report['_stderr']}"
+    )
     assert report["_rc"] == 0
 
     # Attach: hints enabled, server ready.
@@ -135,7 +192,7 @@ def test_nvim_plugin_against_real_server(nvim_bin, nvim_tiny_model, tmp_path):
     # Accept word: the buffer grew by a prefix of the hint (its first word).
     after_word = report["after_word"]
     assert after_word.startswith(typed)
-    word = after_word[len(typed):]
+    word = after_word[len(typed) :]
     assert word.strip() and hint.startswith(word), (word, hint)
 
     # Accept all: the rest of the suggestion follows the word in the buffer.
@@ -149,6 +206,7 @@ def test_nvim_plugin_against_real_server(nvim_bin, nvim_tiny_model, tmp_path):
 
     # Steering through :Tinymorph steer changed the server's list, and clear emptied it.
     feature = report["steered_feature"]
+    assert feature.startswith("tiny:")
     assert len(report["steering_after"]) == len(report["steering_before"]) + 1
     assert any(e["feature"] == feature and e["strength"] == 3.5 for e in report["steering_after"])
     assert report["steering_cleared"] == []

@@ -23,6 +23,7 @@ import {
   SERVER_KEYS,
 } from "./settings";
 import { LoadProgressFeature } from "./progress";
+import { SuggestionWaiter } from "./waiter";
 import { cursorMoveChangesHints, DisplayMode, displayMode, Pos, showsGhostText, showsHint } from "./display";
 import { MetricsPayload, StatusModel, StatusPayload, statusView, SteeringEntry } from "./status";
 import { CompareView, pickFeature, editSteering } from "./steeringUi";
@@ -33,6 +34,14 @@ let client: LanguageClient | undefined;
 let output: vscode.LogOutputChannel;
 let statusItem: vscode.StatusBarItem;
 const model = new StatusModel();
+const waiter = new SuggestionWaiter();
+/** Longest an inline-completion request waits for a suggestion still being generated. */
+const GHOST_WAIT_MS = 10_000;
+
+function itemCount(result: vscode.InlineCompletionItem[] | vscode.InlineCompletionList | null | undefined): number {
+  if (!result) return 0;
+  return Array.isArray(result) ? result.length : result.items.length;
+}
 let sentSettings: ServerSettings = {};
 
 function config(): vscode.WorkspaceConfiguration {
@@ -177,6 +186,7 @@ function buildClient(): LanguageClient {
       didClose: (document, next) => {
         model.onSettled(document.uri.toString());
         lastHints.delete(document.uri.toString());
+        waiter.forget(document.uri.toString());
         renderStatus();
         return next(document);
       },
@@ -190,8 +200,18 @@ function buildClient(): LanguageClient {
         lastCursor = cursor;
         return hints.filter((h) => showsHint(mode, h.position, cursor));
       },
-      provideInlineCompletionItems: (document, position, context, token, next) =>
-        showsGhostText(display()) ? next(document, position, context, token) : null,
+      provideInlineCompletionItems: async (document, position, context, token, next) => {
+        if (!showsGhostText(display())) return null;
+        let result = await next(document, position, context, token);
+        const uri = document.uri.toString();
+        if (itemCount(result) === 0 && model.isPending(uri) && !token.isCancellationRequested) {
+          // Nothing yet: wait for this version's suggestion (see waiter.ts), then ask once more.
+          const done = await waiter.wait(uri, document.version, GHOST_WAIT_MS, (cb) => token.onCancellationRequested(cb));
+          if (done && !token.isCancellationRequested) result = await next(document, position, context, token);
+        }
+        output.debug(`inline completion v${document.version} ${position.line}:${position.character}: ${itemCount(result)} item(s)`);
+        return result;
+      },
       workspace: {
         // Servers that pull settings get the same object as initializationOptions.
         configuration: (params, token, next) =>
@@ -217,19 +237,6 @@ function buildClient(): LanguageClient {
   return c;
 }
 
-/**
- * VS Code asks for inline completions on each keystroke, before the debounced suggestion exists,
- * and LSP has no "inline completion refresh". When a suggestion for the visible version of the
- * active document finishes, ask again so that it appears as ghost text without another keystroke.
- */
-function retriggerGhostText(payload: MetricsPayload): void {
-  const editor = vscode.window.activeTextEditor;
-  if (!editor || !showsGhostText(display()) || !payload.uri) return;
-  if (editor.document.uri.toString() !== payload.uri) return;
-  if (payload.version !== undefined && payload.version !== editor.document.version) return;
-  void vscode.commands.executeCommand("editor.action.inlineSuggest.trigger");
-}
-
 async function startClient(): Promise<void> {
   model.onStarting();
   renderStatus();
@@ -241,7 +248,7 @@ async function startClient(): Promise<void> {
   client.onNotification("tinymorph/metrics", (payload: MetricsPayload) => {
     model.onMetrics(payload);
     renderStatus();
-    retriggerGhostText(payload);
+    if (payload.uri && typeof payload.version === "number") waiter.finished(payload.uri, payload.version);
   });
   try {
     await client.start();

@@ -99,6 +99,11 @@ export class StatusModel {
     this.recompute(now);
   }
 
+  /** Whether a suggestion for `uri` is on its way (an edit without its metrics yet). */
+  isPending(uri: string): boolean {
+    return this.pending.has(uri) && this.serverState === "ready";
+  }
+
   /** The suggestion was dismissed or the document closed: stop waiting for it. */
   onSettled(uri: string, now = Date.now()): void {
     this.pending.delete(uri);

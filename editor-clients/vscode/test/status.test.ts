@@ -35,8 +35,11 @@ test("an edit shows generating until the metrics for that document arrive", () =
   assert.equal(statusView(m).text, "$(sync~spin) tinymorph 90 ms");
   m.onMetrics({ uri: "file:///other.md", ttftMs: 50 }, 1100);
   assert.equal(m.state, "generating", "metrics for another document do not end this one");
+  assert.equal(m.isPending("file:///a.md"), true);
+  assert.equal(m.isPending("file:///other.md"), false);
   m.onMetrics({ uri: "file:///a.md", ttftMs: 70 }, 1200);
   assert.equal(m.state, "ready");
+  assert.equal(m.isPending("file:///a.md"), false);
   assert.equal(m.lastTtftMs, 70);
 });
 

@@ -1,0 +1,346 @@
+// End-to-end check of the extension in real VS Code (code-server in Chromium, driven by playwright-core).
+// Opt-in: TINYMORPH_E2E_VSCODE=1 node e2e/run.mjs   (after `npm ci && npm run compile` and e2e/setup.sh)
+//
+// It installs the extension folder (or TINYMORPH_VSIX) into a fresh code-server, opens a markdown
+// file, types, waits for the ghost text and the inlay hint, accepts with Tab and word by word,
+// steers through the feature QuickPick and opens the steered-vs-unsteered view. Screenshots and a
+// JSON report go to e2e/results/ (TINYMORPH_E2E_OUT). Exit code 0 = every check passed.
+//
+// Environment:
+//   TINYMORPH_E2E_VSCODE=1     required (otherwise the script only says it was skipped)
+//   TINYMORPH_SERVER           JSON list: server command and args (default ["tinymorph","lsp"])
+//   TINYMORPH_E2E_SETTINGS     JSON object of extra user settings (e.g. {"tinymorph.maxTokens": 12})
+//   TINYMORPH_E2E_TOOLS        folder prepared by e2e/setup.sh (default e2e/.tools)
+//   TINYMORPH_E2E_FEATURE      feature search query for the steering step (default "")
+//   TINYMORPH_E2E_TIMEOUT_MS   wait for model load / suggestions (default 180000)
+//   TINYMORPH_VSIX             install this .vsix instead of copying the folder
+//   TINYMORPH_E2E_LOG=debug    code-server log level (the tinymorph log then has debug lines)
+//   TINYMORPH_E2E_KEEP=1       keep the temporary user-data folder (logs under user-data/logs)
+
+import { spawn, spawnSync } from "node:child_process";
+import { cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
+
+const extDir = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+
+if (process.env.TINYMORPH_E2E_VSCODE !== "1") {
+  console.log("skipped: set TINYMORPH_E2E_VSCODE=1 to run the VS Code end-to-end check");
+  process.exit(0);
+}
+
+const tools = resolve(process.env.TINYMORPH_E2E_TOOLS ?? join(extDir, "e2e", ".tools"));
+const outDir = resolve(process.env.TINYMORPH_E2E_OUT ?? join(extDir, "e2e", "results"));
+const timeout = Number(process.env.TINYMORPH_E2E_TIMEOUT_MS ?? 180000);
+const serverCmd = JSON.parse(process.env.TINYMORPH_SERVER ?? '["tinymorph", "lsp"]');
+const extraSettings = JSON.parse(process.env.TINYMORPH_E2E_SETTINGS ?? "{}");
+const featureQuery = process.env.TINYMORPH_E2E_FEATURE ?? "";
+const node24 = join(tools, "node24", "bin", "node");
+const codeServer = join(tools, "cs", "node_modules", "code-server", "out", "node", "entry.js");
+const playwrightPath = join(tools, "cs", "node_modules", "playwright-core", "index.mjs");
+
+for (const [what, path] of [
+  ["Node 24 (run e2e/setup.sh)", node24],
+  ["code-server (run e2e/setup.sh)", codeServer],
+  ["playwright-core (run e2e/setup.sh)", playwrightPath],
+  ["compiled extension (npm run compile)", join(extDir, "out", "src", "extension.js")],
+]) {
+  if (!existsSync(path)) {
+    console.error(`missing ${what}: ${path}`);
+    process.exit(2);
+  }
+}
+const { chromium } = await import(pathToFileURL(playwrightPath).href);
+
+const report = { steps: [], serverCmd };
+rmSync(outDir, { recursive: true, force: true });
+mkdirSync(outDir, { recursive: true });
+const work = mkdtempSync(join(tmpdir(), "tinymorph-e2e-"));
+const userData = join(work, "user-data");
+const extensions = join(work, "extensions");
+const workspace = join(work, "workspace");
+for (const d of [join(userData, "User"), extensions, workspace]) mkdirSync(d, { recursive: true });
+writeFileSync(join(workspace, "story.md"), "");
+
+/** The folder a user would copy into ~/.vscode/extensions: manifest, compiled code, production deps. */
+function installExtensionFolder() {
+  const target = join(extensions, "tinymorph.tinymorph-0.1.0");
+  mkdirSync(target, { recursive: true });
+  cpSync(join(extDir, "package.json"), join(target, "package.json"));
+  cpSync(join(extDir, "out", "src"), join(target, "out", "src"), { recursive: true });
+  const ls = spawnSync("npm", ["ls", "--omit=dev", "--all", "--parseable"], { cwd: extDir, encoding: "utf8" });
+  for (const path of ls.stdout.split("\n").filter((p) => p.includes("node_modules"))) {
+    cpSync(path, join(target, path.slice(extDir.length)), { recursive: true });
+  }
+  return target;
+}
+
+function installVsix(vsix) {
+  const r = spawnSync(node24, [codeServer, "--extensions-dir", extensions, "--user-data-dir", userData, "--install-extension", vsix], {
+    encoding: "utf8",
+  });
+  if (r.status !== 0) throw new Error(`--install-extension failed: ${r.stdout}\n${r.stderr}`);
+  return vsix;
+}
+
+function freePort() {
+  return new Promise((resolvePort) => {
+    const srv = createServer();
+    srv.listen(0, "127.0.0.1", () => {
+      const { port } = srv.address();
+      srv.close(() => resolvePort(port));
+    });
+  });
+}
+
+async function step(name, fn) {
+  const t0 = Date.now();
+  try {
+    const value = await fn();
+    report.steps.push({ name, ok: true, ms: Date.now() - t0, value });
+    console.log(`ok   ${name} (${Date.now() - t0} ms)${value !== undefined ? ": " + JSON.stringify(value) : ""}`);
+    return value;
+  } catch (err) {
+    report.steps.push({ name, ok: false, ms: Date.now() - t0, error: String(err?.stack ?? err) });
+    console.log(`FAIL ${name}: ${err?.message ?? err}`);
+    throw err;
+  }
+}
+
+const clean = (text) => text.replace(/\u00a0/g, " ");
+
+let codeServerProc;
+let browser;
+let page;
+let shot = 0;
+const screenshot = async (name) => {
+  const file = join(outDir, `${String(++shot).padStart(2, "0")}-${name}.png`);
+  await page.screenshot({ path: file });
+  return file;
+};
+
+/** Document text as rendered: the editor's lines without ghost text and inlay hints. */
+async function editorText() {
+  return clean(
+    await page.evaluate(() =>
+      [...document.querySelectorAll(".editor-instance .monaco-editor .view-lines .view-line")]
+        .sort((a, b) => parseFloat(a.style.top) - parseFloat(b.style.top))
+        .map((line) =>
+          [...line.querySelectorAll("span > span")]
+            .filter((s) => !/ghost-text|dyn-rule/.test(s.className))
+            .map((s) => s.textContent)
+            .join(""),
+        )
+        .join("\n"),
+    ),
+  );
+}
+
+/** Ghost text: its first line is a decoration on the cursor line, further lines sit in a view zone. */
+async function ghostText() {
+  return clean(
+    await page.evaluate(() => {
+      const editor = ".editor-instance .monaco-editor";
+      const inline = [...document.querySelectorAll(`${editor} .ghost-text-decoration`)].map((s) => s.textContent).join("");
+      const below = [...document.querySelectorAll(`${editor} .ghost-text`)].map((s) => s.textContent);
+      return [inline, ...below].filter((t) => t).join("\n");
+    }),
+  );
+}
+
+/** Inlay hints are injected text; in a markdown file nothing else injects text. */
+async function hintText() {
+  return clean(
+    await page.evaluate(() =>
+      [...document.querySelectorAll(".editor-instance .monaco-editor .view-line span[class*='dyn-rule']")]
+        .map((s) => s.textContent)
+        .join(""),
+    ),
+  );
+}
+
+async function statusText() {
+  return clean(await page.locator(".statusbar-item", { hasText: "tinymorph" }).first().innerText()).trim();
+}
+
+async function waitFor(what, fn, ms = timeout) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const value = await fn();
+    if (value) return value;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await page.waitForTimeout(100);
+  }
+}
+
+async function runCommand(title) {
+  await page.keyboard.press("F1");
+  await page.locator(".quick-input-widget input").waitFor();
+  await page.keyboard.type(title, { delay: 10 });
+  await page.locator(".quick-input-list .monaco-list-row", { hasText: title.replace(/^>\s*/, "").split(": ").pop() }).first().waitFor();
+  await page.keyboard.press("Enter");
+}
+
+let failed = false;
+try {
+  await step("install extension", () =>
+    process.env.TINYMORPH_VSIX ? installVsix(resolve(process.env.TINYMORPH_VSIX)) : installExtensionFolder(),
+  );
+  const settings = {
+    "tinymorph.server.command": serverCmd[0],
+    "tinymorph.server.args": serverCmd.slice(1),
+    "workbench.startupEditor": "none",
+    "security.workspace.trust.enabled": false,
+    "chat.disableAIFeatures": true,
+    "workbench.secondarySideBar.defaultVisibility": "hidden",
+    "editor.fontFamily": "monospace",
+    ...extraSettings,
+  };
+  writeFileSync(join(userData, "User", "settings.json"), JSON.stringify(settings, null, 2));
+
+  const port = await freePort();
+  const galleryPort = await freePort();
+  await step("start code-server", async () => {
+    codeServerProc = spawn(
+      node24,
+      [codeServer, "--auth", "none", "--bind-addr", `127.0.0.1:${port}`, "--user-data-dir", userData,
+        "--extensions-dir", extensions, "--disable-telemetry", "--disable-update-check",
+        "--disable-workspace-trust", "--config", join(userData, "config.yaml"),
+        ...(process.env.TINYMORPH_E2E_LOG ? ["--log", process.env.TINYMORPH_E2E_LOG] : []), workspace],
+      // An unused loopback gallery: code-server never looks for a marketplace outside.
+      { env: { ...process.env, EXTENSIONS_GALLERY: JSON.stringify({ serviceUrl: `http://127.0.0.1:${galleryPort}/` }) } },
+    );
+    let log = "";
+    codeServerProc.stdout.on("data", (d) => (log += d));
+    codeServerProc.stderr.on("data", (d) => (log += d));
+    const end = Date.now() + 60000;
+    while (!log.includes("HTTP server listening")) {
+      if (Date.now() > end || codeServerProc.exitCode !== null) throw new Error(`code-server did not start:\n${log}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    return `http://127.0.0.1:${port}/`;
+  });
+
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+
+  await step("open story.md", async () => {
+    await page.goto(`http://127.0.0.1:${port}/?folder=${encodeURIComponent(workspace)}`);
+    await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "story.md" }).click({ timeout: 60000 });
+    await page.locator(".editor-instance .monaco-editor .view-lines").waitFor({ timeout: 30000 });
+  });
+
+  report.statusReady = await step("server ready (status bar)", () =>
+    waitFor("tinymorph ready in the status bar", async () => {
+      const text = await statusText().catch(() => "");
+      if (/tinymorph error/.test(text)) throw new Error(`server error: ${text}`);
+      return /tinymorph (ready|\d)/.test(text) ? text : undefined;
+    }),
+  );
+  await screenshot("ready");
+
+  const typed = "Once upon a time, the old king";
+  report.ghost = await step("type and see ghost text", async () => {
+    await page.locator(".editor-instance .monaco-editor .view-lines").click();
+    await page.keyboard.type(typed, { delay: 40 });
+    return waitFor("ghost text", async () => (await ghostText()).trim() || undefined);
+  });
+  report.statusAfterSuggestion = await statusText();
+  await screenshot("ghost-text");
+
+  report.hint = await step("move the cursor away and see the inlay hint", async () => {
+    await page.keyboard.press("ArrowLeft");
+    const hint = await waitFor("inlay hint", async () => (await hintText()).trim() || undefined, 15000);
+    await screenshot("inlay-hint");
+    await page.keyboard.press("End");
+    return hint;
+  });
+
+  report.afterTab = await step("Tab accepts the ghost text", async () => {
+    const ghost = await waitFor("ghost text back at the anchor", async () => (await ghostText()) || undefined, 15000);
+    await page.keyboard.press("Tab");
+    const text = await waitFor("accepted text", async () => {
+      const t = await editorText();
+      return t.length > typed.length ? t : undefined;
+    }, 15000);
+    const firstLine = ghost.split("\n")[0];
+    if (!text.startsWith(typed + firstLine.trimEnd())) throw new Error(`text ${JSON.stringify(text)} lacks ghost ${JSON.stringify(firstLine)}`);
+    return text;
+  });
+  await screenshot("accepted");
+
+  report.afterWord = await step("accept next word (Ctrl+Alt+Right)", async () => {
+    await page.keyboard.press("Control+End");
+    await page.keyboard.type(" Then", { delay: 40 });
+    const before = await editorText();
+    await waitFor("ghost text", async () => (await ghostText()).trim() || undefined);
+    await page.keyboard.press("Control+Alt+ArrowRight");
+    const after = await waitFor("one more word", async () => {
+      const t = await editorText();
+      return t !== before ? t : undefined;
+    }, 15000);
+    if (!after.startsWith(before)) throw new Error(`word accept changed earlier text: ${JSON.stringify(after)}`);
+    const word = after.slice(before.length);
+    if (!/^\s*\S+$/.test(word.split("\n")[0]) && word.trim() !== "") throw new Error(`not one word: ${JSON.stringify(word)}`);
+    return { before, after };
+  });
+  await screenshot("accepted-word");
+
+  report.steering = await step("steer via the feature QuickPick", async () => {
+    await runCommand("tinymorph: Steer: Pick a Feature");
+    await page.locator(".quick-input-widget .quick-input-title", { hasText: "steer towards a feature" }).waitFor();
+    await page.locator(".quick-input-widget .quick-input-list .monaco-list-row").first().waitFor({ timeout: 30000 });
+    if (featureQuery) {
+      await page.keyboard.type(featureQuery, { delay: 30 });
+      await page.waitForTimeout(800);
+    }
+    const first = clean(await page.locator(".quick-input-widget .quick-input-list .monaco-list-row").first().innerText());
+    await screenshot("feature-quickpick");
+    await page.keyboard.press("Enter");
+    // Strength input box, prefilled with 4.
+    await page.locator(".quick-input-widget input").waitFor();
+    await page.waitForTimeout(300);
+    await page.keyboard.press("Control+A");
+    await page.keyboard.type("6");
+    await page.keyboard.press("Enter");
+    const aria = await waitFor("steering in the status bar", async () => {
+      const label = await page.locator(".statusbar-item", { hasText: "tinymorph" }).first().getAttribute("aria-label");
+      return label && /steering: (?!none)/.test(label) ? clean(label) : undefined;
+    }, 30000);
+    return { picked: first.split("\n")[0], status: aria.match(/steering: .*/)[0] };
+  });
+  await screenshot("steered-status");
+
+  report.compare = await step("compare steered vs unsteered", async () => {
+    await runCommand("tinymorph: Steer: Compare Steered vs Unsteered");
+    await page.locator(".tab", { hasText: "compare-1.md" }).waitFor({ timeout: timeout });
+    await page.waitForTimeout(500);
+    const text = clean(
+      await page.evaluate(() =>
+        [...document.querySelectorAll(".editor-instance .monaco-editor .view-lines")]
+          .map((v) => v.textContent)
+          .join("\n"),
+      ),
+    );
+    if (!/Steered/.test(text) || !/Unsteered/.test(text)) throw new Error(`compare view: ${text.slice(0, 300)}`);
+    return text.slice(0, 400);
+  });
+  await screenshot("compare");
+} catch (err) {
+  failed = true;
+  report.error = String(err?.stack ?? err);
+  if (page) await screenshot("failure").catch(() => {});
+} finally {
+  report.ok = !failed;
+  writeFileSync(join(outDir, "report.json"), JSON.stringify(report, null, 2));
+  if (browser) await browser.close().catch(() => {});
+  if (codeServerProc) codeServerProc.kill();
+  if (!process.env.TINYMORPH_E2E_KEEP) rmSync(work, { recursive: true, force: true });
+  console.log(`${failed ? "FAILED" : "passed"}; screenshots and report.json in ${outDir}`);
+  process.exit(failed ? 1 : 0);
+}
