@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..steering.steering import SteeringPlan
 from .http_completions import (
     ApiError,
     DocSlots,
@@ -377,9 +378,9 @@ async def put_steering(request: Request, state: ApiState) -> Response:
     body = await _json_body(request)
     if not isinstance(body, dict) or set(body) != {"steering"}:
         raise ApiError(400, 'the body must be {"steering": [entries]}', param="steering")
-    if body["steering"] == "editor":
+    if not isinstance(body["steering"], list):
         raise ApiError(400, "steering must be a list of entries", param="steering")
-    plan = parse_steering(body["steering"], state.runtime, "steering")
+    plan = parse_steering(body["steering"], state.runtime, "steering") or SteeringPlan()
     await check_plan(state.runtime, plan, sources_available=state.features.check_sources)
     state.runtime.steering = plan
     return JSONResponse({"steering": plan.describe()})
