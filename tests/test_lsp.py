@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import pytest_lsp
 from lsprotocol import types
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -121,6 +122,21 @@ def edit(client: LanguageClient, uri: str, line: int, char: int, text: str,
     return _versions[uri]
 
 
+async def raw_request(client: LanguageClient, method: str, params) -> types.ResponseError | None:
+    """Send a request with arbitrary (malformed) params; the JSON-RPC error it gets, or None."""
+    from concurrent.futures import Future
+
+    msg_id = f"raw-{time.monotonic_ns()}"
+    future: Future = Future()
+    client.protocol._request_futures[msg_id] = future
+    client.protocol._send_data({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(future), 10)
+    except Exception as exc:  # noqa: BLE001 - pygls raises the error response as an exception
+        return types.ResponseError(code=getattr(exc, "code", 0), message=str(exc))
+    return None
+
+
 WHOLE = types.Range(types.Position(0, 0), types.Position(100000, 0))
 
 
@@ -179,7 +195,8 @@ async def test_capabilities_progress_and_status(client: LanguageClient):
     assert caps.hover_provider
     sync = caps.text_document_sync
     assert sync.change == types.TextDocumentSyncKind.Incremental and sync.open_close
-    assert {"tinymorph.accept", "tinymorph.status", "tinymorph.steer.set"} <= set(caps.execute_command_provider.commands)
+    commands = set(caps.execute_command_provider.commands)
+    assert {"tinymorph.accept", "tinymorph.status", "tinymorph.steer.set"} <= commands
     # the model loaded in the background with work-done progress: begin … end
     kinds = [type(v).__name__ for reports in client.progress_reports.values() for v in reports]
     assert kinds[0] == "WorkDoneProgressBegin" and kinds[-1] == "WorkDoneProgressEnd", kinds
@@ -364,7 +381,7 @@ async def test_cancel_request_is_honoured(client: LanguageClient):
     await asyncio.sleep(0.2)
     client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=msg_id))
     started = time.monotonic()
-    with pytest.raises(Exception) as info:
+    with pytest.raises(JsonRpcException) as info:
         await asyncio.wait_for(future, 5)
     assert "cancel" in str(info.value).lower()
     assert time.monotonic() - started < 1.0  # answered at once, not after the 1.5 s wait
@@ -378,7 +395,7 @@ async def test_bad_input_never_kills_the_server(client: LanguageClient):
     result = await client.text_document_inline_completion_async(types.InlineCompletionParams(
         context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
         text_document=unknown, position=types.Position(0, 0)))
-    assert result.items == []
+    assert not result.items
     client.text_document_did_change(types.DidChangeTextDocumentParams(  # change to an unknown document
         text_document=types.VersionedTextDocumentIdentifier(uri=unknown.uri, version=3),
         content_changes=[types.TextDocumentContentChangeWholeDocument(text="x")]))
@@ -387,20 +404,23 @@ async def test_bad_input_never_kills_the_server(client: LanguageClient):
     result = await client.text_document_inline_completion_async(types.InlineCompletionParams(  # outside the text
         context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
         text_document=types.TextDocumentIdentifier(uri), position=types.Position(40, 2)))
-    assert result.items == []
+    assert not result.items
     edit(client, uri, 99, 99, "!")  # an edit past the end lands at the end, as the spec says
     # malformed params: an error answer, not silence
-    with pytest.raises(Exception) as info:
-        await asyncio.wait_for(client.protocol.send_request_async(
-            types.TEXT_DOCUMENT_INLAY_HINT, {"textDocument": {"uri": 5}, "range": "everything"}), 10)
-    assert "invalid" in str(info.value).lower() or "-32602" in str(info.value)
-    with pytest.raises(Exception):
+    for method, bad in ((types.TEXT_DOCUMENT_INLAY_HINT, {"textDocument": {"uri": 5}, "range": "everything"}),
+                        (types.TEXT_DOCUMENT_INLINE_COMPLETION, {"textDocument": {"uri": uri}}),
+                        (types.TEXT_DOCUMENT_HOVER, None)):
+        error = await raw_request(client, method, bad)
+        assert error is not None and error.code == -32602, (method, error)
+    client.protocol._send_data({"jsonrpc": "2.0", "method": types.TEXT_DOCUMENT_DID_CHANGE,  # bad notification
+                                "params": {"textDocument": {"uri": uri}, "contentChanges": 7}})
+    with pytest.raises(JsonRpcInvalidParams):
         await command(client, "tinymorph.accept", 42)
-    with pytest.raises(Exception):
+    with pytest.raises(JsonRpcInvalidParams):
         await command(client, "tinymorph.no-such-command")
-    with pytest.raises(Exception):
+    with pytest.raises(JsonRpcInvalidParams):
         await command(client, "tinymorph.steer.set", {"feature": "default:1", "strength": "very"})
-    with pytest.raises(Exception):
+    with pytest.raises(JsonRpcInvalidParams):
         await command(client, "tinymorph.steer.set", {"feature": "default:1", "strength": 1.0, "mode": "shout"})
     assert await command(client, "tinymorph.accept", "file:///tmp/never-opened.md") == {"applied": False, "text": ""}
     assert await command(client, "tinymorph.steer.clear") == []
@@ -441,12 +461,12 @@ async def test_steering_commands(client: LanguageClient):
     assert await command(client, "tinymorph.steer.list") == []
     try:
         hits = await command(client, "tinymorph.features.search", "weather", 3)
-    except Exception as exc:  # no SAE with labels installed: a clear error, never made-up results
+    except JsonRpcException as exc:  # no SAE with labels installed: a clear error, never made-up results
         assert "not available" in str(exc)
     else:
         assert isinstance(hits, list) and all({"id", "label", "topTokens", "maxActivation"} <= set(h) for h in hits)
     # a feature the tiny model cannot use is refused up front instead of breaking every suggestion
-    with pytest.raises(Exception):
+    with pytest.raises(JsonRpcInvalidParams):
         await command(client, "tinymorph.steer.set", {"feature": "nosuchsae:1", "strength": 1.0})
     assert await command(client, "tinymorph.steer.list") == []
     compare = await command(client, "tinymorph.steer.compare", {"text": "The sea was"})
@@ -456,7 +476,8 @@ async def test_steering_commands(client: LanguageClient):
 # -- servers of their own ----------------------------------------------------------------------------------
 
 
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=[TINYMORPH, "lsp", "--model", "/nonexistent/model"]))
+@pytest_lsp.fixture(scope="module",
+                    config=ClientServerConfig(server_command=[TINYMORPH, "lsp", "--model", "/nonexistent/model"]))
 async def broken(lsp_client: LanguageClient):
     await start(lsp_client, {"model": "ignored: the --model flag wins"})
     yield
@@ -473,11 +494,11 @@ async def test_model_error_is_a_state_not_a_crash(broken: LanguageClient):
     result = await broken.text_document_inline_completion_async(types.InlineCompletionParams(
         context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
         text_document=types.TextDocumentIdentifier(uri), position=types.Position(0, 12)))
-    assert result.items == []
+    assert not result.items
     assert (await command(broken, "tinymorph.status"))["state"] == "error"
 
 
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=[TINYMORPH, "lsp"]))
+@pytest_lsp.fixture(scope="module", config=ClientServerConfig(server_command=[TINYMORPH, "lsp"]))
 async def real(lsp_client: LanguageClient):
     await start(lsp_client, {"maxTokens": 16, "stop": "sentence"})
     yield
