@@ -99,16 +99,15 @@ def nvim_tiny_sae(nvim_tiny_model, tmp_path_factory) -> tuple[Path, str]:
         "The king rode out at dawn with his men.",
         "She walked along the shore, listening to the sea.",
     ] * 3
-    rows = [
-        [tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"][:15]] for t in texts
-    ]
+    rows = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"][:15]] for t in texts]
     rows = [r + [tokenizer.eos_token_id] * (16 - len(r)) for r in rows]
     labels = compute_labels(load_sae(root / "sae"), model, tokenizer, rows, batch_size=4)
     save_labels(labels, root / "sae")
     live = [f for f in labels["features"] if f["max_act"] > 0]
     assert live, "a random SAE on a random model still fires"
     query = live[0]["top_act_tokens"][0].strip() or live[0]["label"]
-    config = root / "tinymorph.toml"
+    # As the user config ($TINYMORPH_CONFIG_DIR/config.toml): it also keeps the machine's own config out.
+    config = root / "config.toml"
     config.write_text(f'[[sae]]\nname = "tiny"\npath = "{(root / "sae").as_posix()}"\n')
     return config, query
 
@@ -124,7 +123,7 @@ def nvim_bin() -> str:
 
 
 def run_plugin_script(
-    nvim: str, server_cmd: list[str], workdir: Path, settings: dict, feature_query: str
+    nvim: str, server_cmd: list[str], workdir: Path, settings: dict, feature_query: str, config_dir: Path
 ) -> dict:
     result_file = workdir / "report.json"
     env = dict(
@@ -136,6 +135,7 @@ def run_plugin_script(
         TINYMORPH_RESULT=str(result_file),
         TINYMORPH_TIMEOUT_MS="90000",
         TINYMORPH_FEATURE_QUERY=feature_query,
+        TINYMORPH_CONFIG_DIR=str(config_dir),
         # Keep user configuration and state of the machine's Neovim out of the test.
         XDG_CONFIG_HOME=str(workdir / "config"),
         XDG_STATE_HOME=str(workdir / "state"),
@@ -154,9 +154,7 @@ def run_plugin_script(
     report["_rc"] = proc.returncode
     log = workdir / "state" / "nvim" / "lsp.log"
     # The server's stderr lands in Neovim's LSP log: keep its tail for failure messages.
-    report["_stderr"] = proc.stderr + (
-        "\n--- lsp.log (tail) ---\n" + log.read_text()[-4000:] if log.exists() else ""
-    )
+    report["_stderr"] = proc.stderr + ("\n--- lsp.log (tail) ---\n" + log.read_text()[-4000:] if log.exists() else "")
     return report
 
 
@@ -164,14 +162,8 @@ def test_nvim_plugin_against_real_server(nvim_bin, nvim_tiny_model, nvim_tiny_sa
     config, query = nvim_tiny_sae
     server_cmd = [_tinymorph(), "lsp", "--model", str(nvim_tiny_model)]
     # Short suggestions keep the tiny model fast; "paragraph" so a random model's output is not cut at once.
-    settings = {
-        "maxTokens": 12,
-        "debounceMs": 30,
-        "stop": "paragraph",
-        "temperature": 0,
-        "config": str(config),
-    }
-    report = run_plugin_script(nvim_bin, server_cmd, tmp_path, settings, query)
+    settings = {"maxTokens": 12, "debounceMs": 30, "stop": "paragraph", "temperature": 0}
+    report = run_plugin_script(nvim_bin, server_cmd, tmp_path, settings, query, config.parent)
     steps = {s["name"]: s for s in report["steps"]}
     assert report.get("ok"), (
         f"{report.get('error')}\nsteps: {json.dumps(report['steps'], indent=1)}\n{report['_stderr']}"
