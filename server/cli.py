@@ -47,4 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main, so exception classes are the ones the subcommands raise
+    from tinymorph.server.cli import main as _main
+
+    sys.exit(_main())

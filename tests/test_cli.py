@@ -1,0 +1,84 @@
+"""The `tinymorph` CLI as a user runs it: real subprocesses, real exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    exe = shutil.which("tinymorph", path=str(Path(sys.executable).parent))
+    return subprocess.run([exe, *args], input=stdin, text=True,
+                          capture_output=True, timeout=600, env=env)
+
+
+def test_complete_json_on_tiny_model(tiny_model_dir, tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("First line.\nThe second line is where 🎉 we stop", encoding="utf-8")
+    out = run("complete", str(doc), "--at", "2:20", "--max-tokens", "5", "--stop", "none", "--json",
+              "--model", str(tiny_model_dir), "--dtype", "float32")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["timings"]["tokens_generated"] == 5
+    assert result["timings"]["tokens_prefilled"] > 3 and result["timings"]["ttft_ms"] > 0
+    assert result["stop_reason"] == "max-tokens"
+
+
+def test_complete_reads_stdin_and_prints_timings(tiny_model_dir):
+    out = run("complete", "-", "--max-tokens", "3", "--stop", "none", "--model", str(tiny_model_dir),
+              "--quiet", stdin="Once upon a time")
+    assert out.returncode == 0, out.stderr
+    assert "ttft" in out.stderr and "tok/s" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("complete", "/no/such/file.txt"), "no such file"),
+        (("complete", "-", "--at", "9:1"), "past the end"),
+        (("complete", "-", "--at", "x"), "expected LINE:COL"),
+        (("complete", "-", "--model", "/no/such/model"), "not found"),
+        (("complete", "-", "--model", "nobody/not-a-cached-model"), "not in the local Hugging Face cache"),
+        (("complete", "-", "--max-tokens", "0"), "max_tokens"),
+    ],
+)
+def test_friendly_errors(args, message):
+    out = run(*args, stdin="hello")
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_hf_id_from_local_cache(tiny_model_dir, tmp_path):
+    """An HF id resolves to a snapshot already in the local Hugging Face cache, without network."""
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    import os
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = run("complete", "-", "--model", "acme/tiny-llama", "--max-tokens", "2", "--stop", "none", "--json",
+              stdin="Hello there", env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["timings"]["tokens_generated"] == 2
+
+
+def test_gguf_path_uses_the_converted_cache(default_model_dir):
+    from tinymorph.steering.model import default_gguf_path, local_folder, resolve_source
+
+    source = resolve_source(str(default_gguf_path()))
+    assert source.is_gguf
+    assert local_folder(str(default_gguf_path())) == default_model_dir
+
+
+def test_model_info_json():
+    out = run("model", "info", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["layers"] == 30 and info["d_model"] == 576 and info["vocab"] == 49152
