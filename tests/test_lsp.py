@@ -9,7 +9,9 @@ scheduler, streaming, cancellation) is the real one; one test at the end uses th
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +25,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 TINYMORPH = str(Path(sys.executable).parent / "tinymorph")
 TIMEOUT = 60.0
+# Servers must not pick up a developer's own config (its steering would apply to the tiny model).
+ISOLATED = tempfile.mkdtemp(prefix="tinymorph-lsp-test-")
+SERVER_ENV = {**os.environ, "TINYMORPH_CONFIG_DIR": ISOLATED}
 
 
 def capabilities(refresh: bool = True) -> types.ClientCapabilities:
@@ -78,7 +83,8 @@ async def start(client: LanguageClient, options: dict, refresh: bool = True) -> 
     rec = Recorder(client)
     client.recorder = rec  # type: ignore[attr-defined]
     result = await client.initialize_session(types.InitializeParams(
-        capabilities=capabilities(refresh), initialization_options=options))
+        capabilities=capabilities(refresh), initialization_options=options,
+        root_uri=Path(ISOLATED).as_uri()))
     client.init_result = result  # type: ignore[attr-defined]
     return rec
 
@@ -180,9 +186,20 @@ async def typed_suggestion(client: LanguageClient, uri: str, text: str) -> tuple
 # -- the shared server ----------------------------------------------------------------------------------
 
 
-@pytest_lsp.fixture(scope="module", config=ClientServerConfig(server_command=[TINYMORPH, "lsp"]))
+@pytest_lsp.fixture(scope="module", config=ClientServerConfig(server_command=[TINYMORPH, "lsp"], server_env=SERVER_ENV))
 async def client(lsp_client: LanguageClient, tiny_model_dir):
     await start(lsp_client, {"model": str(tiny_model_dir), "debounceMs": 30, "maxTokens": 12, "stop": "paragraph"})
+    # while the model loads (imports alone take seconds): empty answers, not errors
+    early = lsp_client.early = {}  # type: ignore[attr-defined]
+    early["status"] = (await command(lsp_client, "tinymorph.status"))["state"]
+    uri = "file:///tmp/early.md"
+    open_doc(lsp_client, uri, "Typed before the model was ready")
+    early["version"] = edit(lsp_client, uri, 0, 32, ",")
+    early["hints"] = await hints(lsp_client, uri)
+    early["inline"] = (await lsp_client.text_document_inline_completion_async(types.InlineCompletionParams(
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
+        text_document=types.TextDocumentIdentifier(uri), position=types.Position(0, 33)))).items
+    early["accept"] = await command(lsp_client, "tinymorph.accept", uri)
     await wait_ready(lsp_client)
     yield
     await lsp_client.shutdown_session()
@@ -205,6 +222,15 @@ async def test_capabilities_progress_and_status(client: LanguageClient):
     st = await command(client, "tinymorph.status")
     assert st["model"].endswith("tiny-llama0") or "tiny-llama" in st["model"]
     assert set(st) >= {"state", "model", "lastTtftMs", "message", "steering"}
+
+
+async def test_before_ready_answers_are_empty_and_typing_is_not_lost(client: LanguageClient):
+    early = client.early  # type: ignore[attr-defined]
+    assert early["status"] == "loading"
+    assert not early["hints"] and not early["inline"]
+    assert early["accept"] == {"applied": False, "text": ""}
+    # what the user typed while the model loaded gets its suggestion once it is ready
+    await wait_hint(client, "file:///tmp/early.md", early["version"])
 
 
 async def test_hint_after_edit_streams_with_refresh_and_metrics(client: LanguageClient):
@@ -477,7 +503,8 @@ async def test_steering_commands(client: LanguageClient):
 
 
 @pytest_lsp.fixture(scope="module",
-                    config=ClientServerConfig(server_command=[TINYMORPH, "lsp", "--model", "/nonexistent/model"]))
+                    config=ClientServerConfig(server_command=[TINYMORPH, "lsp", "--model", "/nonexistent/model"],
+                                              server_env=SERVER_ENV))
 async def broken(lsp_client: LanguageClient):
     await start(lsp_client, {"model": "ignored: the --model flag wins"})
     yield
@@ -498,7 +525,7 @@ async def test_model_error_is_a_state_not_a_crash(broken: LanguageClient):
     assert (await command(broken, "tinymorph.status"))["state"] == "error"
 
 
-@pytest_lsp.fixture(scope="module", config=ClientServerConfig(server_command=[TINYMORPH, "lsp"]))
+@pytest_lsp.fixture(scope="module", config=ClientServerConfig(server_command=[TINYMORPH, "lsp"], server_env=SERVER_ENV))
 async def real(lsp_client: LanguageClient):
     await start(lsp_client, {"maxTokens": 16, "stop": "sentence"})
     yield
