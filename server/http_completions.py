@@ -28,6 +28,9 @@ from .scheduler import PRIORITY_HTTP, Job
 MAX_STOP_STRINGS = 4
 MAX_STEERING_ENTRIES = 32
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6  # any smaller top_p means the same thing (the top token only)
+DEFAULT_REPETITION_PENALTY = GenerationOptions().repetition_penalty  # the engine's and the editor's default
 IGNORED_FIELDS = {"user"}
 # accepted only with their neutral value: anything else would silently do what the client did not ask
 NEUTRAL_FIELDS: dict[str, tuple[Any, ...]] = {
@@ -52,6 +55,7 @@ KNOWN_FIELDS = (
         "seed",
         "steering",
         "stop_rule",
+        "repetition_penalty",
         "logit_bias",
     }
     | IGNORED_FIELDS
@@ -153,8 +157,11 @@ def parse_completion(body: Any, *, max_tokens_limit: int, runtime: Runtime) -> C
         raise _bad(f"max_tokens must be between 1 and {max_tokens_limit}", "max_tokens")
 
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    if temperature < MIN_TEMPERATURE:  # logits / 1e-40 overflow; the limit of sampling as t → 0 is greedy
+        temperature = 0.0
+    top_p = max(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), MIN_TOP_P)  # 5e-324 is 0 in float32
 
+    repetition_penalty = _number(body, "repetition_penalty", DEFAULT_REPETITION_PENALTY, 1.0, 2.0)
     seed = _integer(body, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         raise _bad("seed must be an integer in [0, 2^63)", "seed")
@@ -200,6 +207,7 @@ def parse_completion(body: Any, *, max_tokens_limit: int, runtime: Runtime) -> C
         top_p=top_p,
         seed=seed,
         stop_strings=stops,
+        repetition_penalty=repetition_penalty,
     )
     return CompletionCall(
         prompt,
@@ -230,9 +238,7 @@ def parse_steering(value: Any, runtime: Runtime, param: str) -> SteeringPlan | N
     entries = []
     for i, item in enumerate(value):
         if not isinstance(item, dict):
-            raise _bad(
-                f'{param}[{i}] must be an object like {{"feature": "default:123", "strength": 4}}', param
-            )
+            raise _bad(f'{param}[{i}] must be an object like {{"feature": "default:123", "strength": 4}}', param)
         unknown = sorted(set(item) - {"feature", "strength", "mode", "layer"})
         if unknown:
             raise _bad(f"{param}[{i}]: unknown key(s) {', '.join(unknown)}", param)
@@ -315,12 +321,8 @@ class JobBridge:
         self.queue: asyncio.Queue[tuple[str, Any, Any]] = asyncio.Queue()
         self.runtime, self.slots = runtime, slots
         self.doc_id = slots.acquire()
-        request = CompletionRequest(
-            text=call.prompt, doc_id=self.doc_id, options=call.options, steering=call.steering
-        )
-        self.job = Job(
-            request, priority=priority, on_token=self._on_token if stream else None, on_done=self._on_done
-        )
+        request = CompletionRequest(text=call.prompt, doc_id=self.doc_id, options=call.options, steering=call.steering)
+        self.job = Job(request, priority=priority, on_token=self._on_token if stream else None, on_done=self._on_done)
         self.finished = False
         self.on_finish = on_finish  # runs on the loop once the job is over, even if nobody waits
 

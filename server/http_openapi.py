@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..steering.generate import STOP_RULES
+from ..steering.generate import STOP_RULES, GenerationOptions
 
 JSON = "application/json"
 
@@ -111,6 +111,15 @@ def openapi_document(max_tokens_limit: int, max_body_bytes: int, secured: bool =
                     ]
                 }
             ),
+            "repetition_penalty": _nullable(
+                {
+                    "type": "number",
+                    "minimum": 1,
+                    "maximum": 2,
+                    "default": GenerationOptions().repetition_penalty,
+                    "description": "tinymorph extension: damp the logits of recently generated tokens (1 = off)",
+                }
+            ),
             "stop_rule": _nullable(
                 {
                     "type": "string",
@@ -196,6 +205,19 @@ def openapi_document(max_tokens_limit: int, max_body_bytes: int, secured: bool =
             "model": {"type": "string"},
         },
     }
+    # OpenAPI 3.1: the schema of a text/event-stream response describes one event
+    sse_event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "description": "a text_completion chunk as JSON (the last one carries finish_reason and the "
+                "tinymorph field), or [DONE] at the end",
+            },
+            "event": {"type": "string"},
+        },
+    }
     models = {
         "type": "object",
         "required": ["object", "data"],
@@ -236,7 +258,7 @@ def openapi_document(max_tokens_limit: int, max_body_bytes: int, secured: bool =
                             "description": "The completion, or SSE chunks ending with `data: [DONE]`",
                             "content": {
                                 JSON: {"schema": completion},
-                                "text/event-stream": {"schema": {"type": "string"}},
+                                "text/event-stream": {"schema": sse_event},
                             },
                         },
                         **body_errors,

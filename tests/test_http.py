@@ -195,6 +195,15 @@ def test_seed_makes_sampling_repeatable(client):
     assert a == b
 
 
+def test_extreme_sampling_values_mean_greedy(client):
+    body = {"prompt": "Tiny", "max_tokens": 6, "stop_rule": "none", "repetition_penalty": 1.0}
+    greedy = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    tiny = client.post("/v1/completions", json={**body, "temperature": 1e-40})
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy
+    top1 = client.post("/v1/completions", json={**body, "temperature": 1, "top_p": 5e-324})  # 0 in float32
+    assert top1.status_code == 200 and top1.json()["choices"][0]["text"] == greedy
+
+
 def test_per_request_steering_leaves_the_editor_plan_alone(client, runtime):
     body = {"prompt": "The weather today", "max_tokens": 8, **GREEDY}
     plain = client.post("/v1/completions", json=body).json()
@@ -283,6 +292,7 @@ BAD_BODIES = [
     ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"prompt": "x", "stop_rule": "chapter"}, "stop_rule"),
+    ({"prompt": "x", "repetition_penalty": 0.5}, "repetition_penalty"),
     ({"prompt": "x", "steering": {"feature": "vector:tiny"}}, "steering"),
     ({"prompt": "x", "steering": [{"feature": "no-colon", "strength": 1}]}, "steering"),
     ({"prompt": "x", "steering": [{"feature": "vector:tiny", "strength": 99}]}, "steering"),
