@@ -736,16 +736,19 @@ def _feature_call(ls: TinymorphServer, name: str, *args) -> Any:
 
 
 def _library(ls: TinymorphServer):
+    """The feature library steering uses (so search and steering share loaded SAEs), else the config's."""
     engine = ls.runtime.engine
     if engine is not None:
         try:
-            engine.resolve(SteeringPlan())  # cheap; makes sure a resolver exists
-            resolver = engine._resolver  # noqa: SLF001 - the library lives on the default resolver
-            library = getattr(resolver, "library", None)
+            from ..steering.steering import default_resolver
+
+            if engine._resolver is None:  # noqa: SLF001 - the engine creates it lazily on first steer
+                engine.set_steering_resolver(default_resolver(engine))
+            library = getattr(engine._resolver, "library", None)  # noqa: SLF001
             if library is not None:
                 return library
         except Exception:  # noqa: BLE001 - fall back to the config's library
-            pass
+            log.debug("engine feature library unavailable", exc_info=True)
     from ..steering.config import library_from_config, load_config
 
     try:
