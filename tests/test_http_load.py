@@ -178,6 +178,9 @@ def test_fifty_streaming_clients(server, runtime):
         "per_client_max": max(done),
         "http_ttft_p50_ms": round(pct(ttft, 0.5) * 1000),
         "http_ttft_p95_ms": round(pct(ttft, 0.95) * 1000),
+        # the first wave (50 connections at once) vs steady state
+        "http_ttft_first_p95_ms": round(pct([log.ttft_s[0] for log in logs if log.ttft_s], 0.95) * 1000),
+        "http_ttft_later_p95_ms": round(pct([t for log in logs for t in log.ttft_s[1:]] or [0.0], 0.95) * 1000),
         "server_ttft_p50_ms": round(pct(served, 0.5)),
         "server_ttft_p95_ms": round(pct(served, 0.95)),
         "editor_jobs": len(editor),
