@@ -12,6 +12,7 @@
 //   TINYMORPH_E2E_SETTINGS     JSON object of extra user settings (e.g. {"tinymorph.maxTokens": 12})
 //   TINYMORPH_E2E_TOOLS        folder prepared by e2e/setup.sh (default e2e/.tools)
 //   TINYMORPH_E2E_FEATURE      feature search query for the steering step (default "")
+//   TINYMORPH_E2E_PICK         pick the first search result containing this text, e.g. "tiny:" (default: first)
 //   TINYMORPH_E2E_TIMEOUT_MS   wait for model load / suggestions (default 180000)
 //   TINYMORPH_VSIX             install this .vsix instead of copying the folder
 //   TINYMORPH_E2E_LOG=debug    code-server log level (the tinymorph log then has debug lines)
@@ -37,6 +38,7 @@ const timeout = Number(process.env.TINYMORPH_E2E_TIMEOUT_MS ?? 180000);
 const serverCmd = JSON.parse(process.env.TINYMORPH_SERVER ?? '["tinymorph", "lsp"]');
 const extraSettings = JSON.parse(process.env.TINYMORPH_E2E_SETTINGS ?? "{}");
 const featureQuery = process.env.TINYMORPH_E2E_FEATURE ?? "";
+const featurePick = process.env.TINYMORPH_E2E_PICK ?? "";
 const node24 = join(tools, "node24", "bin", "node");
 const codeServer = join(tools, "cs", "node_modules", "code-server", "out", "node", "entry.js");
 const playwrightPath = join(tools, "cs", "node_modules", "playwright-core", "index.mjs");
@@ -196,6 +198,8 @@ try {
     "chat.disableAIFeatures": true,
     "workbench.secondarySideBar.defaultVisibility": "hidden",
     "editor.fontFamily": "monospace",
+    // Visual lines = document lines, so the rendered text can be compared with what was typed.
+    "[markdown]": { "editor.wordWrap": "off" },
     ...extraSettings,
   };
   writeFileSync(join(userData, "User", "settings.json"), JSON.stringify(settings, null, 2));
@@ -294,14 +298,15 @@ try {
   report.steering = await step("steer via the feature QuickPick", async () => {
     await runCommand("tinymorph: Steer: Pick a Feature");
     await page.locator(".quick-input-widget .quick-input-title", { hasText: "steer towards a feature" }).waitFor();
-    await page.locator(".quick-input-widget .quick-input-list .monaco-list-row").first().waitFor({ timeout: 30000 });
-    if (featureQuery) {
-      await page.keyboard.type(featureQuery, { delay: 30 });
-      await page.waitForTimeout(800);
-    }
-    const first = clean(await page.locator(".quick-input-widget .quick-input-list .monaco-list-row").first().innerText());
+    if (featureQuery) await page.keyboard.type(featureQuery, { delay: 30 });
+    // The first search loads the SAE on the server: that can take a while on a busy machine.
+    await page.locator(".quick-input-widget .quick-input-list .monaco-list-row").first().waitFor({ timeout });
+    await page.waitForTimeout(500);
+    const rows = page.locator(".quick-input-widget .quick-input-list .monaco-list-row");
+    const row = featurePick ? rows.filter({ hasText: featurePick }).first() : rows.first();
+    const first = clean(await row.innerText());
     await screenshot("feature-quickpick");
-    await page.keyboard.press("Enter");
+    await row.click();
     // Strength input box, prefilled with 4.
     await page.locator(".quick-input-widget input").waitFor();
     await page.waitForTimeout(300);

@@ -11,7 +11,6 @@ import {
   LanguageClientOptions,
   ServerOptions,
   State,
-  TransportKind,
 } from "vscode-languageclient/node";
 import {
   ServerKey,
@@ -36,7 +35,9 @@ let statusItem: vscode.StatusBarItem;
 const model = new StatusModel();
 const waiter = new SuggestionWaiter();
 /** Longest an inline-completion request waits for a suggestion still being generated. */
-const GHOST_WAIT_MS = 10_000;
+const GHOST_WAIT_MS = 60_000;
+// "uri@version" of the last inline-completion answer with an item, to avoid asking twice.
+let lastServedGhost = "";
 
 function itemCount(result: vscode.InlineCompletionItem[] | vscode.InlineCompletionList | null | undefined): number {
   if (!result) return 0;
@@ -163,7 +164,8 @@ function buildClient(): LanguageClient {
     },
   );
   const env = { ...process.env, ...cfg.get<Record<string, string>>("server.env", {}) };
-  const executable = { command: resolved.command, args: resolved.args, transport: TransportKind.stdio, options: { env } };
+  // No `transport`: TransportKind.stdio would append "--stdio" to the arguments, which tinymorph refuses.
+  const executable = { command: resolved.command, args: resolved.args, options: { env } };
   const serverOptions: ServerOptions = { run: executable, debug: executable };
   sentSettings = currentServerSettings();
 
@@ -209,6 +211,7 @@ function buildClient(): LanguageClient {
           const done = await waiter.wait(uri, document.version, GHOST_WAIT_MS, (cb) => token.onCancellationRequested(cb));
           if (done && !token.isCancellationRequested) result = await next(document, position, context, token);
         }
+        if (itemCount(result) > 0) lastServedGhost = `${uri}@${document.version}`;
         output.debug(`inline completion v${document.version} ${position.line}:${position.character}: ${itemCount(result)} item(s)`);
         return result;
       },
@@ -237,6 +240,18 @@ function buildClient(): LanguageClient {
   return c;
 }
 
+/**
+ * A suggestion finished but no inline-completion request was waiting for it (VS Code's request
+ * had already timed out or been answered): ask VS Code to request the ghost text again.
+ */
+function askForGhostText(uri: string, version: number): void {
+  const editor = vscode.window.activeTextEditor;
+  if (!editor || !showsGhostText(display())) return;
+  if (editor.document.uri.toString() !== uri || editor.document.version !== version) return;
+  if (lastServedGhost === `${uri}@${version}`) return;
+  void vscode.commands.executeCommand("editor.action.inlineSuggest.trigger");
+}
+
 async function startClient(): Promise<void> {
   model.onStarting();
   renderStatus();
@@ -248,7 +263,11 @@ async function startClient(): Promise<void> {
   client.onNotification("tinymorph/metrics", (payload: MetricsPayload) => {
     model.onMetrics(payload);
     renderStatus();
-    if (payload.uri && typeof payload.version === "number") waiter.finished(payload.uri, payload.version);
+    if (payload.uri && typeof payload.version === "number") {
+      const waited = waiter.waiting > 0;
+      waiter.finished(payload.uri, payload.version);
+      if (!waited) askForGhostText(payload.uri, payload.version);
+    }
   });
   try {
     await client.start();

@@ -48,6 +48,13 @@ export function featureItems(hits: FeatureHit[], steering: SteeringEntry[]): Fea
   });
 }
 
+/** QuickPick title: says when a search found nothing, since an empty list looks like "still loading". */
+export function searchTitle(query: string, count: number): string {
+  const base = "tinymorph: steer towards a feature";
+  if (count !== 0) return base;
+  return query.trim() ? `${base} (no match for "${query.trim()}")` : `${base} (type to search)`;
+}
+
 export interface SteeringPickItem {
   label: string;
   description?: string;

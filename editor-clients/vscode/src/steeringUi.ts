@@ -8,6 +8,7 @@ import {
   FeatureHit,
   FeaturePickItem,
   featureItems,
+  searchTitle,
   LatestOnly,
   parseStrength,
   steeringItems,
@@ -41,7 +42,7 @@ async function askStrength(feature: string, current?: number): Promise<number | 
  */
 export async function pickFeature(call: ServerCall, steering: SteeringEntry[]): Promise<SteeringEntry[] | undefined> {
   const quickPick = vscode.window.createQuickPick<FeaturePickItem>();
-  quickPick.title = "tinymorph: steer towards a feature";
+  quickPick.title = searchTitle("", -1);
   quickPick.placeholder = "Search features by label or token (e.g. formal, French, sad)";
   quickPick.matchOnDescription = true;
   quickPick.matchOnDetail = true;
@@ -54,6 +55,7 @@ export async function pickFeature(call: ServerCall, steering: SteeringEntry[]): 
       if (!latest.isLatest(id)) return;
       quickPick.busy = false;
       quickPick.items = featureItems(hits ?? [], steering);
+      quickPick.title = searchTitle(query, hits?.length ?? 0);
     });
   };
   quickPick.onDidChangeValue((value) => {

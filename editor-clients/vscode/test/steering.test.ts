@@ -1,6 +1,21 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { compareDocument, featureItems, LatestOnly, parseStrength, showToken, steeringItems } from "../src/steering";
+import {
+  compareDocument,
+  featureItems,
+  LatestOnly,
+  parseStrength,
+  searchTitle,
+  showToken,
+  steeringItems,
+} from "../src/steering";
+
+test("search title says when nothing matched", () => {
+  assert.equal(searchTitle("", -1), "tinymorph: steer towards a feature");
+  assert.equal(searchTitle("", 0), "tinymorph: steer towards a feature (type to search)");
+  assert.equal(searchTitle(" sea ", 0), 'tinymorph: steer towards a feature (no match for "sea")');
+  assert.equal(searchTitle("sea", 3), "tinymorph: steer towards a feature");
+});
 
 test("feature items show label, id, top tokens and the current strength", () => {
   const items = featureItems(
