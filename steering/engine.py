@@ -23,7 +23,7 @@ import torch
 
 from . import model as model_loading
 from .context import ContextPolicy, select_window
-from .generate import CancelToken, Completion, GenerationOptions, Timings, TokenEvent, generate
+from .generate import CancelToken, Completion, GenerationOptions, Healing, Timings, TokenEvent, generate
 from .llama import LlamaModel, load_llama, quantize_int8
 from .prefix_cache import PrefixCache
 from .steering import SteeringHooks, SteeringPlan
@@ -70,6 +70,8 @@ class Engine:
         self.hooks = SteeringHooks(model.layers)
         self._lock = threading.RLock()
         self._resolver: Callable[[SteeringPlan], object] | None = None
+        self._vocab_text: list[str] | None = None
+        self._heal_masks: dict[str, torch.Tensor] = {}
         self.eos_ids = frozenset(
             i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
             if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id
@@ -143,19 +145,24 @@ class Engine:
         ids = window.ids
         if not ids:  # empty document: start from the beginning-of-text token
             ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0]
+        heal, heal_mask = self.healing(ids)
         key = (request.doc_id, plan.cache_key())
         with self._lock:
-            cache, reused = self.caches.checkout(key, ids)
+            cache, reused = self.caches.checkout(key, ids, min_new=2 if heal else 1)
         timings.tokens_reused = reused
         room = self.model.cfg.max_positions - len(ids)
 
-        def step(chunk: list[int]) -> torch.Tensor:
+        def step(chunk: list[int], n_logits: int) -> torch.Tensor:
             with self._lock, self.hooks.active(resolved):
-                return self.model(chunk, cache)
+                return self.model(chunk, cache, n_logits)
+
+        healing = None
+        if heal:
+            healing = Healing(ids[-1], heal, heal_mask, lambda n: cache.truncate(cache.length - n))
 
         completion = yield from generate(
             step, ids[reused:], decode=self.detokenize, options=request.options, eos_ids=self.eos_ids,
-            timings=timings, history=ids, cancel=cancel, max_new=max(room, 1),
+            timings=timings, history=ids, healing=healing, cancel=cancel, max_new=max(room, 1),
         )
         completion.steering = plan.describe()
         self.caches.enforce_budget(keep=key)
@@ -172,6 +179,35 @@ class Engine:
                 return done.value
             if on_token is not None:
                 on_token(event)
+
+    # -- token healing ----------------------------------------------------------------------
+    def healing(self, ids: list[int]) -> tuple[str, torch.Tensor | None]:
+        """("text of the last token", mask of tokens starting with it) when the last token should heal.
+
+        Why: a prompt that ends inside a word or with a space ("She opened the door and ") ends
+        on a token the model rarely saw in that position ("▁" alone), and it continues badly
+        ("10 feet."). Dropping that token and letting the model re-choose a token that starts with
+        the same text fixes it. Line breaks and special tokens are left alone.
+        """
+        if len(ids) < 2 or ids[-1] in self.eos_ids or ids[-1] == self.tokenizer.bos_token_id:
+            return "", None
+        text = self.vocab_text()[ids[-1]]
+        if not text or "\ufffd" in text or "\n" in text or text.strip() and not text.strip().isalnum():
+            return "", None
+        mask = self._heal_masks.get(text)
+        if mask is None:
+            mask = torch.tensor([t.startswith(text) for t in self.vocab_text()], dtype=torch.bool)
+            if len(self._heal_masks) > 256:
+                self._heal_masks.clear()
+            self._heal_masks[text] = mask
+        return text, mask
+
+    def vocab_text(self) -> list[str]:
+        """The text of every token id, decoded once (for token healing)."""
+        if self._vocab_text is None:
+            size = self.model.cfg.vocab_size
+            self._vocab_text = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(size)]
+        return self._vocab_text
 
     def forget(self, doc_id: str) -> None:
         self.caches.drop(doc_id)

@@ -131,7 +131,7 @@ def cut_at_stop(text: str, options: GenerationOptions) -> str | None:
 
 
 def sample(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None,
-           recent: list[int] | None = None) -> int:
+           recent: list[int] | None = None, allowed: torch.Tensor | None = None) -> int:
     """Greedy when temperature is 0, else temperature + nucleus sampling.
 
     A mild repetition penalty on `recent` tokens keeps a 135M model out of "and he'd be there,
@@ -143,6 +143,8 @@ def sample(logits: torch.Tensor, options: GenerationOptions, generator: torch.Ge
         logits = logits.clone()
         logits[index] = torch.where(picked > 0, picked / options.repetition_penalty,
                                     picked * options.repetition_penalty)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if options.temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / options.temperature, dim=-1)
@@ -153,45 +155,85 @@ def sample(logits: torch.Tensor, options: GenerationOptions, generator: torch.Ge
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-StepFn = Callable[[list[int]], torch.Tensor]
+StepFn = Callable[[list[int], int], torch.Tensor]  # (tokens, how many last positions' logits)
+
+
+@dataclass(frozen=True)
+class Healing:
+    """Token healing: the prompt's last token (`token_id`, text `text`) may be re-chosen.
+
+    The engine prefills the whole prompt and asks for the logits of the last two positions: the
+    first token is sampled from the logits *before* the healed token, restricted to `mask` (tokens
+    starting with `text`). When the model picks the prompt's own token (the usual case) the logits
+    after it are already there, so healing costs no extra forward pass; otherwise `rewind(1)` drops
+    it from the KV cache and the chosen token is run instead.
+    """
+
+    token_id: int
+    text: str
+    mask: torch.Tensor
+    rewind: Callable[[int], None]
+
+
+def _prefill_pieces(tail: list[int], chunk: int, last_needed: int) -> list[list[int]]:
+    """Chunks of `tail` (chunks keep cancellation responsive); the last holds `last_needed` tokens."""
+    pieces = [tail[i : i + chunk] for i in range(0, len(tail), chunk)]
+    if len(pieces) > 1 and len(pieces[-1]) < last_needed:
+        move = last_needed - len(pieces[-1])
+        pieces[-2:] = [pieces[-2][:-move], pieces[-2][-move:] + pieces[-1]]
+    return pieces
 
 
 def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int]], str],
              options: GenerationOptions, eos_ids: frozenset[int], timings: Timings,
-             history: list[int] | None = None,
+             history: list[int] | None = None, healing: Healing | None = None,
              cancel: CancelToken | None = None, max_new: int | None = None,
              prefill_chunk: int = 512) -> Iterator[TokenEvent]:
     """Prefill `prompt_tail` through `step` (which appends to the KV cache), then decode.
 
     Returns (as the generator's return value) the `Completion`. `timings` is filled in place;
     its queue_ms must already be set by the caller, `tokens_reused` too. `history` is the prompt's
-    token ids (for the repetition penalty).
+    token ids (for the repetition penalty). With `healing`, `prompt_tail` must hold at least two
+    tokens and the healed token's text is not part of the returned text.
     """
     started = time.perf_counter()
     rng = None
     if options.temperature > 0 and options.seed is not None:
         rng = torch.Generator().manual_seed(options.seed)
     budget = options.max_tokens if max_new is None else min(options.max_tokens, max_new)
+    n_last = 2 if healing is not None else 1
+    pieces = _prefill_pieces(prompt_tail, prefill_chunk, n_last)
     logits = None
-    for i in range(0, len(prompt_tail), prefill_chunk):  # chunks keep cancellation responsive
+    for i, piece in enumerate(pieces):
         if cancel is not None and cancel.cancelled:
             return _finish([], "", "cancelled", timings, started, started)
-        logits = step(prompt_tail[i : i + prefill_chunk])
+        logits = step(piece, n_last if i == len(pieces) - 1 else 1)
     assert logits is not None, "prompt_tail must not be empty"
     timings.tokens_prefilled = len(prompt_tail)
     timings.prefill_ms = (time.perf_counter() - started) * 1000
     first_token_at = time.perf_counter()
+    heal = healing.text if healing is not None else ""
     ids: list[int] = []
     text = ""
     reason = "max-tokens"
+    need_forward = False
     for index in range(budget):
-        if index > 0:
+        if need_forward:
             if cancel is not None and cancel.cancelled:
                 reason = "cancelled"
                 break
-            logits = step(ids[-1:])
+            logits = step(ids[-1:], 1)
         recent = ((history or []) + ids)[-options.repetition_window:]
-        token = sample(logits, options, rng, recent)
+        if index == 0 and healing is not None:
+            token = sample(logits[0], options, rng, recent, healing.mask)
+            if token == healing.token_id:
+                logits, need_forward = logits[1], False  # its successor's logits are ready
+            else:
+                healing.rewind(1)
+                need_forward = True
+        else:
+            token = sample(logits, options, rng, recent)
+            need_forward = True
         if index == 0:
             first_token_at = time.perf_counter()
             timings.ttft_ms = timings.queue_ms + (first_token_at - started) * 1000
@@ -200,6 +242,7 @@ def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int
             break
         ids.append(token)
         new_text = decode(ids)
+        new_text = new_text[len(heal):] if new_text.startswith(heal) else new_text
         if new_text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
             continue
         cut = cut_at_stop(new_text, options)

@@ -196,8 +196,9 @@ class LlamaModel(nn.Module):
         return total
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """Append `ids` to `cache` and return the logits (float32) of the last new position."""
+    def forward(self, ids: list[int], cache: KVCache, n_logits: int = 1) -> torch.Tensor:
+        """Append `ids` to `cache`; return the float32 logits of the last new position ([vocab]),
+        or of the last `n_logits` positions ([n, vocab]) when n_logits > 1."""
         start, t = cache.length, len(ids)
         if start + t > self.cfg.max_positions:
             raise ValueError(f"{start + t} tokens exceed the model's window of {self.cfg.max_positions}")
@@ -211,8 +212,8 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             x = layer(x, cache, start, cos, sin, mask)
         cache.ids.extend(ids)
-        hidden = x[0] if all_logits else x[0, -1:]
-        return self.lm_head(self.norm(hidden)).float().squeeze(0)
+        logits = self.lm_head(self.norm(x[0, -n_logits:])).float()
+        return logits if n_logits > 1 else logits.squeeze(0)
 
 
 def load_llama(folder: Path, dtype: torch.dtype) -> LlamaModel:

@@ -47,16 +47,16 @@ class PrefixCache:
         self._lock = threading.Lock()
         self.stats = CacheStats()
 
-    def checkout(self, key: CacheKey, ids: list[int]) -> tuple[KVCache, int]:
+    def checkout(self, key: CacheKey, ids: list[int], min_new: int = 1) -> tuple[KVCache, int]:
         """The cache for `key` truncated to its common prefix with `ids`, and that prefix length.
 
-        At least one token is always left to run, so the caller gets fresh logits.
+        At least `min_new` tokens are always left to run, so the caller gets fresh logits for them.
         """
         with self._lock:
             cache = self._entries.pop(key, None)
             if cache is None:
                 cache = self._new_cache()
-            keep = min(cache.common_prefix(ids), len(ids) - 1)
+            keep = max(0, min(cache.common_prefix(ids), len(ids) - min_new))
             cache.truncate(keep)
             self._entries[key] = cache
             if keep:
@@ -66,6 +66,11 @@ class PrefixCache:
             self.stats.tokens_reused += keep
             self.stats.tokens_prefilled += len(ids) - keep
             return cache, keep
+
+    def peek(self, key: CacheKey) -> KVCache | None:
+        """The cache for `key` as it is (no truncation, no LRU update), for inspection."""
+        with self._lock:
+            return self._entries.get(key)
 
     def enforce_budget(self, keep: CacheKey | None = None) -> None:
         """Evict least recently used caches until the total fits (never the one in use)."""

@@ -25,7 +25,7 @@ def test_plain_model_matches_transformers(default_model_dir):
     with torch.no_grad():
         reference = hf(torch.tensor([ids])).logits[0]
     ours = load_llama(default_model_dir, torch.float32)
-    logits = ours(ids, ours.new_cache(), all_logits=True)
+    logits = ours(ids, ours.new_cache(), n_logits=len(ids))
     assert (logits - reference).abs().max().item() < 1e-3
 
 
@@ -143,3 +143,37 @@ def test_int8_weights_keep_the_prediction(default_model_dir):
     assert a.argmax() == b.argmax()
     assert len(set(a.topk(5).indices.tolist()) & set(b.topk(5).indices.tolist())) >= 3
     assert q8.weight_bytes() < 0.55 * load_llama(default_model_dir, torch.bfloat16).weight_bytes()
+
+
+def test_token_healing_keeps_cache_consistent(tiny_model_dir):
+    """Healing re-chooses the prompt's last token; whichever branch runs, the KV cache must hold
+    exactly prompt[:-1] + generated[:-1] (the last sampled token is never fed)."""
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    for n, prompt in enumerate(["She opened the door and ", "The function returns a li", "Plain words here"]):
+        ids = engine.tokenize(prompt)
+        heal, mask = engine.healing(ids)
+        assert heal and mask[ids[-1]], prompt  # the prompt's own token is always allowed
+        result = engine.complete(CompletionRequest(prompt, f"heal{n}", GenerationOptions(max_tokens=6, stop="none")))
+        cache = engine.caches.peek((f"heal{n}", "none"))
+        assert cache.ids == ids[:-1] + result.token_ids[:-1]
+        assert engine.vocab_text()[result.token_ids[0]].startswith(heal)
+    assert engine.healing(engine.tokenize("A line\n")) == ("", None)
+
+
+def test_token_healing_both_branches(tiny_model_dir):
+    """Force the model to keep (mask = own token) or replace (mask without it) the healed token."""
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    prompt = "The function returns a li"
+    ids = engine.tokenize(prompt)
+    heal, mask = Engine.healing(engine, ids)
+    only_own = torch.zeros_like(mask)
+    only_own[ids[-1]] = True
+    others = mask.clone()
+    others[ids[-1]] = False
+    assert others.any()
+    for n, forced in enumerate((only_own, others)):
+        engine.healing = lambda _ids, forced=forced: (heal, forced)
+        result = engine.complete(CompletionRequest(prompt, f"b{n}", GenerationOptions(max_tokens=4, stop="none")))
+        assert (result.token_ids[0] == ids[-1]) == (n == 0)
+        assert engine.caches.peek((f"b{n}", "none")).ids == ids[:-1] + result.token_ids[:-1]
+        assert result.timings.tokens_prefilled == len(ids)
