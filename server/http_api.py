@@ -286,8 +286,8 @@ class ApiState:
     metrics: Metrics
     max_tokens_limit: int
     max_pending: int
+    features: FeatureService
     slots: DocSlots = field(default_factory=DocSlots)
-    features: FeatureService = field(default_factory=FeatureService)
     pending: int = 0
     started: int = field(default_factory=lambda: int(time.time()))
 
@@ -439,7 +439,7 @@ def create_app(
     """The API over `runtime`. `token`: require ``Authorization: Bearer <token>`` (not on /healthz)."""
     registry = metrics_ or Metrics()
     registry.attach(runtime)
-    state = ApiState(runtime, registry, max_tokens_limit, max_pending)
+    state = ApiState(runtime, registry, max_tokens_limit, max_pending, FeatureService(runtime))
     document = openapi_document(max_tokens_limit, max_body_bytes, secured=token is not None)
 
     async def openapi(_request: Request) -> Response:

@@ -13,22 +13,29 @@ import threading
 from typing import Any
 
 from .http_completions import ApiError
+from .runtime import Runtime
 
 
 def _unavailable(reason: object) -> ApiError:
-    return ApiError(
-        503, f"feature search not available: {reason}", "unavailable", headers={"Retry-After": "30"}
-    )
+    return ApiError(503, f"feature search not available: {reason}", "unavailable", headers={"Retry-After": "30"})
 
 
 class FeatureService:
-    """Feature search for one app: its `FeatureLibrary` comes from the effective config, once."""
+    """Feature search for one app, over the same `FeatureLibrary` steering uses when it can.
 
-    def __init__(self) -> None:
+    Sharing the engine's library (the default resolver's) means an SAE is loaded once for
+    steering, search, the LSP and HTTP alike; before a model is loaded the config's library is used.
+    """
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self.runtime = runtime
         self._lock = threading.Lock()
         self._library: Any = None
 
     def library(self):
+        shared = self._engine_library()
+        if shared is not None:
+            return shared
         try:
             from ..steering.config import ConfigError, library_from_config, load_config
         except ImportError as exc:
@@ -40,6 +47,20 @@ class FeatureService:
                 except ConfigError as exc:
                     raise _unavailable(f"config: {exc}") from None
             return self._library
+
+    def _engine_library(self):
+        engine = self.runtime.engine if self.runtime is not None else None
+        if engine is None:
+            return None
+        try:
+            from ..steering.steering import default_resolver
+
+            with self._lock:
+                if engine._resolver is None:  # noqa: SLF001 - the engine creates it lazily on first steer
+                    engine.set_steering_resolver(default_resolver(engine))
+            return getattr(engine._resolver, "library", None)  # noqa: SLF001 - lives on the default resolver
+        except Exception:  # noqa: BLE001 - a custom resolver without a library: use the config's
+            return None
 
     def check_sources(self, plan) -> None:
         """Raise a 503 when a configured SAE that `plan` steers cannot be loaded (400s come later)."""
@@ -55,9 +76,7 @@ class FeatureService:
                 try:
                     lib.sae(source)
                 except SteeringError as exc:
-                    raise ApiError(
-                        503, f"steering is not available: {exc}", "unavailable", "steering"
-                    ) from None
+                    raise ApiError(503, f"steering is not available: {exc}", "unavailable", "steering") from None
 
     async def search(self, query: str, limit: int) -> list[dict]:
         return await asyncio.to_thread(_search, self, query, limit)
@@ -94,9 +113,7 @@ def _show(service: FeatureService, ref: str) -> dict:
     lib = service.library()
     if source != "vector":
         if source not in lib.sae_names:
-            raise ApiError(
-                404, f"unknown SAE {source!r}; configured: {', '.join(lib.sae_names)}", "not_found"
-            )
+            raise ApiError(404, f"unknown SAE {source!r}; configured: {', '.join(lib.sae_names)}", "not_found")
         try:
             lib.sae(source)
         except SteeringError as exc:
