@@ -11,6 +11,8 @@ import asyncio
 import json
 import os
 import re
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -359,6 +361,43 @@ def test_cli_refuses_a_public_bind_without_a_token(monkeypatch, capsys):
     monkeypatch.delenv("TINYMORPH_TOKEN", raising=False)
     assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
     assert "token" in capsys.readouterr().err
+
+
+def test_serve_command_end_to_end(tiny_model_dir, data_dirs):
+    """`tinymorph serve` in its own process: answers 503 while loading, completes once ready, stops on SIGTERM."""
+    cmd = [
+        "tinymorph",
+        "serve",
+        "--port",
+        "0",
+        "--model",
+        str(tiny_model_dir),
+        "--dtype",
+        "float32",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in proc.stderr:
+            match = re.search(r"HTTP API on (http://\S+)", line)
+            if match:
+                url = match.group(1)
+                break
+        assert url, "serve never announced its address"
+        with httpx.Client(base_url=url, timeout=30) as c:
+            wait_for(lambda: c.get("/healthz").status_code == 200, timeout=120, what="the model to load")
+            r = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal: the conventional exit status
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
 
 
 def test_token_is_required_and_checked(runtime):
