@@ -249,6 +249,19 @@ class TinymorphServer(LanguageServer):
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._state_changed)
 
+    def reload_if_needed(self) -> None:
+        """Load the model again when its settings differ from the loaded (or loading) ones.
+
+        While a load is in flight (or before the first one started) nothing happens now: the first
+        load reads the settings when it starts, and `_state_changed` calls this again at its end.
+        """
+        if self.runtime.state not in ("ready", "error") or self.model_settings() == self.runtime.settings:
+            return
+        self.log(f"model settings changed: reloading {self.settings.model}")
+        for uri in list(self.suggestions):
+            self.drop(uri)
+        self.runtime.load(self.model_settings())
+
     def _state_changed(self) -> None:
         state = self.runtime.state
         if state in ("ready", "error") and self._progress_token is not None:
@@ -257,6 +270,9 @@ class TinymorphServer(LanguageServer):
         self.log(f"model {state}: {self.runtime.message}",
                  types.MessageType.Error if state == "error" else types.MessageType.Info)
         self.notify_status()
+        if state in ("ready", "error") and self.model_settings() != self.runtime.settings:
+            self.reload_if_needed()  # settings changed while the model was loading
+            return
         if state == "ready" and self.last_edited in self.docs and self.settings.enabled:
             self.schedule(self.last_edited, delay=0.0)  # the user typed while the model loaded
 
@@ -472,11 +488,8 @@ def build_server(runtime: Runtime | None = None, overrides: dict[str, Any] | Non
         changed = ls.apply_settings(params.settings)
         if "enabled" in changed:
             ls.enabled_changed()
-        if changed & set(MODEL_KEYS) and ls.runtime.state != "loading":
-            ls.log(f"model settings changed ({', '.join(sorted(changed & set(MODEL_KEYS)))}): reloading")
-            for uri in list(ls.suggestions):
-                ls.drop(uri)
-            ls.runtime.load(ls.model_settings())
+        if changed & set(MODEL_KEYS):
+            ls.reload_if_needed()
         ls.notify_status()
 
     @server.feature(types.TEXT_DOCUMENT_DID_OPEN)

@@ -523,6 +523,16 @@ async def test_model_error_is_a_state_not_a_crash(broken: LanguageClient):
         text_document=types.TextDocumentIdentifier(uri), position=types.Position(0, 12)))
     assert not result.items
     assert (await command(broken, "tinymorph.status"))["state"] == "error"
+    # a model setting changed: the server tries again (and fails again, the --model flag still wins)
+    statuses = broken.recorder.statuses  # type: ignore[attr-defined]
+    seen = len(statuses)
+    broken.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"tinymorph": {"contextTokens": 512, "model": "also ignored"}}))
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and [s["state"] for s in statuses[seen:]][-2:] != ["loading", "error"]:
+        await asyncio.sleep(0.1)
+    assert [s["state"] for s in statuses[seen:]][-2:] == ["loading", "error"], statuses[seen:]
+    assert statuses[-1]["model"] == "/nonexistent/model"
 
 
 @pytest_lsp.fixture(scope="module", config=ClientServerConfig(server_command=[TINYMORPH, "lsp"], server_env=SERVER_ENV))
