@@ -414,7 +414,7 @@ class TinymorphServer(LanguageServer):
         self.cursors[doc.uri] = cursor
         if inserted and self.settings.enabled and self.runtime.ready:
             self.schedule(doc.uri)
-        elif had:
+        if had:  # clients may keep showing the old hint until asked to re-request
             self.refresh_hints()
 
     def set_enabled(self, enabled: bool) -> None:
