@@ -68,19 +68,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+def proc_status_mb(field: str = "VmRSS") -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in MB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # not Linux
+        pass
     return 0.0
 
 
@@ -127,7 +123,7 @@ def _engine_rows(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, log) ->
 
 
 def _engine_decode(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, plan=None) -> dict:
-    prefix = corpus.prefix(256)
+    prefix = corpus.prefix(min(256, max(cfg.sizes)))
     engine.forget("bench-decode")
     # warm the prompt so only decode is timed
     engine.complete(CompletionRequest(prefix, "bench-decode", GenerationOptions(max_tokens=1, stop="none")))
@@ -144,13 +140,13 @@ def _steering_overhead(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, l
     layer = engine.model.cfg.n_layers // 2
     direction = torch.randn(engine.model.cfg.dim)
     resolved = {layer: LayerEdit(add=direction / direction.norm() * 4.0)}
-    prefix = corpus.prefix(1024)
+    n = min(1024, max(cfg.sizes))
     results = {}
     for label, plan in (("unsteered", None), ("steered", resolved)):
         colds, tps = [], []
         for _ in range(max(2, cfg.cold_repeats)):
             cache = engine.model.new_cache(2048)
-            ids = corpus.ids[:1024]
+            ids = corpus.ids[:n]
             with engine.hooks.active(plan):
                 t0 = time.perf_counter()
                 logits = engine.model(ids, cache)
@@ -160,10 +156,10 @@ def _steering_overhead(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, l
                 for _ in range(cfg.decode_tokens):
                     token = int(engine.model([token], cache).argmax())
                 tps.append(cfg.decode_tokens / (time.perf_counter() - t0))
-        results[label] = {"prefill_1024_ms": statistics.median(colds), "decode_tokens_per_s": statistics.median(tps)}
-    del prefix
+        results[label] = {"prefill_ms": statistics.median(colds), "prefill_tokens": n,
+                          "decode_tokens_per_s": statistics.median(tps)}
     un, st = results["unsteered"], results["steered"]
-    results["prefill_overhead_pct"] = 100 * (st["prefill_1024_ms"] / un["prefill_1024_ms"] - 1)
+    results["prefill_overhead_pct"] = 100 * (st["prefill_ms"] / un["prefill_ms"] - 1)
     results["decode_overhead_pct"] = 100 * (un["decode_tokens_per_s"] / st["decode_tokens_per_s"] - 1)
     log(f"steering overhead: prefill {results['prefill_overhead_pct']:+.1f} %  decode "
         f"{results['decode_overhead_pct']:+.1f} %")
@@ -194,7 +190,7 @@ def _transformers_rows(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, l
         log(f"transformers  {n:5d} tokens: cold {row['cold_ttft_ms']:7.1f} ms  keystroke p50 "
             f"{row['keystroke_p50_ms']:6.1f} ms p95 {row['keystroke_p95_ms']:6.1f} ms")
         rows.append(row)
-    ids = torch.tensor([corpus.ids[:256]])
+    ids = torch.tensor([corpus.ids[: min(256, max(cfg.sizes))]])
     with torch.inference_mode():
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=pad)
@@ -276,7 +272,7 @@ def run_bench(engine: Engine, cfg: BenchConfig, log: Callable[[str], None] = pri
                  "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         model=engine.info.to_dict(),
     )
-    result.memory["rss_after_load_mb"] = rss_mb()
+    result.memory["rss_after_load_mb"] = proc_status_mb()
     # warm-up: first calls allocate and pick kernels
     engine.complete(CompletionRequest(corpus.prefix(64), "warm", GenerationOptions(max_tokens=2, stop="none")))
     engine.forget("warm")
@@ -284,8 +280,8 @@ def run_bench(engine: Engine, cfg: BenchConfig, log: Callable[[str], None] = pri
     result.decode["tinymorph"] = _engine_decode(engine, corpus, cfg)
     log(f"tinymorph decode: {result.decode['tinymorph']['tokens_per_s']:.1f} tok/s, bandwidth achieved "
         f"{result.decode['tinymorph']['bandwidth_gb_s']:.2f} GB/s")
-    result.memory["rss_after_engine_bench_mb"] = rss_mb()
-    result.memory["peak_rss_engine_mb"] = peak_rss_mb()
+    result.memory["rss_after_engine_bench_mb"] = proc_status_mb()
+    result.memory["peak_rss_engine_mb"] = proc_status_mb("VmHWM")
     if cfg.steering:
         result.steering = _steering_overhead(engine, corpus, cfg, log)
     if cfg.baselines:

@@ -82,3 +82,16 @@ def test_model_info_json():
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["layers"] == 30 and info["d_model"] == 576 and info["vocab"] == 49152
+
+
+def test_bench_writes_table_json_and_plot(tiny_model_dir, tmp_path):
+    out = run("bench", "--quick", "--sizes", "32,64", "--keystrokes", "4", "--no-llama-cpp", "--quiet",
+              "--model", str(tiny_model_dir), "--dtype", "float32", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "tinymorph" in out.stdout and "transformers" in out.stdout and "bandwidth achieved" in out.stdout
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = {(r["backend"], r["tokens"]): r for r in data["rows"]}
+    assert set(rows) == {("tinymorph", 32), ("tinymorph", 64), ("transformers", 32), ("transformers", 64)}
+    assert all(r["cold_ttft_ms"] > 0 and r["keystroke_p95_ms"] >= r["keystroke_p50_ms"] for r in rows.values())
+    assert data["decode"]["tinymorph"]["tokens_per_s"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 1000
