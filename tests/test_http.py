@@ -592,7 +592,8 @@ def test_openapi_conformance(runtime, mode):
 
 
 @pytest.mark.slow
-def test_real_model_completes_sensibly():
+def test_real_model_completes_sensibly(monkeypatch, tmp_path):
+    monkeypatch.setenv("TINYMORPH_CONFIG_DIR", str(tmp_path))  # defaults only, whatever the user configured
     rt = Runtime()
     rt.load()
     try:
@@ -605,7 +606,22 @@ def test_real_model_completes_sensibly():
                 "/v1/completions",
                 json={"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0},
             )
+            steered = c.post(
+                "/v1/completions",
+                json={
+                    "prompt": "The sea was",
+                    "max_tokens": 4,
+                    "temperature": 0,
+                    "steering": [{"feature": "default:5", "strength": 2}],
+                },
+            )
+            features = c.get("/v1/features", params={"q": "ocean"})
         assert r.status_code == 200, r.text
         assert "Paris" in r.json()["choices"][0]["text"]
+        # the shipped SAE steers the real model through HTTP (or, without one, says so with a 503)
+        assert steered.status_code in (200, 503), steered.text
+        if steered.status_code == 200:
+            assert steered.json()["tinymorph"]["steering"] == [{"feature": "default:5", "strength": 2.0, "mode": "add"}]
+            assert features.status_code == 200 and features.json()["features"]
     finally:
         rt.scheduler.stop()
