@@ -279,7 +279,8 @@ def evaluate_sae(sae, hf_model, rows: Sequence[Sequence[int]], batch_size: int =
     n = sums["n"]
     sst = x_sq - float((x_sum**2).sum()) / n  # total variance around the mean activation
     return {
-        "fvu": sums["sse"] / sst,
+        "fvu": sums["sse"] / sst,  # vs. variance around the mean activation (the strict one)
+        "fvu_uncentered": sums["sse"] / x_sq,  # vs. the raw energy ||x||² (what some tools report)
         "l0": sums["l0"] / n,
         "ce": sums["ce"] / sums["ce_n"],
         "ce_with_sae": sums["ce_sae"] / sums["ce_n"],

@@ -1,0 +1,114 @@
+"""Evidence on the real default model + shipped SAE: steering does what its labels say.
+
+These tests load SmolLM2-135M (a few seconds once converted) and generate greedily, so they are
+marked slow; they still run in CI.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinymorph.steering.engine import CompletionRequest, Engine
+from tinymorph.steering.features import search_features, show_feature
+from tinymorph.steering.generate import GenerationOptions
+from tinymorph.steering.sae import load_sae, validate_for_model
+from tinymorph.steering.steering import FeatureLibrary, SteeringEntry, SteeringPlan, resolve_plan
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The old man looked out of the window and said",
+    "In the morning we packed our bags and",
+    "My favourite thing about the weekend is",
+    "She opened the letter slowly. It said",
+    "The report concludes that",
+    "Once upon a time, in a small village,",
+]
+# Features with clear labels in the shipped SAE (see `tinymorph features show default:ID`).
+EVIDENCE_FEATURES = {
+    # filled from the shipped labels: id -> strength
+}
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def library() -> FeatureLibrary:
+    return FeatureLibrary()
+
+
+@pytest.fixture(scope="module")
+def engine(library: FeatureLibrary) -> Engine:
+    eng = Engine.load("default", dtype="float32")
+    eng.set_steering_resolver(lambda plan: resolve_plan(plan, library, eng.info.d_model, eng.info.layers))
+    return eng
+
+
+def complete(engine: Engine, prompt: str, plan: SteeringPlan | None = None) -> str:
+    options = GenerationOptions(max_tokens=MAX_TOKENS, stop="none", temperature=0.0)
+    return engine.complete(CompletionRequest(text=prompt, doc_id=f"t:{prompt}", options=options,
+                                             steering=plan)).text
+
+
+def top_token_rate(engine: Engine, texts: list[str], top_tokens: list[str]) -> float:
+    """Fraction of generated tokens that are one of the feature's promoted tokens (case/space-folded)."""
+    wanted = {t.strip().lower() for t in top_tokens if t.strip()}
+    ids = [i for t in texts for i in engine.tokenize(t)]
+    hits = sum(engine.detokenize([i]).strip().lower() in wanted for i in ids)
+    return hits / max(1, len(ids))
+
+
+def test_shipped_sae_matches_the_model(library: FeatureLibrary, engine: Engine) -> None:
+    sae = load_sae("default")
+    validate_for_model(sae, engine.info.d_model, engine.info.layers)
+    assert sae.layer == 15 and sae.has_stats
+    assert (sae.max_act > 0).all()
+
+
+def test_strength_zero_equals_unsteered(engine: Engine) -> None:
+    feature = next(iter(EVIDENCE_FEATURES))
+    for prompt in PROMPTS[:3]:
+        zero = SteeringPlan((SteeringEntry(f"default:{feature}", 0.0),))
+        assert complete(engine, prompt, zero) == complete(engine, prompt)
+    # and at the level of logits: the hooks leave the forward pass bit-identical
+    ids = engine.tokenize(PROMPTS[0])
+    plain = engine.model(ids, engine.model.new_cache(64))
+    resolved = engine.resolve(SteeringPlan((SteeringEntry(f"default:{feature}", 0.0, "clamp"),)))
+    with engine.hooks.active(resolved):
+        zero = engine.model(ids, engine.model.new_cache(64))
+    assert torch.equal(plain, zero)
+
+
+@pytest.mark.parametrize("feature", list(EVIDENCE_FEATURES))
+def test_steering_raises_the_features_top_tokens(engine: Engine, library: FeatureLibrary, feature: int) -> None:
+    info = show_feature(library, f"default:{feature}")
+    plan = SteeringPlan((SteeringEntry(f"default:{feature}", EVIDENCE_FEATURES[feature]),))
+    plain = [complete(engine, p) for p in PROMPTS]
+    steered = [complete(engine, p, plan) for p in PROMPTS]
+    before = top_token_rate(engine, plain, info["top_tokens"])
+    after = top_token_rate(engine, steered, info["top_tokens"])
+    assert after >= before + 0.10, (info["label"], before, after, steered)
+    assert sum(s != p for s, p in zip(steered, plain, strict=True)) >= len(PROMPTS) // 2
+
+
+def test_ablate_and_clamp_change_less_than_add(engine: Engine) -> None:
+    """Sanity of the other modes on the real model: they run, and ablating is a small edit."""
+    feature = next(iter(EVIDENCE_FEATURES))
+    ids = engine.tokenize(PROMPTS[0])
+    plain = engine.model(ids, engine.model.new_cache(64))
+    outs = {}
+    for mode, strength in (("ablate", 1.0), ("clamp", 2.0), ("add", 4.0)):
+        resolved = engine.resolve(SteeringPlan((SteeringEntry(f"default:{feature}", strength, mode),)))
+        with engine.hooks.active(resolved):
+            outs[mode] = engine.model(ids, engine.model.new_cache(64))
+    assert not torch.equal(outs["add"], plain)
+    diff = {m: float((o.softmax(-1) - plain.softmax(-1)).abs().sum()) for m, o in outs.items()}
+    assert diff["ablate"] < diff["add"]
+
+
+def test_search_finds_labelled_features(library: FeatureLibrary) -> None:
+    feature = next(iter(EVIDENCE_FEATURES))
+    info = show_feature(library, f"default:{feature}")
+    query = info["top_act_tokens"][0]
+    hits = search_features(library, query, limit=20)
+    assert hits and all(h["id"].startswith("default:") for h in hits)
