@@ -565,10 +565,9 @@ def start_http_server(runtime: Runtime, address: str, token: str | None = None) 
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tinymorph-http", daemon=True)
     thread.start()
     handle = HttpServerHandle(host.strip("[]"), bound_port, app, server, thread)
-    for _ in range(500):  # started within 5 s, or the thread has died
-        if server.started or not thread.is_alive():
-            break
-        threading.Event().wait(0.01)
+    deadline = time.monotonic() + 15  # started within seconds even on a busy machine, or the thread died
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
     if not server.started:
         handle.stop(1)
         raise OSError(f"the HTTP server on {address} did not start")
