@@ -22,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = ROOT / "editor-clients" / "nvim"
 SCRIPT = ROOT / "tests" / "nvim" / "plugin_e2e.lua"
+UNIT_SCRIPT = ROOT / "tests" / "nvim" / "unit.lua"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -156,6 +157,25 @@ def run_plugin_script(
     # The server's stderr lands in Neovim's LSP log: keep its tail for failure messages.
     report["_stderr"] = proc.stderr + ("\n--- lsp.log (tail) ---\n" + log.read_text()[-4000:] if log.exists() else "")
     return report
+
+
+def test_nvim_plugin_units(nvim_bin, tmp_path):
+    """Config merging, statusline text and command helpers, in Neovim without a server (about 1 s)."""
+    env = dict(
+        os.environ,
+        TINYMORPH_PLUGIN_DIR=str(PLUGIN_DIR),
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        XDG_STATE_HOME=str(tmp_path / "state"),
+        XDG_DATA_HOME=str(tmp_path / "data"),
+    )
+    proc = subprocess.run(
+        [nvim_bin, "--headless", "-u", "NONE", "-i", "NONE", "-c", f"luafile {UNIT_SCRIPT}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_nvim_plugin_against_real_server(nvim_bin, nvim_tiny_model, nvim_tiny_sae, tmp_path):

@@ -179,7 +179,8 @@ function buildClient(): LanguageClient {
     outputChannel: output,
     middleware: {
       didChange: (event, next) => {
-        if (event.contentChanges.length > 0) {
+        // Insertions start a suggestion on the server; deletions do not.
+        if (event.contentChanges.some((change) => change.text.length > 0)) {
           model.onEdit(event.document.uri.toString());
           renderStatus();
         }

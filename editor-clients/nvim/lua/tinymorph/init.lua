@@ -11,6 +11,8 @@ M.options = nil
 local augroup = vim.api.nvim_create_augroup("tinymorph", { clear = true })
 -- Buffers whose next workspace/applyEdit comes from an accept we asked for: the cursor follows it.
 local accepting = {}
+-- Buffers we watch for edits (nvim_buf_attach), until the client detaches.
+local attached = {}
 
 local has_011 = vim.fn.has("nvim-0.11") == 1
 
@@ -207,13 +209,25 @@ local function on_attach(bufnr)
     vim.lsp.inlay_hint.enable(true, { bufnr = bufnr })
   end
   map_keys(bufnr)
-  -- Every edit starts a suggestion on the server: show "generating" until its metrics arrive.
-  vim.api.nvim_create_autocmd({ "TextChanged", "TextChangedI" }, {
-    group = augroup,
-    buffer = bufnr,
-    callback = function(ev)
-      state.on_edit(vim.uri_from_bufnr(ev.buf))
-      refresh_statusline()
+  if attached[bufnr] then
+    return
+  end
+  attached[bufnr] = true
+  -- Edits that insert text start a suggestion on the server (deletions do not): show
+  -- "generating" until its metrics arrive, and redraw once more when that mark would expire.
+  vim.api.nvim_buf_attach(bufnr, false, {
+    on_bytes = function(_, buf, _, _, _, _, _, _, _, _, _, new_end_byte)
+      if not attached[buf] then
+        return true -- detach
+      end
+      if new_end_byte > 0 then
+        state.on_edit(vim.uri_from_bufnr(buf))
+        refresh_statusline()
+        vim.defer_fn(refresh_statusline, state.generating_timeout_ms + 100)
+      end
+    end,
+    on_detach = function(_, buf)
+      attached[buf] = nil
     end,
   })
 end
@@ -271,6 +285,16 @@ function M.setup(opts)
       local client = vim.lsp.get_client_by_id(ev.data.client_id)
       if client and client.name == M.name then
         on_attach(ev.buf)
+      end
+    end,
+  })
+  vim.api.nvim_create_autocmd("LspDetach", {
+    group = augroup,
+    callback = function(ev)
+      local client = vim.lsp.get_client_by_id(ev.data.client_id)
+      if client and client.name == M.name then
+        attached[ev.buf] = nil
+        state.on_settled(vim.uri_from_bufnr(ev.buf))
       end
     end,
   })
