@@ -75,6 +75,16 @@ class _Malformed:
         self.id, self.method, self.error = msg_id, method, error
 
 
+def _describe_structure_error(exc: BaseException) -> str:
+    """cattrs' nested exception groups as one readable line ("… @ $.params.range")."""
+    try:
+        from cattrs import transform_error
+
+        return "; ".join(transform_error(exc, path="$"))[:500]
+    except Exception:  # noqa: BLE001 - not a cattrs validation error
+        return str(exc)[:500]
+
+
 class TinymorphProtocol(LanguageServerProtocol):
     """pygls's protocol with two changes.
 
@@ -94,9 +104,9 @@ class TinymorphProtocol(LanguageServerProtocol):
 
     def handle_message(self, message):
         if isinstance(message, _Malformed):
-            log.warning("malformed %s request: %s", message.method, message.error.__cause__ or message.error)
-            cause = message.error.__cause__
-            error = JsonRpcInvalidParams(f"invalid params for {message.method}: {cause or message.error}")
+            detail = _describe_structure_error(message.error.__cause__ or message.error)
+            log.warning("malformed %s request: %s", message.method, detail)
+            error = JsonRpcInvalidParams(f"invalid params for {message.method}: {detail}")
             self._send_response(message.id, error=error.to_response_error())
             return
         return super().handle_message(message)
@@ -455,9 +465,18 @@ def _uri_arg(args: tuple) -> str:
     return value
 
 
+class _QuietUserErrors(logging.Filter):
+    """pygls logs a traceback for every error answer; a user's bad argument is not a server fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, CommandError | RequestFailed)
+
+
 def build_server(runtime: Runtime | None = None, overrides: dict[str, Any] | None = None) -> TinymorphServer:
     """A server with every handler registered (one per process: pygls features are per instance)."""
     server = TinymorphServer(runtime, overrides)
+    logging.getLogger("pygls.protocol.json_rpc").addFilter(_QuietUserErrors())
 
     @server.feature(types.INITIALIZE)
     def initialize(ls: TinymorphServer, params: types.InitializeParams) -> None:
