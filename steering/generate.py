@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 StopRule = Literal["word", "line", "sentence", "paragraph", "none"]
+GREEDY_BELOW = 1e-3  # temperatures under this sample greedily
 STOP_RULES: tuple[str, ...] = ("word", "line", "sentence", "paragraph", "none")
 
 # Where each stop rule ends a continuation: the match's start is the cut point. Matching needs
@@ -145,12 +146,13 @@ def sample(logits: torch.Tensor, options: GenerationOptions, generator: torch.Ge
                                     picked * options.repetition_penalty)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    if options.temperature <= 0:
+    if options.temperature < GREEDY_BELOW:  # tiny temperatures overflow the softmax: same as greedy
         return int(logits.argmax())
     probs = torch.softmax(logits / options.temperature, dim=-1)
     if options.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < options.top_p
+        keep[0] = True  # the most likely token always survives, however small top_p is
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 

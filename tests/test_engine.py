@@ -177,3 +177,15 @@ def test_token_healing_both_branches(tiny_model_dir):
         assert (result.token_ids[0] == ids[-1]) == (n == 0)
         assert engine.caches.peek((f"b{n}", "none")).ids == ids[:-1] + result.token_ids[:-1]
         assert result.timings.tokens_prefilled == len(ids)
+
+
+def test_sampling_edge_cases_never_fail():
+    """Tiny top_p keeps the best token; tiny temperatures are greedy (found by schemathesis)."""
+    from tinymorph.steering.generate import sample
+
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    assert sample(logits, GenerationOptions(temperature=1.0, top_p=5e-324), None) == 1
+    assert sample(logits, GenerationOptions(temperature=1e-40), None) == 1
+    rng = torch.Generator().manual_seed(0)
+    picks = {sample(logits, GenerationOptions(temperature=1.0, top_p=1.0), rng) for _ in range(200)}
+    assert picks == {0, 1, 2}
