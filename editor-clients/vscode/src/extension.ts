@@ -1,5 +1,7 @@
 // VS Code entry point: starts `tinymorph lsp`, wires its notifications into the status bar and
-// registers the commands. Everything testable without VS Code lives in settings.ts, status.ts and steering.ts.
+// registers the commands. Logic testable without VS Code lives in settings.ts, status.ts,
+// steering.ts, display.ts and waiter.ts (unit-tested under node); steeringUi.ts and progress.ts
+// hold the VS Code UI around them.
 
 import * as fs from "fs";
 import * as os from "os";
@@ -33,6 +35,9 @@ let client: LanguageClient | undefined;
 let output: vscode.LogOutputChannel;
 let statusItem: vscode.StatusBarItem;
 const model = new StatusModel();
+// The server settings last sent, to compute what a settings change must send.
+let sentSettings: ServerSettings = {};
+
 const waiter = new SuggestionWaiter();
 /** Longest an inline-completion request waits for a suggestion still being generated. */
 const GHOST_WAIT_MS = 60_000;
@@ -43,7 +48,6 @@ function itemCount(result: vscode.InlineCompletionItem[] | vscode.InlineCompleti
   if (!result) return 0;
   return Array.isArray(result) ? result.length : result.items.length;
 }
-let sentSettings: ServerSettings = {};
 
 function config(): vscode.WorkspaceConfiguration {
   return vscode.workspace.getConfiguration(SECTION);
@@ -278,7 +282,7 @@ async function startClient(): Promise<void> {
     renderStatus();
     const choice = await vscode.window.showErrorMessage(
       `tinymorph: could not start "${config().get("server.command")}" (${message}). ` +
-        "Install it (pip install tinymorph) or set tinymorph.server.command.",
+        "Set up the server (scripts/setup.sh in the tinymorph sources) and point tinymorph.server.command at its .venv.",
       "Open Settings",
       "Show Log",
     );
