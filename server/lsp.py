@@ -218,8 +218,9 @@ class TinymorphServer(LanguageServer):
         except Exception:  # noqa: BLE001 - no transport yet (before the connection)
             pass
 
-    def status(self) -> dict[str, Any]:
-        state = self.runtime.state
+    def status(self, state: str | None = None, message: str | None = None) -> dict[str, Any]:
+        """The status object; `state`/`message` override the runtime's (a transition being reported)."""
+        state = state or self.runtime.state
         if state == "idle":
             state = "loading"
         if state == "ready" and not self.settings.enabled:
@@ -227,12 +228,13 @@ class TinymorphServer(LanguageServer):
         sched = self.runtime.scheduler.stats
         return {
             "state": state, "model": self.settings.model, "lastTtftMs": self.last_ttft_ms,
-            "message": self.runtime.message, "steering": self.runtime.steering.describe(),
+            "message": self.runtime.message if message is None else message,
+            "steering": self.runtime.steering.describe(),
             "stats": {**self.stats, "submitted": sched.submitted, "superseded": sched.superseded},
         }
 
-    def notify_status(self, force: bool = False) -> None:
-        payload = self.status()
+    def notify_status(self, force: bool = False, state: str | None = None, message: str | None = None) -> None:
+        payload = self.status(state, message)
         key = {k: v for k, v in payload.items() if k != "stats"}
         if force or key != self._last_status:
             self._last_status = key
@@ -255,9 +257,12 @@ class TinymorphServer(LanguageServer):
             log.debug("inlay hint refresh failed", exc_info=True)
 
     # -- model loading --------------------------------------------------------------------------
-    def _state_changed_threadsafe(self, _runtime: Runtime) -> None:
+    def _state_changed_threadsafe(self, runtime: Runtime) -> None:
+        # read the state now, in the thread that set it: a fast failing load would otherwise be
+        # "error" again before the loop runs, and clients would never see it was "loading"
+        state, message = runtime.state, runtime.message
         if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._state_changed)
+            self.loop.call_soon_threadsafe(self._state_changed, state, message)
 
     def reload_if_needed(self) -> None:
         """Load the model again when its settings differ from the loaded (or loading) ones.
@@ -272,18 +277,16 @@ class TinymorphServer(LanguageServer):
             self.drop(uri)
         self.runtime.load(self.model_settings())
 
-    def _state_changed(self) -> None:
-        state = self.runtime.state
+    def _state_changed(self, state: str, message: str) -> None:
         if state in ("ready", "error") and self._progress_token is not None:
             token, self._progress_token = self._progress_token, None
-            self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=self.runtime.message))
-        self.log(f"model {state}: {self.runtime.message}",
-                 types.MessageType.Error if state == "error" else types.MessageType.Info)
-        self.notify_status()
+            self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
+        self.log(f"model {state}: {message}", types.MessageType.Error if state == "error" else types.MessageType.Info)
+        self.notify_status(state=state, message=message)
         if state in ("ready", "error") and self.model_settings() != self.runtime.settings:
             self.reload_if_needed()  # settings changed while the model was loading
             return
-        if state == "ready" and self.last_edited in self.docs and self.settings.enabled:
+        if state == "ready" and self.runtime.ready and self.last_edited in self.docs and self.settings.enabled:
             self.schedule(self.last_edited, delay=0.0)  # the user typed while the model loaded
 
     async def load_model(self) -> None:
