@@ -239,13 +239,17 @@ try {
     await page.locator(".editor-instance .monaco-editor .view-lines").waitFor({ timeout: 30000 });
   });
 
+  report.statusSeen = [];
   report.statusReady = await step("server ready (status bar)", () =>
     waitFor("tinymorph ready in the status bar", async () => {
       const text = await statusText().catch(() => "");
+      // Keep every state shown on the way (starting, loading NN%, ready) for the report.
+      if (text && report.statusSeen.at(-1) !== text) report.statusSeen.push(text);
       if (/tinymorph error/.test(text)) throw new Error(`server error: ${text}`);
       return /tinymorph (ready|\d)/.test(text) ? text : undefined;
     }),
   );
+  console.log(`     status bar on the way: ${JSON.stringify(report.statusSeen)}`);
   await screenshot("ready");
 
   const typed = "Once upon a time, the old king";

@@ -149,6 +149,16 @@ function updateActiveContext(): void {
   void vscode.commands.executeCommand("setContext", "tinymorph.active", active);
 }
 
+/**
+ * "generating" means "waiting for the suggestion": it ends when one for the current version shows
+ * up (the server kept a typed-ahead suggestion, or tokens started streaming), not only at metrics.
+ */
+function settle(uri: string): void {
+  if (!model.isPending(uri)) return;
+  model.onSettled(uri);
+  renderStatus();
+}
+
 function buildClient(): LanguageClient {
   const cfg = config();
   const folder = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath;
@@ -203,6 +213,8 @@ function buildClient(): LanguageClient {
         if (mode === "ghostText") return [];
         const hints = (await next(document, range, token)) ?? [];
         lastHints.set(document.uri.toString(), hints.map((h) => h.position));
+        // The server only returns a hint computed for the current version: nothing is pending any more.
+        if (hints.length > 0) settle(document.uri.toString());
         const cursor = cursorIn(document);
         lastCursor = cursor;
         return hints.filter((h) => showsHint(mode, h.position, cursor));
@@ -216,7 +228,10 @@ function buildClient(): LanguageClient {
           const done = await waiter.wait(uri, document.version, GHOST_WAIT_MS, (cb) => token.onCancellationRequested(cb));
           if (done && !token.isCancellationRequested) result = await next(document, position, context, token);
         }
-        if (itemCount(result) > 0) lastServedGhost = `${uri}@${document.version}`;
+        if (itemCount(result) > 0) {
+          lastServedGhost = `${uri}@${document.version}`;
+          settle(uri);
+        }
         output.debug(`inline completion v${document.version} ${position.line}:${position.character}: ${itemCount(result)} item(s)`);
         return result;
       },

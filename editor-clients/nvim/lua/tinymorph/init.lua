@@ -15,6 +15,7 @@ local accepting = {}
 local attached = {}
 
 local has_011 = vim.fn.has("nvim-0.11") == 1
+local current_hint -- defined below
 
 ---------------------------------------------------------------------------
 -- Client access and requests
@@ -64,6 +65,22 @@ local function refresh_statusline()
     pcall(vim.cmd.redrawstatus)
     pcall(vim.api.nvim_exec_autocmds, "User", { pattern = "TinymorphStatus", modeline = false })
   end)
+end
+
+--- The tinymorph inlay hint shown in `bufnr` for its current version, if any.
+current_hint = function(bufnr)
+  if not (vim.api.nvim_buf_is_valid(bufnr) and vim.lsp.inlay_hint) then
+    return nil
+  end
+  local version = vim.lsp.util.buf_versions[bufnr]
+  for _, item in ipairs(vim.lsp.inlay_hint.get({ bufnr = bufnr })) do
+    local client = vim.lsp.get_client_by_id(item.client_id)
+    local data = item.inlay_hint.data
+    if client and client.name == M.name and (type(data) ~= "table" or data.version == nil or data.version == version) then
+      return item.inlay_hint
+    end
+  end
+  return nil
 end
 
 ---------------------------------------------------------------------------
@@ -286,6 +303,27 @@ function M.setup(opts)
       if client and client.name == M.name then
         on_attach(ev.buf)
       end
+    end,
+  })
+  -- "generating" means "waiting for the suggestion": it ends when a hint for the buffer's current
+  -- version arrives (the server kept a typed-ahead suggestion, or tokens started streaming).
+  vim.api.nvim_create_autocmd("LspRequest", {
+    group = augroup,
+    callback = function(ev)
+      local request = ev.data and ev.data.request
+      if not (request and request.type == "complete" and request.method == "textDocument/inlayHint") then
+        return
+      end
+      local client = vim.lsp.get_client_by_id(ev.data.client_id)
+      if not (client and client.name == M.name) then
+        return
+      end
+      vim.schedule(function()
+        if current_hint(ev.buf) then
+          state.on_settled(vim.uri_from_bufnr(ev.buf))
+          refresh_statusline()
+        end
+      end)
     end,
   })
   vim.api.nvim_create_autocmd("LspDetach", {
