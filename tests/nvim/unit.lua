@@ -54,11 +54,8 @@ check("generating expires", state.state(), "ready")
 
 -- command helpers
 local commands = require("tinymorph.commands")
-check(
-  "feature line",
-  commands.format_feature({ id = "default:3", label = "sea words", topTokens = { " sea", "\n" } }),
-  'sea words  [default:3]  top: " sea" "\\n"'
-)
+check("feature line", commands.format_feature({ id = "default:3", label = "sea words", topTokens = { " sea" } }), "sea words  [default:3]")
+check("unlabelled feature", commands.format_feature({ id = "default:4", topTokens = { " sea", "\n" } }), '[default:4]  top: " sea" "\\n"')
 local lines = commands.compare_lines({ steered = "A\nB", unsteered = "C" }, {})
 check("compare has both", { lines[#lines - 4], lines[#lines] }, { "B", "C" })
 

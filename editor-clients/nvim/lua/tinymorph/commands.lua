@@ -27,8 +27,12 @@ end
 -- Last search results, for completing feature ids after `:Tinymorph steer `.
 local known_features = {}
 
---- One line per search hit: "label  [id]  top: a b c".
+--- One line per search hit: "label  [id]", or "[id]  top: a b c" for an unlabelled feature
+--- (labels already name the tokens a feature fires on and promotes; one line must stay short).
 function M.format_feature(hit)
+  if hit.label and hit.label ~= "" then
+    return string.format("%s  [%s]", hit.label, hit.id)
+  end
   local tokens = {}
   for i, t in ipairs(hit.topTokens or {}) do
     if i > 6 then
@@ -36,12 +40,7 @@ function M.format_feature(hit)
     end
     table.insert(tokens, (vim.inspect(t)))
   end
-  local label = (hit.label and hit.label ~= "") and hit.label or hit.id
-  local text = string.format("%s  [%s]", label, hit.id)
-  if #tokens > 0 then
-    text = text .. "  top: " .. table.concat(tokens, " ")
-  end
-  return text
+  return string.format("[%s]  top: %s", hit.id, #tokens > 0 and table.concat(tokens, " ") or "-")
 end
 
 local function ask_strength(feature)
