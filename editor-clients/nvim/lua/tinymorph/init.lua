@@ -15,7 +15,6 @@ local accepting = {}
 local attached = {}
 
 local has_011 = vim.fn.has("nvim-0.11") == 1
-local current_hint -- defined below
 
 ---------------------------------------------------------------------------
 -- Client access and requests
@@ -41,14 +40,18 @@ local function notify(msg, level)
   vim.notify("tinymorph: " .. msg, level or vim.log.levels.INFO)
 end
 
---- Runs a server command (workspace/executeCommand); `callback(result)` on success.
-function M.exec(command, arguments, callback, bufnr)
+--- Runs a server command (workspace/executeCommand); `callback(result)` on success,
+--- `finally()` after the answer either way.
+function M.exec(command, arguments, callback, bufnr, finally)
   local client = M.client(bufnr)
   if not client then
     notify("no server running (is the buffer's filetype enabled? see :checkhealth tinymorph)", vim.log.levels.WARN)
     return false
   end
   request(client, "workspace/executeCommand", { command = command, arguments = arguments or {} }, function(err, result)
+    if finally then
+      finally()
+    end
     if err then
       notify(command .. " failed: " .. (err.message or vim.inspect(err)), vim.log.levels.ERROR)
       return
@@ -68,7 +71,7 @@ local function refresh_statusline()
 end
 
 --- The tinymorph inlay hint shown in `bufnr` for its current version, if any.
-current_hint = function(bufnr)
+local function current_hint(bufnr)
   if not (vim.api.nvim_buf_is_valid(bufnr) and vim.lsp.inlay_hint) then
     return nil
   end
@@ -99,11 +102,12 @@ function M.accept(what)
   local command = accept_commands[what or "accept"] or accept_commands.accept
   accepting[bufnr] = true
   local sent = M.exec(command, { vim.uri_from_bufnr(bufnr) }, function(result)
-    accepting[bufnr] = nil
     if type(result) == "table" and result.applied == false then
       notify("no suggestion to accept", vim.log.levels.INFO)
     end
-  end, bufnr)
+  end, bufnr, function()
+    accepting[bufnr] = nil
+  end)
   if not sent then
     accepting[bufnr] = nil
   end
