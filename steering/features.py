@@ -78,6 +78,8 @@ class FeatureIndex:
             if s > 0:
                 # mild prior for features that fire often enough to have been labelled well
                 s *= 1.0 + 0.05 * max(0.0, min(math.log10(1e-9 + d.info.get("density", 0.0) * 1e6), 4))
+                if not d.info.get("max_act", 1.0):  # never fired while labelling: weaker evidence
+                    s *= 0.5
                 scored.append((d.ref, s, d.info))
         scored.sort(key=lambda x: -x[1])
         return scored[:limit]
