@@ -340,6 +340,18 @@ try {
     return text.slice(0, 400);
   });
   await screenshot("compare");
+
+  report.toggle = await step("toggle suggestions off and on", async () => {
+    await runCommand("tinymorph: Toggle Suggestions On/Off");
+    const off = await waitFor("status off", async () => ((await statusText()).includes("tinymorph off") ? await statusText() : undefined), 30000);
+    await screenshot("toggled-off");
+    await runCommand("tinymorph: Toggle Suggestions On/Off");
+    const on = await waitFor("status on", async () => {
+      const text = await statusText();
+      return /tinymorph (ready|\d)/.test(text) ? text : undefined;
+    }, 30000);
+    return { off, on };
+  });
 } catch (err) {
   failed = true;
   report.error = String(err?.stack ?? err);

@@ -2,7 +2,7 @@
 # Installs what e2e/run.mjs needs into a tools folder (default: e2e/.tools, git-ignored):
 # Node 24 (code-server requires it), code-server 4.139.1 (= VS Code 1.139.1) and playwright-core.
 # Everything comes from the npm registry; Chromium and the Kerberos headers come from apt.
-# Takes 3-8 minutes on 2 cores (code-server compiles native modules).
+# Takes ~8 minutes on 2 cores (code-server compiles native modules; measured from scratch).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
