@@ -133,6 +133,14 @@ def resolve_sae_path(spec: str | os.PathLike) -> tuple[str, Path | None, str | N
 
 
 def _load_sae_lens(path: Path | None, registry: str | None):
+    import warnings
+
+    with warnings.catch_warnings():  # sae-lens warns about TransformerLens loading hints: not for us
+        warnings.simplefilter("ignore")
+        return _load_sae_lens_quiet(path, registry)
+
+
+def _load_sae_lens_quiet(path: Path | None, registry: str | None):
     from sae_lens import SAE
 
     if path is not None:
