@@ -16,6 +16,7 @@ from .common import add_model_options
 
 def register(sub) -> None:
     p = sub.add_parser("lsp", help="run the language server (stdio by default)")
+    p.add_argument("--stdio", action="store_true", help="speak LSP on stdin/stdout (the default; many clients pass it)")
     p.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio")
     p.add_argument("--http", metavar="ADDR", help="also serve the HTTP API on ADDR (HOST:PORT), same model")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
