@@ -100,7 +100,9 @@ class Engine:
             llama = load_llama(folder, torch_dtype)
         except (ValueError, KeyError) as exc:
             raise model_loading.ModelError(f"cannot load {model}: {exc}") from exc
-        if dtype == "int8":
+        if dtype == "int8" or (dtype in (None, "", "auto") and model_loading.cpu_has_bf16()):
+            # int8 weights + bf16 compute: decode and keystrokes ~2x faster, half the weight memory
+            # (the fused int8 GEMV kernel needs bf16 activations; on other CPUs auto stays fp32)
             quantize_int8(llama)
         tokenizer = load_fast_tokenizer(folder)
         engine = cls(llama, tokenizer, name=str(model or "default"), folder=folder,

@@ -268,6 +268,9 @@ def approx_flops_per_token(cfg: LlamaConfig) -> float:
     return 2.0 * cfg.n_layers * per_layer
 
 
+INT8_GEMV_MAX_ROWS = 16  # up to this many tokens per forward use the int8 GEMV kernel
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 linear (per-output-row scales), activations stay in the model dtype.
 
@@ -285,7 +288,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+        rows = x.reshape(-1, shape[-1])
+        if rows.shape[0] > INT8_GEMV_MAX_ROWS:
+            # prefill: the fused int8 kernel is a GEMV kernel; for many rows dequantize once and let
+            # the bf16 GEMM (AMX/AVX512-BF16) do the work
+            weight = self.weight.to(self.scales.dtype) * self.scales.unsqueeze(1)
+            out = F.linear(rows, weight)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], -1)

@@ -179,8 +179,9 @@ def cpu_has_bf16() -> bool:
 
 
 def pick_dtype(name: str | None) -> torch.dtype:
-    """`auto` → bf16 where the CPU has native bf16, else fp32. `int8` (weight-only) computes in the
-    same dtype as `auto`; the engine quantizes the weights after loading."""
+    """The activation dtype: `auto` and `int8` → bf16 where the CPU has native bf16, else fp32.
+
+    The engine stores weights as int8 for `int8`, and for `auto` where the CPU has bf16."""
     if name in (None, "", "auto", "int8"):
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     try:

@@ -13,7 +13,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=None,
                        help='"default" (embedded SmolLM2-135M), an HF folder, a .gguf file or a cached HF id')
     group.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                       help="auto = bf16 where the CPU has it, else fp32; int8 = int8 weights (half the memory)")
+                       help="auto = int8 weights + bf16 compute where the CPU has bf16, else fp32")
     group.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 

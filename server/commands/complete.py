@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..positions import offset_at
 from ...steering.generate import STOP_RULES, GenerationOptions
 from ..cli import UserError
+from ..positions import offset_at
 from .common import add_model_options, load_engine
 
 
