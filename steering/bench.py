@@ -206,59 +206,37 @@ def _transformers_rows(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, l
     return rows, decode
 
 
-def _llama_cpp_rows(corpus: TextAtTokens, cfg: BenchConfig, log) -> tuple[list[dict], dict] | None:
-    try:
-        import llama_cpp
-    except ImportError:
+def _llama_cpp_rows(corpus_text: str, cfg: BenchConfig, log) -> tuple[list[dict], dict] | None:
+    """llama.cpp on the same GGUF, measured by `bench_llamacpp` in its own process (see there why)."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+
+    if importlib.util.find_spec("llama_cpp") is None:
         return None
     from .model import default_gguf_path
 
-    gguf = default_gguf_path()
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=4096, n_threads=torch.get_num_threads(),
-                          verbose=False, logits_all=False)
-    tokenize = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
-    rows = []
-
-    def first_token(ids: list[int]) -> float:
-        t0 = time.perf_counter()
-        llm.eval(ids[llm.n_tokens:] if llm.input_ids[: llm.n_tokens].tolist() == ids[: llm.n_tokens] else ids)
-        llm.sample()
-        return (time.perf_counter() - t0) * 1000
-
-    for n in cfg.sizes:
-        ids = tokenize(corpus.prefix(n))
-        colds = []
-        for _ in range(cfg.cold_repeats):
-            llm.reset()
-            colds.append(first_token(ids))
-        keys = []
-        for text in corpus.typing(n, cfg.keystrokes):
-            new = tokenize(text)
-            common = 0
-            limit = min(llm.n_tokens, len(new) - 1)
-            cached = llm.input_ids[:limit].tolist()
-            while common < limit and cached[common] == new[common]:
-                common += 1
-            llm.n_tokens = common
-            llm._ctx.kv_cache_seq_rm(-1, common, -1)
-            keys.append(first_token(new))
-        row = {"backend": "llama.cpp", "tokens": n, "cold_ttft_ms": statistics.median(colds),
-               "keystroke_p50_ms": percentile(keys, 0.5), "keystroke_p95_ms": percentile(keys, 0.95)}
-        log(f"llama.cpp     {n:5d} tokens: cold {row['cold_ttft_ms']:7.1f} ms  keystroke p50 "
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as text_file:
+        text_file.write(corpus_text)
+        text_file.flush()
+        args = [sys.executable, "-m", "tinymorph.steering.bench_llamacpp", str(default_gguf_path()), text_file.name,
+                "--sizes", ",".join(map(str, cfg.sizes)), "--keystrokes", str(cfg.keystrokes),
+                "--cold-repeats", str(cfg.cold_repeats), "--decode-tokens", str(cfg.decode_tokens),
+                "--threads", str(torch.get_num_threads())]
+        try:
+            done = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+        except subprocess.TimeoutExpired:
+            log("llama.cpp: skipped (timed out)")
+            return None
+    if done.returncode != 0:
+        log(f"llama.cpp: skipped (exit status {done.returncode}: {done.stderr.strip()[-200:]})")
+        return None
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for row in result["rows"]:
+        log(f"llama.cpp     {row['tokens']:5d} tokens: cold {row['cold_ttft_ms']:7.1f} ms  keystroke p50 "
             f"{row['keystroke_p50_ms']:6.1f} ms p95 {row['keystroke_p95_ms']:6.1f} ms")
-        rows.append(row)
-    llm.reset()
-    ids = tokenize(corpus.prefix(256))
-    llm.eval(ids)
-    token = llm.sample()
-    t0 = time.perf_counter()
-    for _ in range(cfg.decode_tokens):
-        llm.eval([token])
-        token = llm.sample()
-    tps = cfg.decode_tokens / (time.perf_counter() - t0)
-    decode = {"tokens_per_s": tps, "bandwidth_gb_s": tps * gguf.stat().st_size / 1e9}
-    llm.close()
-    return rows, decode
+    return result["rows"], result["decode"]
 
 
 def run_bench(engine: Engine, cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
@@ -290,7 +268,7 @@ def run_bench(engine: Engine, cfg: BenchConfig, log: Callable[[str], None] = pri
         result.decode["transformers"] = decode
         log(f"transformers decode: {decode['tokens_per_s']:.1f} tok/s")
     if cfg.llama_cpp:
-        found = _llama_cpp_rows(corpus, cfg, log)
+        found = _llama_cpp_rows(corpus.text, cfg, log)
         if found is not None:
             result.rows += found[0]
             result.decode["llama.cpp"] = found[1]

@@ -190,7 +190,7 @@ def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int
              options: GenerationOptions, eos_ids: frozenset[int], timings: Timings,
              history: list[int] | None = None, healing: Healing | None = None,
              cancel: CancelToken | None = None, max_new: int | None = None,
-             prefill_chunk: int = 512) -> Iterator[TokenEvent]:
+             prefill_chunk: int = 2048) -> Iterator[TokenEvent]:
     """Prefill `prompt_tail` through `step` (which appends to the KV cache), then decode.
 
     Returns (as the generator's return value) the `Completion`. `timings` is filled in place;

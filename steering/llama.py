@@ -145,7 +145,7 @@ class DecoderLayer(nn.Module):
         self.sizes = (q, kv, kv)
 
     def forward(self, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | bool | None) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
         q, k, v = self.qkv(self.input_norm(x)).split(self.sizes, dim=-1)
@@ -157,7 +157,10 @@ class DecoderLayer(nn.Module):
         cache.v[self.index, :, :, start:end] = v
         keys = cache.k[self.index, :, :, :end]
         values = cache.v[self.index, :, :, :end]
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        if mask is True:
+            attn = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+        else:
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
@@ -206,9 +209,12 @@ class LlamaModel(nn.Module):
         x = self.embed(torch.tensor([ids], dtype=torch.long))
         cos = self.rope_cos[start : start + t].to(x.dtype)
         sin = self.rope_sin[start : start + t].to(x.dtype)
-        mask = None
-        if t > 1:  # causal mask offset by the cached prefix (SDPA's is_causal assumes no prefix)
-            mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
+        # Causal attention: with no cached prefix SDPA's own is_causal (2.5x faster on CPU than an
+        # explicit mask: it skips the masked blocks); with a prefix is_causal would align wrongly,
+        # so the mask is offset by the prefix length.
+        mask: torch.Tensor | bool | None = None
+        if t > 1:
+            mask = True if start == 0 else torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
         for layer in self.layers:
             x = layer(x, cache, start, cos, sin, mask)
         cache.ids.extend(ids)
@@ -326,4 +332,18 @@ def quantize_int8(model: LlamaModel) -> LlamaModel:
     if tied:
         model.embed = Int8Embedding(head)
     model.quantized = "int8"
+    release_freed_memory()
     return model
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by replaced weights back to the OS (glibc keeps it in its arenas otherwise,
+    and resident memory would still count the bf16 copies)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
