@@ -39,3 +39,30 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_runtime(tiny_model_dir):
+    """A shared `Runtime` on the tiny model with one torch thread (latency-bound; CI's two cores are
+    shared with the test's own clients); torch's thread count is restored afterwards."""
+    import torch
+
+    from tinymorph.server.runtime import ModelSettings, Runtime
+
+    threads = torch.get_num_threads()
+    rt = Runtime()
+    rt.load(ModelSettings(model=str(tiny_model_dir), dtype="float32", threads=1))
+    assert rt.wait_ready(120), rt.message
+    yield rt
+    rt.scheduler.stop()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_http_server(tiny_runtime):
+    """The HTTP API on a free loopback port, serving `tiny_runtime`."""
+    from tinymorph.server.http_api import start_http_server
+
+    handle = start_http_server(tiny_runtime, "127.0.0.1:0", None)
+    yield handle
+    handle.stop()

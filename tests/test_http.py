@@ -49,22 +49,13 @@ def data_dirs(tmp_path_factory) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_model_dir, data_dirs) -> Iterator[Runtime]:
-    threads = torch.get_num_threads()
-    rt = Runtime()
-    # one torch thread: the tiny model is latency-bound, and CI's two cores are shared with the client
-    rt.load(ModelSettings(model=str(tiny_model_dir), dtype="float32", threads=1))
-    assert rt.wait_ready(120), rt.message
-    yield rt
-    rt.scheduler.stop()
-    torch.set_num_threads(threads)
+def runtime(data_dirs, tiny_runtime) -> Runtime:
+    return tiny_runtime  # data_dirs first: the SAE and vector dirs must be set before loading
 
 
 @pytest.fixture(scope="module")
-def server(runtime):
-    handle = start_http_server(runtime, "127.0.0.1:0", None)
-    yield handle
-    handle.stop()
+def server(tiny_http_server):
+    return tiny_http_server
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,27 +30,13 @@ EDITOR_EVERY_S = 0.4
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_model_dir) -> Iterator[Runtime]:
-    import torch
-
-    from tinymorph.server.runtime import ModelSettings, Runtime
-
-    threads = torch.get_num_threads()
-    rt = Runtime()
-    rt.load(ModelSettings(model=str(tiny_model_dir), dtype="float32", threads=1))
-    assert rt.wait_ready(120), rt.message
-    yield rt
-    rt.scheduler.stop()
-    torch.set_num_threads(threads)
+def runtime(tiny_runtime):
+    return tiny_runtime
 
 
 @pytest.fixture(scope="module")
-def server(runtime):
-    from tinymorph.server.http_api import start_http_server
-
-    handle = start_http_server(runtime, "127.0.0.1:0", None)
-    yield handle
-    handle.stop()
+def server(tiny_http_server):
+    return tiny_http_server
 
 
 @dataclass
