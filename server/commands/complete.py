@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...steering.generate import STOP_RULES, GenerationOptions
 from ..cli import UserError
-from ..positions import offset_at
+from ..documents import Document, PositionError
 from .common import add_model_options, load_engine
 
 
@@ -49,9 +49,10 @@ def parse_position(text: str, at: str | None) -> int:
     except ValueError:
         raise UserError(f"--at {at!r}: expected LINE:COL, e.g. 3:10") from None
     try:
-        return offset_at(text, line - 1, col - 1, units="codepoints")
-    except ValueError as exc:
-        raise UserError(f"--at {at}: {exc}") from None
+        return Document("cli", text, encoding="utf-32").offset_at(line - 1, col - 1, strict=True)
+    except PositionError:
+        lines = text.count("\n") + 1
+        raise UserError(f"--at {at} is past the end of the text ({lines} lines)") from None
 
 
 def run(args: argparse.Namespace) -> int:
