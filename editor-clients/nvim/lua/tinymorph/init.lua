@@ -400,29 +400,9 @@ function M.status(callback)
   end)
 end
 
-function M.steer(feature, strength, extra, callback)
-  local entry = vim.tbl_extend("force", extra or {}, { feature = feature, strength = strength })
-  return M.exec("tinymorph.steer.set", { entry }, function(list)
-    state.on_status({ steering = list })
-    refresh_statusline()
-    if callback then
-      callback(list)
-    end
-  end)
-end
-
-function M.steer_remove(feature, callback)
-  return M.exec("tinymorph.steer.remove", { feature }, function(list)
-    state.on_status({ steering = list })
-    refresh_statusline()
-    if callback then
-      callback(list)
-    end
-  end)
-end
-
-function M.steer_clear(callback)
-  return M.exec("tinymorph.steer.clear", {}, function(list)
+--- Runs a steering command; every one answers with the new steering list, which the statusline shows.
+local function exec_steering(command, args, callback)
+  return M.exec(command, args, function(list)
     state.on_status({ steering = list or {} })
     refresh_statusline()
     if callback then
@@ -431,14 +411,21 @@ function M.steer_clear(callback)
   end)
 end
 
+function M.steer(feature, strength, extra, callback)
+  local entry = vim.tbl_extend("force", extra or {}, { feature = feature, strength = strength })
+  return exec_steering("tinymorph.steer.set", { entry }, callback)
+end
+
+function M.steer_remove(feature, callback)
+  return exec_steering("tinymorph.steer.remove", { feature }, callback)
+end
+
+function M.steer_clear(callback)
+  return exec_steering("tinymorph.steer.clear", {}, callback)
+end
+
 function M.steer_list(callback)
-  return M.exec("tinymorph.steer.list", {}, function(list)
-    state.on_status({ steering = list })
-    refresh_statusline()
-    if callback then
-      callback(list)
-    end
-  end)
+  return exec_steering("tinymorph.steer.list", {}, callback)
 end
 
 function M.features(query, callback, limit)
