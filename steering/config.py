@@ -283,7 +283,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def library_from_config(cfg: Config | None):
-    from .steering import FeatureLibrary
+    from .library import FeatureLibrary
 
     return FeatureLibrary(cfg.sae_specs() if cfg is not None else None)
 

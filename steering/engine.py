@@ -26,7 +26,7 @@ from .context import ContextPolicy, select_window
 from .generate import CancelToken, Completion, GenerationOptions, Healing, Timings, TokenEvent, generate
 from .llama import LlamaModel, load_llama, quantize_int8
 from .prefix_cache import PrefixCache
-from .steering import SteeringHooks, SteeringPlan
+from .steering import SteeringHooks, SteeringPlan, steer_mask
 from .tokenizer import load_fast_tokenizer
 
 
@@ -72,6 +72,8 @@ class Engine:
         self._resolver: Callable[[SteeringPlan], object] | None = None
         self._vocab_text: list[str] | None = None
         self._heal_masks: dict[str, torch.Tensor] = {}
+        # tokens steering leaves alone (BOS/EOS and the chat markers)
+        self.special_ids = frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
         self.eos_ids = frozenset(
             i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
             if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id
@@ -128,7 +130,7 @@ class Engine:
         if plan is None or plan.is_empty():
             return None
         if self._resolver is None:
-            from .steering import default_resolver
+            from .library import default_resolver
 
             self._resolver = default_resolver(self)
         return self._resolver(plan)
@@ -155,7 +157,8 @@ class Engine:
         room = self.model.cfg.max_positions - len(ids)
 
         def step(chunk: list[int], n_logits: int) -> torch.Tensor:
-            with self._lock, self.hooks.active(resolved):
+            mask = None if resolved is None else steer_mask(chunk, cache.length, self.special_ids)
+            with self._lock, self.hooks.active(resolved, mask):
                 return self.model(chunk, cache, n_logits)
 
         healing = None

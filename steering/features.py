@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .labels import load_labels
-from .steering import FeatureLibrary, SteeringError, parse_feature_ref
+from .library import FeatureLibrary
+from .steering import SteeringError, parse_feature_ref
 from .vectors import encode_texts, layer_activations
 
 FIELD_WEIGHTS = {"top_act_tokens": 3.0, "top_tokens": 2.0, "contexts": 1.0}
@@ -106,7 +107,7 @@ def library_labels(library: FeatureLibrary, names: Sequence[str] | None = None) 
     return out
 
 
-def search_features(library: FeatureLibrary, query: str, limit: int = 10) -> list[dict]:
+def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=None) -> list[dict]:
     """Protocol shape (`tinymorph.features.search`): id, label, topTokens, maxActivation, score."""
     index = FeatureIndex(library_labels(library))
     return [

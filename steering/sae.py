@@ -28,6 +28,7 @@ SHIPPED_DIR = Path(__file__).parent / "data" / "sae"
 STATS_FILE = "labels.json"
 FALLBACK_MAX_ACT = 10.0  # used when an SAE has no labels/stats yet (run `tinymorph sae label`)
 SUPPORTED_NORMALIZATION = ("none", "expected_average_only_in")
+SUPPORTED_ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
 
 
 class SAEError(ValueError):
@@ -61,7 +62,25 @@ class LoadedSAE:
     has_stats: bool
     model_name: str | None = None
     act_to_mag: torch.Tensor | None = None  # sae-lens activation -> magnitude factor per feature
+    resid_norm: float | None = None  # typical residual norm at the SAE's layer (from the labels)
+    dead: torch.Tensor | None = None  # [d_sae] bool: never active on the labelling corpus
+    positional: torch.Tensor | None = None  # [d_sae] bool: tracks positions/sinks, not meaning
     _sae: object | None = field(default=None, repr=False)
+
+    def feature_reader(self, i: int):
+        """x [..., d_in] → the value of feature `i` as the SAE itself encodes it (its TopK, JumpReLU
+        threshold or gate included): exactly 0 where the feature is off."""
+        index = self._check(i)
+
+        def read(x: torch.Tensor) -> torch.Tensor:
+            return self.encode(x)[..., index]
+
+        return read
+
+    def usable(self, i: int) -> bool:
+        """False for dead and positional features (never offered in search or suggestions)."""
+        return not ((self.dead is not None and bool(self.dead[i]))
+                    or (self.positional is not None and bool(self.positional[i])))
 
     def encoder_column(self, i: int) -> torch.Tensor:
         return self.enc[:, self._check(i)]
@@ -172,6 +191,10 @@ def load_sae(spec: str | os.PathLike = DEFAULT_SAE, name: str | None = None) -> 
     if getattr(cfg, "reshape_activations", "none") != "none":
         raise SAEError(f"SAE {display!r} reads attention heads (hook_z); "
                        "only residual-stream SAEs are supported")
+    arch = str(cfg.architecture())
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise SAEError(f"SAE {display!r} has architecture {arch!r}: only "
+                       f"{', '.join(SUPPORTED_ARCHITECTURES)} SAEs can be steered")
     meta = getattr(cfg, "metadata", None)
     hook = getattr(meta, "hook_name", None) or ""
     layer = layer_from_hook(hook)
@@ -180,7 +203,13 @@ def load_sae(spec: str | os.PathLike = DEFAULT_SAE, name: str | None = None) -> 
     with torch.no_grad():
         W_enc = sae.W_enc.detach().float()
         W_dec = sae.W_dec.detach().float()
-        b_enc = sae.b_enc.detach().float()
+        # gated SAEs have no b_enc: their magnitude path is W_enc·exp(r_mag) + b_mag (informational
+        # here; values are always read through the SAE's own `encode`)
+        if getattr(sae, "b_enc", None) is not None:
+            b_enc = sae.b_enc.detach().float()
+        else:
+            b_enc = sae.b_mag.detach().float()
+            W_enc = W_enc * torch.exp(sae.r_mag.detach().float())
         b_dec = sae.b_dec.detach().float()
         dec_norm = W_dec.norm(dim=-1).clamp_min(1e-8)
         rescale = bool(getattr(cfg, "rescale_acts_by_decoder_norm", False))
@@ -194,7 +223,7 @@ def load_sae(spec: str | os.PathLike = DEFAULT_SAE, name: str | None = None) -> 
             layer=layer,
             d_in=int(cfg.d_in),
             d_sae=int(cfg.d_sae),
-            architecture=str(cfg.architecture()),
+            architecture=arch,
             enc=W_enc * dec_norm,
             b_enc=b_enc * dec_norm,
             directions=W_dec / dec_norm[:, None],
@@ -229,6 +258,12 @@ def _attach_stats(sae: LoadedSAE, path: Path) -> None:
         fill = float(live.median()) if live.numel() else FALLBACK_MAX_ACT
         sae.max_act = torch.where(t > 0, t, torch.full_like(t, fill))
         sae.has_stats = True
+        sae.dead = t <= 0
+        norm = data.get("resid_norm")
+        sae.resid_norm = float(norm) if isinstance(norm, (int, float)) and norm > 0 else None
+        flags = data.get("positional")
+        if isinstance(flags, list) and len(flags) == sae.d_sae:
+            sae.positional = torch.tensor([bool(f) for f in flags])
 
 
 def validate_for_model(sae: LoadedSAE, d_model: int, n_layers: int, layer: int | None = None) -> None:

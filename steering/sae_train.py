@@ -34,8 +34,8 @@ class TrainSettings:
 
     layer: int = 15
     tokens: int = 3_000_000
-    d_sae: int = 4608
-    k: int = 32
+    d_sae: int = 4096
+    k: int = 48
     lr: float = 2e-3
     context_size: int = 256
     batch_tokens: int = 4096
@@ -43,6 +43,10 @@ class TrainSettings:
     model: str = "default"
     autocast_bf16: bool = True
     n_checkpoints: int = 4
+    # steps without firing after which a feature counts as dead and joins the auxiliary-k loss
+    # (sae-lens's default of 1000 steps = 4M tokens never triggers in a few-million-token run)
+    dead_feature_window: int = 50
+    threads: int | None = None  # 1 survives a busy machine far better than 2
 
 
 def hook_name(layer: int) -> str:
@@ -138,6 +142,8 @@ def train_sae(files: Sequence[Path | str], out_dir: Path | str, settings: TrainS
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
+    if s.threads:
+        torch.set_num_threads(s.threads)
 
     log(f"loading model {s.model!r}")
     # A bf16 model (not autocast, which re-casts every weight per call and is ~3x slower here):
@@ -191,6 +197,8 @@ def train_sae(files: Sequence[Path | str], out_dir: Path | str, settings: TrainS
         seed=s.seed,
         logger=LoggingConfig(log_to_wandb=False),
         n_checkpoints=s.n_checkpoints,
+        dead_feature_window=s.dead_feature_window,
+        feature_sampling_window=max(s.dead_feature_window, 100),
         checkpoint_path=str(ckpt_dir),
         resume_from_checkpoint=str(resume_from) if resume_from else None,
         output_path=str(out / "final"),
@@ -205,7 +213,8 @@ def train_sae(files: Sequence[Path | str], out_dir: Path | str, settings: TrainS
     for name in ("cfg.json", "sae_weights.safetensors"):
         shutil.copy2(final / name, out / name)
     meta = {"layer": s.layer, "tokens": s.tokens, "files": [f.name for f in files], "model": s.model,
-            "context_size": s.context_size, "k": s.k, "d_sae": s.d_sae, "lr": s.lr}
+            "context_size": s.context_size, "k": s.k, "d_sae": s.d_sae, "lr": s.lr,
+            "dead_feature_window": s.dead_feature_window}
     (out / "training.json").write_text(json.dumps(meta, indent=2))
     log(f"SAE written to {out}")
     return out

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -56,23 +57,41 @@ class SteeringPlan:
         return [e.to_dict() for e in self.entries]
 
 
+
+@dataclass
+class FeatureEdit:
+    """A clamp or ablate of one direction, reading its current value the way its source encodes it.
+
+    `read(x)` gives the value at every position (an SAE feature: the SAE's own encoder with its
+    TopK / JumpReLU / gate, so positions where the feature is off read exactly 0 and stay as they
+    are; a vector: the projection on its unit direction). Clamp sets the value to `value`; ablate
+    multiplies it by ``1 - value`` (value = the fraction removed).
+    """
+
+    read: Callable[[torch.Tensor], torch.Tensor]
+    direction: torch.Tensor  # [d_model] unit
+    kind: Literal["clamp", "ablate"]
+    value: float
+
+
 @dataclass
 class LayerEdit:
     """Residual edits for one layer, already resolved to tensors."""
 
-    add: torch.Tensor | None = None  # [d_model], summed `add` directions
-    clamps: list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, float]] = field(default_factory=list)
-    # each clamp: (encoder column [d], decoder row [d], encoder bias, decoder bias [d], target value)
-    scales: list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, float]] = field(default_factory=list)
-    # each scale: same tensors, but the feature's current value is multiplied by the last element
-    # (ablate with strength s keeps (1 - s) of the feature; s = 1 removes it entirely)
+    add: torch.Tensor | None = None  # [d_model] (or [batch, 1, d_model]): the summed `add` directions
+    features: list[FeatureEdit] = field(default_factory=list)
 
 
 ResolvedPlan = dict[int, LayerEdit]
 
 
 class SteeringHooks:
-    """Forward hooks on decoder layers that apply the active `ResolvedPlan` to their output."""
+    """Forward hooks on decoder layers that apply the active `ResolvedPlan` to their output.
+
+    `active(plan, mask)` sets the plan (and the positions it may touch) for the forwards run in this
+    thread; the engine passes a mask that leaves out special tokens and a text's first position
+    (its residual norm is ~100x the rest: an attention sink that steering must not move).
+    """
 
     def __init__(self, layers: nn.ModuleList):
         self._layers = layers
@@ -85,43 +104,66 @@ class SteeringHooks:
             if not plan or index not in plan:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            hidden = apply_layer_edit(hidden, plan[index])
+            hidden = apply_layer_edit(hidden, plan[index], getattr(self._local, "mask", None))
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
 
     @contextmanager
-    def active(self, plan: ResolvedPlan | None) -> Iterator[None]:
-        previous = getattr(self._local, "plan", None)
-        self._local.plan = plan
+    def active(self, plan: ResolvedPlan | None, mask: torch.Tensor | None = None) -> Iterator[None]:
+        previous = getattr(self._local, "plan", None), getattr(self._local, "mask", None)
+        self._local.plan, self._local.mask = plan, mask
         try:
             yield
         finally:
-            self._local.plan = previous
+            self._local.plan, self._local.mask = previous
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
 
 
-def apply_layer_edit(hidden: torch.Tensor, edit: LayerEdit) -> torch.Tensor:
-    """Apply one layer's edits to the residual stream `hidden` [batch, seq, d_model]."""
+def steer_mask(ids: Sequence[int], start: int, special_ids: frozenset[int]) -> torch.Tensor | None:
+    """Which positions of a forward over `ids` (from absolute position `start`) steering may edit.
+
+    None (= all) in the common case: a decode step, or a chunk after the first position with no
+    special token in it.
+    """
+    if start > 0 and not special_ids.intersection(ids):
+        return None
+    keep = torch.tensor([i not in special_ids for i in ids], dtype=torch.bool)
+    if start == 0 and len(ids):
+        keep[0] = False
+    return keep
+
+
+def apply_layer_edit(hidden: torch.Tensor, edit: LayerEdit, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply one layer's edits to the residual stream `hidden` [batch, seq, d_model].
+
+    `mask` ([seq] or [batch, seq], True = steer) leaves the other positions bit-identical.
+    """
+    keep = None if mask is None else mask.to(hidden.device).unsqueeze(-1)
     if edit.add is not None:
-        hidden = hidden + edit.add.to(hidden.dtype)
-    for w_enc, w_dec, b_enc, b_dec, target in edit.clamps:
+        delta = edit.add.to(hidden.dtype)
+        hidden = hidden + (delta if keep is None else delta * keep)
+    if edit.features:
         x = hidden.float()
-        act = torch.relu((x - b_dec) @ w_enc + b_enc)  # current feature activation
-        hidden = (x + (target - act).unsqueeze(-1) * w_dec).to(hidden.dtype)
-    for w_enc, w_dec, b_enc, b_dec, factor in edit.scales:
-        x = hidden.float()
-        act = torch.relu((x - b_dec) @ w_enc + b_enc)
-        hidden = (x + ((factor - 1.0) * act).unsqueeze(-1) * w_dec).to(hidden.dtype)
+        for fe in edit.features:
+            value = fe.read(x)
+            change = (fe.value - value) if fe.kind == "clamp" else (-fe.value * value)
+            if keep is not None:
+                change = change * keep.squeeze(-1)
+            x = x + change.unsqueeze(-1) * fe.direction
+        hidden = x.to(hidden.dtype)
     return hidden
 
 
-# -- resolving plans to tensors ------------------------------------------------------------------
+# -- feature references --------------------------------------------------------------------------
 
-MAX_STRENGTH = 20.0  # |strength| above this is surely a typo (strength 1 = the feature's max activation)
+MAX_STRENGTH = 20.0  # |strength| above this is surely a typo (strength 1 = the calibrated push)
+MAX_DESCRIPTION = 200
+SAE_REF_RE = re.compile(r"^([A-Za-z0-9_.-]+):(\d+)$")
+ID_LIKE_RE = re.compile(r"^[A-Za-z0-9_.-]+:\S*$")
 
 
 class SteeringError(ValueError):
@@ -132,86 +174,52 @@ class SteeringError(ValueError):
 class FeatureHandle:
     """Everything the hooks need about one steerable direction (an SAE feature or a vector).
 
-    `scale` is the size of "strength 1": the feature's max activation on the labelling corpus, or
-    the norm of a vector's mean difference. `enc`/`b_enc`/`b_dec` read the feature's current value
-    (for clamp/ablate); for vectors that value is the projection onto the unit direction.
+    `add_scale` is what `add` at strength 1 adds along `direction` (a calibrated fraction of the
+    layer's typical residual norm, so a strength means the same for features and vectors);
+    `value_scale` is what `clamp` at strength 1 sets the value to (an SAE feature's max activation,
+    a vector's typical projection); `read` gives the current value (see `FeatureEdit`).
     """
 
     ref: str
     layer: int
     direction: torch.Tensor  # [d_model], unit norm
-    scale: float
-    enc: torch.Tensor  # [d_model]
-    b_enc: float
-    b_dec: torch.Tensor  # [d_model]
+    add_scale: float
+    value_scale: float
+    read: Callable[[torch.Tensor], torch.Tensor]
 
 
 def parse_feature_ref(ref: str) -> tuple[str, str]:
-    """Split ``"<sae>:<index>"`` / ``"vector:<name>"`` into (source, key) or raise `SteeringError`."""
-    source, sep, key = str(ref).rpartition(":")
-    if not sep or not source or not key:
-        raise SteeringError(f"bad feature id {ref!r}: use <sae>:<index> (e.g. default:123) or vector:<name>")
-    if source != "vector" and not key.isdigit():
-        raise SteeringError(f"bad feature id {ref!r}: the part after ':' must be a feature index")
-    return source, key
+    """Split a feature reference into (source, key) or raise `SteeringError`.
 
-
-class FeatureLibrary:
-    """Named SAEs and steering vectors, loaded on first use and cached (an SAE is ~20 MB)."""
-
-    def __init__(self, saes: dict[str, str] | None = None, vectors_dir=None):
-        self._specs: dict[str, str] = {"default": "default", **(saes or {})}
-        self._vectors_dir = vectors_dir
-        self._saes: dict[str, object] = {}
-        self._vectors: dict[str, object] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def sae_names(self) -> list[str]:
-        return list(self._specs)
-
-    def sae(self, name: str):
-        """The `LoadedSAE` called `name` (as configured in `[[sae]]`, or "default")."""
-        from .sae import SAEError, load_sae
-
-        with self._lock:
-            if name not in self._saes:
-                if name not in self._specs:
-                    known = ", ".join(self._specs)
-                    raise SteeringError(f"unknown SAE {name!r}; configured SAEs: {known}")
-                try:
-                    self._saes[name] = load_sae(self._specs[name], name=name)
-                except SAEError as exc:
-                    raise SteeringError(str(exc)) from exc
-            return self._saes[name]
-
-    def vector(self, name: str):
-        from .vectors import VectorError, load_vector
-
-        with self._lock:
-            if name not in self._vectors:
-                try:
-                    self._vectors[name] = load_vector(name, self._vectors_dir)
-                except VectorError as exc:
-                    raise SteeringError(str(exc)) from exc
-            return self._vectors[name]
-
-    def handle(self, ref: str) -> FeatureHandle:
-        source, key = parse_feature_ref(ref)
-        if source == "vector":
-            vec = self.vector(key)
-            zero = torch.zeros_like(vec.direction)
-            return FeatureHandle(ref, vec.layer, vec.direction, vec.scale, vec.direction, 0.0, zero)
-        sae = self.sae(source)
-        index = int(key)
-        if not 0 <= index < sae.d_sae:
-            raise SteeringError(f"unknown feature {ref!r}: SAE {source!r} has features 0..{sae.d_sae - 1}")
-        return FeatureHandle(ref, sae.layer, sae.direction(index), sae.max_activation(index),
-                             sae.encoder_column(index), sae.encoder_bias(index), sae.decoder_bias())
+    ``"<sae>:<index>"`` → (sae, index); ``"vector:<name>"`` → ("vector", name);
+    ``"concept:<text>"`` or free text such as ``"about gardening"`` / ``"less hedging"`` →
+    ("concept", text): a concept vector the engine builds from the description.
+    """
+    text = " ".join(str(ref).split())
+    if not text:
+        raise SteeringError("empty feature: give <sae>:<index>, vector:<name> or a description")
+    m = SAE_REF_RE.match(text)
+    if m:
+        return m.group(1), m.group(2)
+    if text.startswith("vector:"):
+        name = text[len("vector:"):].strip()
+        if not name:
+            raise SteeringError(f"bad feature id {ref!r}: vector:<name> needs a name")
+        return "vector", name
+    if text.startswith("concept:"):
+        text = text[len("concept:"):].strip()
+    elif ID_LIKE_RE.match(text):
+        raise SteeringError(f"bad feature id {ref!r}: use <sae>:<index> (e.g. default:123), vector:<name>, "
+                            "or a description such as \"about the sea\"")
+    if not any(c.isalpha() for c in text):
+        raise SteeringError(f"bad feature {ref!r}: a description needs words (e.g. \"more formal\")")
+    if len(text) > MAX_DESCRIPTION:
+        raise SteeringError(f"description too long ({len(text)} characters, at most {MAX_DESCRIPTION})")
+    return "concept", text
 
 
 def validate_entry(entry: SteeringEntry) -> None:
-    """Check mode and strength (not the feature: that needs the library)."""
+    """Check mode, strength and the shape of the feature reference (not its existence)."""
     if entry.mode not in MODES:
         raise SteeringError(f"unknown mode {entry.mode!r} for {entry.feature}; use one of {', '.join(MODES)}")
     try:
@@ -221,22 +229,26 @@ def validate_entry(entry: SteeringEntry) -> None:
                             f"not {entry.strength!r}") from None
     if strength != strength or abs(strength) > MAX_STRENGTH:
         raise SteeringError(f"strength {entry.strength} for {entry.feature} is out of range "
-                            f"[-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] (1 = the feature's max activation)")
+                            f"[-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] (1 = a noticeable, fluent push)")
     if entry.mode == "ablate" and not 0.0 <= strength <= 1.0:
         raise SteeringError(f"ablate strength for {entry.feature} must be in [0, 1] (the fraction removed)")
     parse_feature_ref(entry.feature)
 
 
-def resolve_plan(plan: SteeringPlan | None, library: FeatureLibrary, d_model: int,
+class HandleSource(Protocol):
+    def handle(self, ref: str) -> FeatureHandle: ...
+
+
+def resolve_plan(plan: SteeringPlan | None, library: HandleSource, d_model: int,
                  n_layers: int | None = None) -> ResolvedPlan | None:
     """Turn a plan into per-layer tensors; None when nothing changes the model.
 
-    Semantics (strength s, feature max activation m, unit decoder direction u):
-    - add: the residual gets ``s·m·u`` at every position;
-    - clamp: the feature's value is set to ``s·m`` (the rest of the residual, i.e. the SAE's error
-      and every other feature, is kept);
-    - ablate: the feature's value is multiplied by ``1 - s`` (s = 1 removes it).
-    Entries with strength 0 are skipped, so strength 0 is exactly the unsteered model.
+    Semantics (strength s, unit direction u):
+    - add: the residual gets ``s · add_scale · u`` at every steered position (negative s: less of it);
+    - clamp: the feature's value is set to ``s · value_scale`` (s = 0 switches it off); the rest of
+      the residual (the SAE's error and every other feature) is kept;
+    - ablate: the feature's value is multiplied by ``1 - s`` (s = 1 removes it), only where it is on.
+    `add` and `ablate` with strength 0 are skipped, so they are exactly the unsteered model.
     """
     if plan is None or plan.is_empty():
         return None
@@ -244,49 +256,22 @@ def resolve_plan(plan: SteeringPlan | None, library: FeatureLibrary, d_model: in
     for entry in plan.entries:
         validate_entry(entry)
         strength = float(entry.strength)
-        if strength == 0.0:
+        if strength == 0.0 and entry.mode != "clamp":
             continue
         h = library.handle(entry.feature)
         if h.direction.shape[-1] != d_model:
             raise SteeringError(f"{entry.feature} has {h.direction.shape[-1]} dims but the model has "
-                                f"{d_model}: "
-                                "it was made for a different model")
+                                f"{d_model}: it was made for a different model")
         layer = h.layer if entry.layer is None else int(entry.layer)
         if n_layers is not None and not 0 <= layer < n_layers:
             raise SteeringError(f"layer {layer} for {entry.feature} is out of range 0..{n_layers - 1}")
         edit = resolved.setdefault(layer, LayerEdit())
+        direction = h.direction.float()
         if entry.mode == "add":
-            delta = (strength * h.scale) * h.direction.float()
+            delta = (strength * h.add_scale) * direction
             edit.add = delta if edit.add is None else edit.add + delta
         elif entry.mode == "clamp":
-            target = strength * h.scale
-            edit.clamps.append((h.enc.float(), h.direction.float(), h.b_enc, h.b_dec.float(), target))
+            edit.features.append(FeatureEdit(h.read, direction, "clamp", strength * h.value_scale))
         else:
-            edit.scales.append((h.enc.float(), h.direction.float(), h.b_enc, h.b_dec.float(), 1.0 - strength))
+            edit.features.append(FeatureEdit(h.read, direction, "ablate", strength))
     return resolved or None
-
-
-def default_resolver(engine):
-    """The engine's plan resolver: a `FeatureLibrary` from the user's config (SAEs + vectors dir)."""
-    from .config import library_from_config, load_config
-
-    try:
-        config = load_config()
-    except Exception:  # noqa: BLE001 - a broken config must not stop completions; use the defaults
-        config = None
-    library = library_from_config(config)
-    d_model, n_layers = _model_dims(engine)
-
-    def resolve(plan: SteeringPlan) -> ResolvedPlan | None:
-        return resolve_plan(plan, library, d_model, n_layers)
-
-    resolve.library = library  # type: ignore[attr-defined]
-    return resolve
-
-
-def _model_dims(engine) -> tuple[int, int]:
-    info = getattr(engine, "info", None)
-    if info is not None:
-        return int(info.d_model), int(info.layers)
-    cfg = engine.model.config
-    return int(cfg.hidden_size), int(cfg.num_hidden_layers)

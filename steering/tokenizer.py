@@ -26,6 +26,21 @@ class FastTokenizer:
         self.bos_token_id = self.convert_tokens_to_ids(self.bos_token)
         self.eos_token_id = self.convert_tokens_to_ids(self.eos_token)
         self.unk_token_id = self.convert_tokens_to_ids(self.unk_token)
+        self.all_special_ids = sorted(i for i, t in self._tk.get_added_tokens_decoder().items() if t.special)
+        template = folder / "chat_template.jinja"
+        self.chat_template = template.read_text() if template.is_file() else config.get("chat_template")
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
+                            add_generation_prompt: bool = False) -> str:
+        """The model's chat template rendered as text (what concept vectors instruct the model with)."""
+        if not self.chat_template or tokenize:
+            raise ValueError("this tokenizer has no chat template")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "")
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
         return {"input_ids": self.encode(text, add_special_tokens=add_special_tokens)}

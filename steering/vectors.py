@@ -53,36 +53,49 @@ def check_name(name: str) -> str:
     return name
 
 
-def save_vector(vec: SteeringVector, directory: str | os.PathLike | None = None) -> Path:
-    """Write `<dir>/<name>.safetensors` atomically (tmp + rename)."""
+def save_vector_file(vec: SteeringVector, path: str | os.PathLike) -> Path:
+    """Write one vector to `path` atomically (tmp + rename)."""
     from safetensors.torch import save_file
 
-    d = vectors_dir(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{check_name(vec.name)}.safetensors"
-    tmp = path.with_suffix(".tmp")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     meta = {"layer": str(vec.layer), "scale": repr(float(vec.scale)), "meta": json.dumps(vec.meta)}
-    save_file({"direction": vec.direction.float().contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file({"direction": vec.direction.float().contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
-def load_vector(name: str, directory: str | os.PathLike | None = None) -> SteeringVector:
+def load_vector_file(path: str | os.PathLike, name: str | None = None) -> SteeringVector:
+    """Read one vector file; `VectorError` when it is damaged."""
     from safetensors import safe_open
 
-    path = vectors_dir(directory) / f"{check_name(name)}.safetensors"
-    if not path.is_file():
-        known = ", ".join(list_vectors(directory)) or "none yet"
-        raise VectorError(f"unknown vector {name!r} (known: {known}); build one with "
-                          "`tinymorph vector from-examples`")
+    path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             direction = f.get_tensor("direction").float()
-        return SteeringVector(name, int(meta["layer"]), direction, float(meta["scale"]),
+        return SteeringVector(name or path.stem, int(meta["layer"]), direction, float(meta["scale"]),
                               json.loads(meta.get("meta", "{}")))
     except Exception as exc:  # noqa: BLE001 - any corruption is the same problem for the user
         raise VectorError(f"vector file {path} is damaged: {exc}") from exc
+
+
+def save_vector(vec: SteeringVector, directory: str | os.PathLike | None = None) -> Path:
+    """Write `<dir>/<name>.safetensors`."""
+    return save_vector_file(vec, vectors_dir(directory) / f"{check_name(vec.name)}.safetensors")
+
+
+def load_vector(name: str, directory: str | os.PathLike | None = None) -> SteeringVector:
+    path = vectors_dir(directory) / f"{check_name(name)}.safetensors"
+    if not path.is_file():
+        known = ", ".join(list_vectors(directory)) or "none yet"
+        raise VectorError(f"unknown vector {name!r} (known: {known}); build one with "
+                          "`tinymorph vector from-examples`, or steer by a description instead")
+    return load_vector_file(path, name)
 
 
 def list_vectors(directory: str | os.PathLike | None = None) -> list[str]:
@@ -148,6 +161,21 @@ def layer_activations(model, ids: Sequence[int], layer: int) -> torch.Tensor:
     return captured[0][0].float()
 
 
+SINK_FACTOR = 8.0  # a position whose norm is this many times the median is an attention sink
+
+
+def drop_sinks(acts: torch.Tensor) -> torch.Tensor:
+    """Rows of `acts` [T, d] without attention-sink positions (norm ~100x the rest at middle layers).
+
+    Why: the first position of a text (and sometimes a later delimiter) carries a residual norm of
+    ~24,000 against ~170 elsewhere in SmolLM2; one such row dominates any mean or ranking.
+    """
+    if acts.shape[0] < 2:
+        return acts
+    norms = acts.norm(dim=-1)
+    return acts[norms <= SINK_FACTOR * norms.median()]
+
+
 def encode_texts(tokenizer, texts: Iterable[str], max_tokens: int = 256) -> list[list[int]]:
     """Token ids with BOS first (position 0 is an attention sink: callers drop it)."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
@@ -163,12 +191,22 @@ def mean_activation(model, tokenizer, texts: Sequence[str], layer: int) -> torch
     """Mean residual activation at `layer` over all (non-BOS) token positions of `texts`."""
     total, count = None, 0
     for ids in encode_texts(tokenizer, texts):
-        acts = layer_activations(model, ids, layer)[1:]
+        acts = drop_sinks(layer_activations(model, ids, layer)[1:])
         total = acts.sum(0) if total is None else total + acts.sum(0)
         count += acts.shape[0]
     if total is None or count == 0:
         raise VectorError("no tokens in the examples")
     return total / count
+
+
+@torch.no_grad()
+def typical_norm(model, tokenizer, texts: Sequence[str], layer: int) -> float:
+    """Median residual norm at `layer` over `texts` (sinks excluded): the unit of steering strength."""
+    norms = [drop_sinks(layer_activations(model, ids, layer)[1:]).norm(dim=-1)
+             for ids in encode_texts(tokenizer, texts)]
+    if not norms:
+        raise VectorError("no tokens to measure the residual norm on")
+    return float(torch.cat(norms).median())
 
 
 def vector_from_examples(name: str, model, tokenizer, positive: Sequence[str], negative: Sequence[str],
@@ -180,5 +218,6 @@ def vector_from_examples(name: str, model, tokenizer, positive: Sequence[str], n
     norm = float(diff.norm())
     if norm == 0.0:
         raise VectorError("positive and negative examples give the same mean activation")
-    meta = {"model": model_name, "n_positive": len(positive), "n_negative": len(negative)}
+    meta = {"model": model_name, "n_positive": len(positive), "n_negative": len(negative),
+            "resid_norm": typical_norm(model, tokenizer, list(positive) + list(negative), layer)}
     return SteeringVector(name, layer, diff / norm, norm, meta)

@@ -19,8 +19,9 @@ def register(sub) -> None:
     t.add_argument("--out", type=Path, required=True, help="output folder (sae-lens format)")
     t.add_argument("--layer", type=int, default=15, help="decoder layer whose output is read (default 15)")
     t.add_argument("--tokens", type=int, default=3_000_000, help="training tokens (default 3M)")
-    t.add_argument("--d-sae", type=int, default=4608, help="number of features (default 4608)")
-    t.add_argument("--k", type=int, default=32, help="active features per token (default 32)")
+    t.add_argument("--d-sae", type=int, default=4096, help="number of features (default 4096)")
+    t.add_argument("--k", type=int, default=48, help="active features per token (default 48)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy machine)")
     t.add_argument("--model", default="default")
     t.add_argument("--fresh", action="store_true", help="ignore checkpoints in OUT and start over")
     t.set_defaults(func=run_train)
@@ -84,7 +85,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.tokens < 10_000:
         raise UserError("--tokens must be at least 10000")
     settings = TrainSettings(layer=args.layer, tokens=args.tokens, d_sae=args.d_sae, k=args.k,
-                             model=args.model)
+                             model=args.model, threads=args.threads)
     out = train_sae(_check_files(args.files), args.out, settings, resume=not args.fresh,
                     log=lambda m: print(f"[tinymorph] {m}", file=sys.stderr))
     print(out)

@@ -1,0 +1,143 @@
+"""Batched greedy generation and scoring on the engine's own `LlamaModel`, for evaluation and calibration.
+
+Why a second loop beside `generate.py`: judging a steering direction means many short continuations
+(prompts x strengths x concepts) and their perplexity under the unsteered model; one sequence at a
+time that is minutes, in a batch it is seconds. It runs the same decoder layers (int8 or not) and
+the same steering hooks as the engine, so what it measures is what an editor gets. Rows are left
+padded; each row has its own positions, attention mask and (optionally) its own `add` vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .steering import LayerEdit, ResolvedPlan, SteeringHooks
+
+
+@dataclass
+class _Cache:
+    """The KV storage `DecoderLayer.forward` writes into, with a batch dimension."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class BatchRunner:
+    """Left-padded batched forwards over a `LlamaModel` with per-row steering."""
+
+    def __init__(self, model, hooks: SteeringHooks | None = None, special_ids: Sequence[int] = ()):
+        self.model = model
+        self.hooks = hooks if hooks is not None else SteeringHooks(model.layers)
+        self.special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+
+    def _steer_mask(self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        keep = valid & (pos > 0)
+        if self.special.numel():
+            keep &= ~torch.isin(ids, self.special)
+        return keep
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new: int, plan: ResolvedPlan | None = None,
+                 stop_ids: Sequence[int] = (), steer_prompt: bool = True, steer_new: bool = True) -> list[list[int]]:
+        """Greedy continuations (token ids) of every prompt; `plan` may hold per-row [B, 1, d] adds."""
+        model, cfg = self.model, self.model.cfg
+        b, width = len(prompts), max(len(p) for p in prompts)
+        total = width + max_new
+        ids = torch.zeros(b, width, dtype=torch.long)
+        valid = torch.zeros(b, total, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(list(p))
+            valid[i, width - len(p):width] = True
+        cache = _Cache(torch.zeros(cfg.n_layers, b, cfg.n_kv_heads, total, cfg.head_dim, dtype=model.dtype),
+                       torch.zeros(cfg.n_layers, b, cfg.n_kv_heads, total, cfg.head_dim, dtype=model.dtype))
+        pos = (valid[:, :width].long().cumsum(-1) - 1).clamp_min(0)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask = causal & valid[:, None, :width]
+        mask |= torch.eye(width, dtype=torch.bool)  # padded rows attend to themselves (no NaN)
+        logits = self._forward(ids, pos, cache, 0, mask[:, None], plan if steer_prompt else None,
+                               self._steer_mask(ids, pos, valid[:, :width]))
+        out = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool)
+        stops = torch.tensor(list(stop_ids), dtype=torch.long)
+        last_pos = pos[:, -1]
+        for step in range(max_new):
+            nxt = logits.argmax(-1)
+            for i in range(b):
+                if not done[i]:
+                    out[i].append(int(nxt[i]))
+            if stops.numel():
+                done |= torch.isin(nxt, stops)
+            if bool(done.all()) or step == max_new - 1:
+                break
+            at = width + step
+            valid[:, at] = True
+            last_pos = last_pos + 1
+            tok = nxt[:, None]
+            logits = self._forward(tok, last_pos[:, None], cache, at, valid[:, None, None, :at + 1],
+                                   plan if steer_new else None, None)
+        return out
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: _Cache, start: int, mask: torch.Tensor,
+                 plan: ResolvedPlan | None, steer: torch.Tensor | None) -> torch.Tensor:
+        model = self.model
+        x = model.embed(ids)
+        cos = model.rope_cos[pos].to(x.dtype).unsqueeze(1)
+        sin = model.rope_sin[pos].to(x.dtype).unsqueeze(1)
+        with self.hooks.active(plan, steer):
+            for layer in model.layers:
+                x = layer(x, cache, start, cos, sin, mask)
+        return model.lm_head(model.norm(x[:, -1])).float()
+
+    @torch.inference_mode()
+    def score(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+              read_layer: int | None = None) -> tuple[list[float], list[torch.Tensor | None]]:
+        """Unsteered mean negative log-likelihood of each continuation given its prefix, and (with
+        `read_layer`) the residual at that layer over the continuation's positions."""
+        model, cfg = self.model, self.model.cfg
+        rows = [list(p) + list(c) for p, c in zip(prefixes, continuations, strict=True)]
+        b, width = len(rows), max(len(r) for r in rows)
+        ids = torch.zeros(b, width, dtype=torch.long)
+        valid = torch.zeros(b, width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            valid[i, width - len(r):] = True
+        cache = _Cache(torch.zeros(cfg.n_layers, b, cfg.n_kv_heads, width, cfg.head_dim, dtype=model.dtype),
+                       torch.zeros(cfg.n_layers, b, cfg.n_kv_heads, width, cfg.head_dim, dtype=model.dtype))
+        pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
+        mask = (torch.ones(width, width, dtype=torch.bool).tril() & valid[:, None, :]) | torch.eye(width,
+                                                                                                  dtype=torch.bool)
+        x = model.embed(ids)
+        cos = model.rope_cos[pos].to(x.dtype).unsqueeze(1)
+        sin = model.rope_sin[pos].to(x.dtype).unsqueeze(1)
+        read = None
+        with self.hooks.active(None):
+            for i, layer in enumerate(model.layers):
+                x = layer(x, cache, 0, cos, sin, mask[:, None])
+                if i == read_layer:
+                    read = x.float()
+        nll, acts = [], []
+        for i, c in enumerate(continuations):
+            n = len(c)
+            if n == 0:
+                nll.append(0.0)
+                acts.append(None)
+                continue
+            h = x[i, width - n - 1: width - 1]
+            logp = torch.log_softmax(model.lm_head(model.norm(h)).float(), -1)
+            target = torch.tensor(list(c))
+            nll.append(float(-logp[torch.arange(n), target].mean()))
+            acts.append(read[i, width - n:] if read is not None else None)
+        return nll, acts
+
+
+def per_row_add(vectors: Sequence[torch.Tensor | None], d_model: int) -> torch.Tensor:
+    """Stack per-row `add` deltas (None = unsteered row) into a [B, 1, d] tensor."""
+    rows = [v.float() if v is not None else torch.zeros(d_model) for v in vectors]
+    return torch.stack(rows)[:, None, :]
+
+
+def plan_with_rows(layer: int, vectors: Sequence[torch.Tensor | None], d_model: int) -> ResolvedPlan:
+    return {layer: LayerEdit(add=per_row_add(vectors, d_model))}

@@ -1,0 +1,320 @@
+"""`tinymorph steer eval`: does steering put the concept in the text, and does the text stay good?
+
+Why a built-in evaluation: steering is judged by two numbers that pull against each other —
+concept presence and fluency — and every change to labels, search, units or calibration moves
+both. The concept set (steering/data/eval/concepts.json: topics and registers, each with a
+lexicon and a few examples) and the neutral prompts ship with the package, so the same run is
+how strengths are calibrated and how regressions are caught.
+
+Metrics per method and strength (greedy continuations of neutral prompts, batched on the engine's
+own model with the engine's own steering hooks):
+- hit rate: share of continuations that contain a word of the concept's lexicon;
+- mean hits: lexicon words per continuation;
+- perplexity of the continuation under the unsteered model, given the plain prompt;
+- rep3: share of repeated word 3-grams in the continuation ("the the the" loops);
+- speed cost: decode tokens/s with steering vs without, on the engine's normal path.
+Methods: unsteered, prompting (the concept written before the prompt), the top search result
+(SAE feature), the described concept vector (raw strengths and calibrated), and a DiffMean
+vector from the concept's examples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .batch import BatchRunner
+from .steering import LayerEdit, ResolvedPlan
+
+DATA = Path(__file__).parent / "data" / "eval" / "concepts.json"
+PROMPTING_TEMPLATE = "The following text is {description}.\n\n"
+SUFFIXES = "(?:s|es|ed|d|ing|er|ers|ies|ly)?"
+
+
+@dataclass
+class Concept:
+    name: str
+    kind: str
+    description: str
+    query: str
+    lexicon: list[str]
+    examples: list[str] = field(default_factory=list)
+
+    def pattern(self) -> re.Pattern:
+        words = sorted((w.lower() for w in self.lexicon), key=len, reverse=True)
+        alts = "|".join(re.escape(w) + ("" if " " in w else SUFFIXES) for w in words)
+        return re.compile(rf"\b(?:{alts})\b", re.IGNORECASE)
+
+
+@dataclass
+class EvalSet:
+    concepts: list[Concept]
+    prompts: list[str]
+    calibration_prompts: list[str]
+
+
+def load_eval_set(path: str | Path | None = None) -> EvalSet:
+    data = json.loads(Path(path or DATA).read_text())
+    return EvalSet([Concept(**c) for c in data["concepts"]], data["prompts"], data["calibration_prompts"])
+
+
+def count_hits(text: str, pattern: re.Pattern) -> int:
+    return len(pattern.findall(text))
+
+
+def rep3(text: str) -> float:
+    """Share of word 3-grams that already occurred earlier in the text."""
+    words = re.findall(r"\w+", text.lower())
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
+
+
+@dataclass
+class Row:
+    """One continuation to produce: the prompt the model sees, the prompt fluency is judged on, and
+    the steering delta for its row (None = unsteered)."""
+
+    concept: Concept | None
+    prompt: str
+    judged_prompt: str
+    delta: torch.Tensor | None = None
+    layer: int | None = None
+
+
+@dataclass
+class Result:
+    method: str
+    strength: float | None
+    n: int
+    hit_rate: float
+    mean_hits: float
+    perplexity: float
+    rep3: float
+    examples: list[dict] = field(default_factory=list)
+    per_concept: dict[str, float] = field(default_factory=dict)
+
+
+class Generator:
+    """Batched continuation + scoring over an `Engine` (same model and hooks as completions)."""
+
+    def __init__(self, engine, tokens: int, batch: int = 48, steer_prompt: bool = True, steer_new: bool = True):
+        self.engine = engine
+        self.steer_prompt, self.steer_new = steer_prompt, steer_new
+        self.tokens = tokens
+        self.batch = batch
+        self.runner = BatchRunner(engine.model, engine.hooks, engine.special_ids)
+        self.stop = sorted(engine.eos_ids)
+
+    def run(self, rows: Sequence[Row]) -> list[tuple[str, float]]:
+        """(continuation text, mean NLL under the unsteered model given `judged_prompt`) per row."""
+        out: list[tuple[str, float]] = []
+        tok = self.engine.tokenize
+        for start in range(0, len(rows), self.batch):
+            chunk = rows[start:start + self.batch]
+            prompts = [tok(r.prompt) for r in chunk]
+            plan = _row_plan(chunk, self.engine.info.d_model)
+            ids = self.runner.generate(prompts, self.tokens, plan, self.stop, self.steer_prompt, self.steer_new)
+            ids = [[t for t in seq if t not in self.engine.eos_ids] for seq in ids]
+            nll, _ = self.runner.score([tok(r.judged_prompt) for r in chunk], ids)
+            out += [(self.engine.detokenize(seq), n) for seq, n in zip(ids, nll, strict=True)]
+        return out
+
+
+def _row_plan(rows: Sequence[Row], d_model: int) -> ResolvedPlan | None:
+    layers = sorted({r.layer for r in rows if r.delta is not None and r.layer is not None})
+    if not layers:
+        return None
+    plan: ResolvedPlan = {}
+    for layer in layers:
+        stack = [r.delta.float() if (r.delta is not None and r.layer == layer) else torch.zeros(d_model)
+                 for r in rows]
+        plan[layer] = LayerEdit(add=torch.stack(stack)[:, None, :])
+    return plan
+
+
+def summarize(method: str, strength: float | None, rows: Sequence[Row], outputs, keep_examples: int = 3) -> Result:
+    hits, nlls, reps, examples = [], [], [], []
+    per_concept: dict[str, list[int]] = {}
+    for row, (text, nll) in zip(rows, outputs, strict=True):
+        n = count_hits(text, row.concept.pattern()) if row.concept else 0
+        hits.append(n)
+        nlls.append(nll)
+        reps.append(rep3(text))
+        if row.concept:
+            per_concept.setdefault(row.concept.name, []).append(int(n > 0))
+        if len(examples) < keep_examples and row.concept and row.concept.name not in {e["concept"] for e in examples}:
+            examples.append({"concept": row.concept.name, "prompt": row.judged_prompt, "text": text})
+    return Result(method, strength, len(rows), sum(h > 0 for h in hits) / max(1, len(hits)),
+                  statistics.fmean(hits) if hits else 0.0, math.exp(statistics.fmean(nlls)) if nlls else 0.0,
+                  statistics.fmean(reps) if reps else 0.0, examples,
+                  {k: sum(v) / len(v) for k, v in per_concept.items()})
+
+
+@dataclass
+class EvalReport:
+    results: list[Result]
+    speed: dict
+    config: dict
+    search_top1: dict[str, str]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"results": [asdict(r) for r in self.results], "speed": self.speed, "config": self.config,
+                "search_top1": self.search_top1, "seconds": round(self.seconds, 1)}
+
+    def table(self) -> str:
+        base = next((r for r in self.results if r.method == "unsteered"), None)
+        lines = [f"{'method':<22} {'strength':>8} {'hit':>6} {'hits':>6} {'ppl':>7} {'xppl':>6} {'rep3':>6}",
+                 "-" * 68]
+        for r in self.results:
+            x = r.perplexity / base.perplexity if base and base.perplexity else float("nan")
+            s = "" if r.strength is None else f"{r.strength:g}"
+            lines.append(f"{r.method:<22} {s:>8} {r.hit_rate:>6.0%} {r.mean_hits:>6.2f} {r.perplexity:>7.2f} "
+                         f"{x:>6.2f} {r.rep3:>6.3f}")
+        if self.speed:
+            lines.append(f"decode: unsteered {self.speed['unsteered_tok_s']:.1f} tok/s, steered "
+                         f"{self.speed['steered_tok_s']:.1f} tok/s ({self.speed['overhead_pct']:+.1f} %)")
+        return "\n".join(lines)
+
+
+def measure_speed(engine, resolve: Callable, reps: int = 3, tokens: int = 24) -> dict:
+    """Decode tokens/s with and without a steering plan, alternating, medians."""
+    from .engine import CompletionRequest
+    from .generate import GenerationOptions
+    from .steering import SteeringEntry, SteeringPlan
+
+    plan = SteeringPlan((SteeringEntry("concept:about the sea", 1.0),))
+    resolve(plan)  # build (or load) the vector outside the timing
+    opts = GenerationOptions(max_tokens=tokens, stop="none")
+    rates: dict[str, list[float]] = {"unsteered": [], "steered": []}
+    text = "The committee met on Tuesday to discuss the budget for next year, and"
+    for i in range(reps):
+        for name, p in (("unsteered", None), ("steered", plan)):
+            c = engine.complete(CompletionRequest(text, doc_id=f"speed-{name}-{i}", options=opts, steering=p))
+            rates[name].append(c.timings.decode_tokens_per_s)
+    u, s = statistics.median(rates["unsteered"]), statistics.median(rates["steered"])
+    return {"unsteered_tok_s": u, "steered_tok_s": s, "overhead_pct": (u / s - 1) * 100 if s else float("nan")}
+
+
+def plot(report: EvalReport, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    base = next((r for r in report.results if r.method == "unsteered"), None)
+    by_method: dict[str, list[Result]] = {}
+    for r in report.results:
+        by_method.setdefault(r.method, []).append(r)
+    for method, rs in by_method.items():
+        xs = [r.perplexity for r in rs]
+        ys = [r.hit_rate * 100 for r in rs]
+        ax.plot(xs, ys, marker="o", label=method)
+        for r in rs:
+            if r.strength is not None:
+                ax.annotate(f"{r.strength:g}", (r.perplexity, r.hit_rate * 100), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    if base:
+        ax.axvline(base.perplexity * 1.5, color="grey", linestyle=":", label="1.5x unsteered perplexity")
+    ax.set_xlabel("perplexity of the continuation under the unsteered model")
+    ax.set_ylabel("concept hit rate (%)")
+    ax.set_title("tinymorph steer eval: concept vs fluency")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float] | None = None,
+             methods: Sequence[str] | None = None, concepts: Sequence[str] | None = None,
+             log: Callable[[str], None] = lambda _m: None, calibrate: bool = True) -> EvalReport:
+    """Evaluate every method on the shipped concept set (see module docstring)."""
+    from .calibration import calibrate_direction
+    from .features import search_features
+    from .library import default_concept_layer
+    from .steering import SteeringError
+    from .vectors import vector_from_examples
+
+    started = time.perf_counter()
+    es = load_eval_set()
+    chosen = [c for c in es.concepts if not concepts or c.name in concepts]
+    prompts = es.prompts[:6] if quick else es.prompts
+    strengths = list(strengths or ([0.5, 1.0, 2.0] if quick else [0.5, 1.0, 1.5, 2.0, 3.0]))
+    methods = list(methods or ["unsteered", "prompting", "search", "described", "described-calibrated",
+                               "examples"])
+    gen = Generator(engine, tokens=32 if quick else 40)
+    d_model, n_layers = engine.info.d_model, engine.info.layers
+    results: list[Result] = []
+    search_top1: dict[str, str] = {}
+
+    def evaluate(method: str, strength: float | None, rows: list[Row]) -> None:
+        t0 = time.perf_counter()
+        res = summarize(method, strength, rows, gen.run(rows))
+        results.append(res)
+        log(f"{method:<22} {'' if strength is None else strength:>5} hit {res.hit_rate:5.0%} "
+            f"ppl {res.perplexity:5.2f} rep3 {res.rep3:.3f} ({time.perf_counter() - t0:.0f} s)")
+
+    if "unsteered" in methods:
+        evaluate("unsteered", None, [Row(c, p, p) for c in chosen for p in prompts])
+    if "prompting" in methods:
+        evaluate("prompting", None, [Row(c, PROMPTING_TEMPLATE.format(description=c.description) + p, p)
+                                     for c in chosen for p in prompts])
+    if "search" in methods:
+        handles = {}
+        for c in chosen:
+            found = search_features(library, c.query, limit=1, model=engine)
+            if found:
+                search_top1[c.name] = f"{found[0]['id']} {found[0].get('label', '')}"
+                handles[c.name] = library.handle(found[0]["id"])
+        for s in strengths:
+            evaluate("search", s, [Row(c, p, p, s * handles[c.name].add_scale * handles[c.name].direction,
+                                       handles[c.name].layer) for c in chosen if c.name in handles for p in prompts])
+    concept_handles = {}
+    if any(m.startswith("described") for m in methods):
+        for c in chosen:
+            try:
+                concept_handles[c.name] = library.handle(f"concept:{c.description}")
+            except SteeringError as exc:
+                log(f"described {c.name}: {exc}")
+    if "described" in methods:
+        for s in strengths:
+            evaluate("described", s, [Row(c, p, p, s * h.add_scale * h.direction, h.layer)
+                                      for c in chosen if (h := concept_handles.get(c.name)) for p in prompts])
+    if "described-calibrated" in methods and calibrate:
+        scales = {}
+        for c in chosen:
+            h = concept_handles.get(c.name)
+            if h is not None:
+                scales[c.name] = calibrate_direction(engine, h.direction, h.layer, h.add_scale,
+                                                     es.calibration_prompts, runner=gen.runner).add_scale
+        evaluate("described-calibrated", 1.0, [Row(c, p, p, scales[c.name] * concept_handles[c.name].direction,
+                                                   concept_handles[c.name].layer)
+                                               for c in chosen if c.name in scales for p in prompts])
+    if "examples" in methods:
+        layer = default_concept_layer(n_layers)
+        rows = []
+        for c in chosen:
+            if not c.examples:
+                continue
+            from .concepts import NEUTRAL_CONTEXTS
+
+            vec = vector_from_examples(f"eval-{c.name}", engine.model, engine.tokenizer, c.examples,
+                                       NEUTRAL_CONTEXTS, layer)
+            scale = library.add_fraction(f"vector:eval-{c.name}", layer) * vec.meta["resid_norm"]
+            rows += [Row(c, p, p, scale * vec.direction, layer) for p in prompts]
+        evaluate("examples", 1.0, rows)
+    speed = measure_speed(engine, engine.resolve) if not quick or True else {}
+    config = {"quick": quick, "prompts": len(prompts), "concepts": [c.name for c in chosen], "tokens": gen.tokens,
+              "strengths": strengths, "model": engine.info.model, "dtype": engine.info.dtype,
+              "concept_layer": default_concept_layer(n_layers), "d_model": d_model}
+    return EvalReport(results, speed, config, search_top1, time.perf_counter() - started)
