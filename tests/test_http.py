@@ -21,7 +21,8 @@ import httpx
 import pytest
 import torch
 
-from tinymorph.server.http_api import check_exposure, create_app, parse_address, start_http_server
+from tinymorph.server.http_api import create_app
+from tinymorph.server.http_server import check_exposure, parse_address, start_http_server
 from tinymorph.server.runtime import ModelSettings, Runtime
 from tinymorph.server.scheduler import PRIORITY_EDITOR, PRIORITY_HTTP, Job
 from tinymorph.steering.engine import CompletionRequest
@@ -281,13 +282,16 @@ BAD_BODIES = [
     ({"prompt": "x", "stop": [1]}, "stop"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "seed": 2**53}, "seed"),
     ({"prompt": "x", "n": 2}, "n"),
     ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"prompt": "x", "stop_rule": "chapter"}, "stop_rule"),
     ({"prompt": "x", "repetition_penalty": 0.5}, "repetition_penalty"),
     ({"prompt": "x", "steering": {"feature": "vector:tiny"}}, "steering"),
-    ({"prompt": "x", "steering": [{"feature": "no-colon", "strength": 1}]}, "steering"),
+    ({"prompt": "x", "steering": [{"feature": "", "strength": 1}]}, "steering"),
+    ({"prompt": "x", "steering": [{"feature": "x" * 201, "strength": 1}]}, "steering"),
+    ({"prompt": "x", "steering": [{"feature": "vector:tiny", "mode": "ablate", "strength": 2}]}, "steering"),
     ({"prompt": "x", "steering": [{"feature": "vector:tiny", "strength": 99}]}, "steering"),
     ({"prompt": "x", "steering": [{"feature": "vector:tiny", "strength": 1, "colour": "red"}]}, "steering"),
     ({"prompt": "x", "steering": [{"feature": "vector:tiny"}, {"feature": "vector:tiny"}]}, "steering"),
@@ -488,23 +492,44 @@ async def test_healthz_reports_a_failed_load(tmp_path):
     rt.scheduler.stop()
 
 
-METRIC_LINE = re.compile(r'^[a-z_]+(\{([a-z_]+="[^"]*",?)+\})? [-+0-9.eInf]+$')
-
-
 def test_metrics_are_prometheus_text(client, runtime):
-    client.post("/v1/completions", json={"prompt": "count me", "max_tokens": 3, **GREEDY})
-    client.post("/v1/completions", json={"prompt": "count me", "max_tokens": 3, **GREEDY})
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.post("/v1/completions", json={"prompt": "Count me in, please, as one of the many", "max_tokens": 3, **GREEDY})
+    client.post("/v1/completions", json={"prompt": "Count me in, please, as one of the many", "max_tokens": 3, **GREEDY})
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    text = response.text
-    for line in text.splitlines():
-        assert line.startswith("# ") or METRIC_LINE.match(line), line
-    assert 'tinymorph_ttft_seconds_bucket{source="http",le="+Inf"}' in text
-    assert 'tinymorph_decode_tokens_per_second_count{source="http"}' in text
-    assert "tinymorph_queue_depth 0" in text
-    assert re.search(r"tinymorph_prefix_cache_hit_ratio 0\.[0-9]*[1-9]", text)  # the repeat hit the cache
-    assert 'tinymorph_http_requests_total{method="POST",route="/v1/completions",status="200"}' in text
-    assert "tinymorph_model_ready 1" in text
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}  # the real parser accepts it
+
+    def value(name: str, sample: str | None = None, **labels: str) -> float:
+        for s in families[name].samples:
+            if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+        raise AssertionError(f"no sample {sample or name} {labels} in {families[name].samples}")
+
+    assert families["tinymorph_ttft_seconds"].type == "histogram"
+    assert value("tinymorph_ttft_seconds", "tinymorph_ttft_seconds_bucket", source="http", le="+Inf") >= 2
+    assert value("tinymorph_decode_tokens_per_second", "tinymorph_decode_tokens_per_second_count", source="http") >= 2
+    assert value("tinymorph_queue_depth") == 0
+    assert 0 < value("tinymorph_prefix_cache_hit_ratio") <= 1  # the repeat hit the cache
+    completions = {"method": "POST", "route": "/v1/completions", "status": "200"}
+    assert value("tinymorph_http_requests", "tinymorph_http_requests_total", **completions) >= 2
+    assert value("tinymorph_model_ready") == 1
+
+
+def test_two_apps_keep_their_own_metrics(runtime):
+    """Each app has its own registry: a second one neither clashes with nor sees the first's requests."""
+    from starlette.testclient import TestClient
+
+    first, second = create_app(runtime), create_app(runtime)
+    try:
+        with TestClient(first, base_url="http://127.0.0.1") as a, TestClient(second, base_url="http://127.0.0.1") as b:
+            assert a.get("/v1/models").status_code == 200
+            text = b.get("/metrics").text
+            assert 'route="/v1/models"' not in text and "tinymorph_model_ready 1.0" in text
+    finally:
+        first.state.api.metrics.detach()
+        second.state.api.metrics.detach()
 
 
 # -- the OpenAPI document -----------------------------------------------------------------------
@@ -523,8 +548,11 @@ def test_openapi_document_lists_every_route(client):
         "/healthz",
         "/openapi.json",
     }
-    limits = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert limits["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 512
+    ref = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    request = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert request["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 512
+    assert request["properties"]["seed"]["anyOf"][0]["maximum"] == 2**53 - 1  # exact even as a float
+    assert request["additionalProperties"] is False
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
