@@ -46,6 +46,7 @@ from .http_completions import (
 from .http_features import FeatureService
 from .http_guard import GuardMiddleware, error_response
 from .http_models import (
+    DUPLICATE_FEATURE,
     CompletionResponse,
     ErrorBody,
     FeatureDetail,
@@ -67,7 +68,8 @@ MAX_TOKENS_LIMIT = 512
 MAX_PENDING = 256
 BODY_TIMEOUT_S = 30.0
 SEND_TIMEOUT_S = 30.0  # a stream whose client has not taken a chunk for this long is abandoned
-TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "entries", "editor"})
+ERROR_CODES = frozenset({DUPLICATE_FEATURE})  # validation errors a client can act on get them as `code`
 
 
 # -- the streaming response ---------------------------------------------------------------------
@@ -190,7 +192,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 BODY_ERRORS = (400, 403, 408, 413, 415)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str | None]:
     """A readable sentence and the top-level field it is about (OpenAI's `param`).
 
     Locations keep field names and list indexes only (pydantic adds union-member tags such as
@@ -201,7 +203,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     for error in exc.errors():
         if error.get("type") == "json_invalid":
             detail = (error.get("ctx") or {}).get("error", "")
-            return f"the request body is not valid JSON: {detail}", None
+            return f"the request body is not valid JSON: {detail}", None, None
         loc = tuple(
             p
             for p in error.get("loc", ())
@@ -220,7 +222,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         text = f"{path or ('the request body' if where == 'body' else where)}: {message}"
         if text not in parts:
             parts.append(text)
-    return "; ".join(parts[:3]) or "invalid request", param
+    codes = [e["type"] for e in exc.errors() if e.get("type") in ERROR_CODES]
+    return "; ".join(parts[:3]) or "invalid request", param, codes[0] if codes else None
 
 
 def create_app(
@@ -255,24 +258,11 @@ def create_app(
     _add_error_handlers(app)
     document: dict[str, Any] | None = None
 
-    @app.get("/openapi.json", summary="This document (OpenAPI 3.1)", responses=_errors(403))
+    @app.get("/openapi.json", summary="This document (OpenAPI 3.1)", operation_id="openapi", responses=_errors(403))
     async def openapi() -> dict[str, Any]:
         nonlocal document
         if document is None:
-            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            if token is not None:
-                document.setdefault("components", {})["securitySchemes"] = {
-                    "bearer": {"type": "http", "scheme": "bearer"}
-                }
-                document["security"] = [{"bearer": []}]
-                document["paths"]["/healthz"]["get"]["security"] = []
-                for path, item in document["paths"].items():
-                    if path != "/healthz":
-                        for operation in item.values():
-                            operation["responses"]["401"] = {
-                                "description": "Missing or wrong bearer token.",
-                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
-                            }
+            document = _document(app, secured=token is not None)
         return document
 
     app.add_middleware(
@@ -286,12 +276,37 @@ def create_app(
     return app
 
 
+def _document(app: FastAPI, secured: bool) -> dict[str, Any]:
+    """FastAPI's document, minus its 422 answers (validation errors are 400s here), plus the token."""
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = doc.get("components", {}).get("schemas", {})
+    for item in doc["paths"].values():
+        for operation in item.values():
+            operation["responses"].pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    if secured:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+        for path, item in doc["paths"].items():
+            for operation in item.values():
+                if path == "/healthz":
+                    operation["security"] = []  # probes need no token
+                    continue
+                operation["responses"]["401"] = {
+                    "description": "Missing or wrong bearer token.",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                }
+    return doc
+
+
 def _add_routes(app: FastAPI, state: ApiState, completion_model: type) -> None:
     runtime = state.runtime
     json_body = [Depends(require_json)]
 
     @app.post(
         "/v1/completions",
+        operation_id="createCompletion",
         summary="Continue a prompt (OpenAI completions; `stream: true` answers with server-sent events)",
         response_model=CompletionResponse,
         dependencies=json_body,
@@ -354,6 +369,7 @@ def _add_routes(app: FastAPI, state: ApiState, completion_model: type) -> None:
 
     @app.get(
         "/v1/steering",
+        operation_id="getSteering",
         summary="The editor's steering plan",
         response_model=SteeringState,
         response_model_exclude_unset=True,
@@ -364,11 +380,15 @@ def _add_routes(app: FastAPI, state: ApiState, completion_model: type) -> None:
 
     @app.put(
         "/v1/steering",
+        operation_id="putSteering",
         summary="Replace the editor's steering plan (validated against the loaded model; kept in memory)",
         response_model=SteeringState,
         response_model_exclude_unset=True,
         dependencies=json_body,
-        responses=_errors(*BODY_ERRORS, 503),
+        responses={
+            200: {"description": "The new plan", "links": {"getSteering": {"operationId": "getSteering"}}},
+            **_errors(*BODY_ERRORS, 503),
+        },
     )
     async def put_steering(body: SteeringBody) -> dict:
         plan = plan_from_entries(body.steering)
@@ -378,6 +398,7 @@ def _add_routes(app: FastAPI, state: ApiState, completion_model: type) -> None:
 
     @app.get(
         "/v1/features",
+        operation_id="searchFeatures",
         summary="Search features by their labels",
         response_model=FeatureSearch,
         responses=_errors(400, 403, 503),
@@ -387,6 +408,7 @@ def _add_routes(app: FastAPI, state: ApiState, completion_model: type) -> None:
 
     @app.get(
         "/v1/features/{feature_id:path}",
+        operation_id="showFeature",
         summary="Everything known about one feature",
         response_model=FeatureDetail,
         responses=_errors(400, 403, 404, 503),
@@ -398,6 +420,7 @@ def _add_routes(app: FastAPI, state: ApiState, completion_model: type) -> None:
 
     @app.get(
         "/v1/models",
+        operation_id="listModels",
         summary="The model this server runs (OpenAI model list; `ready` is false while it loads)",
         response_model=ModelList,
         responses=_errors(403),
@@ -416,6 +439,7 @@ def _add_routes(app: FastAPI, state: ApiState, completion_model: type) -> None:
 
     @app.get(
         "/metrics",
+        operation_id="metrics",
         summary="Prometheus metrics",
         response_class=Response,
         responses={
@@ -428,6 +452,7 @@ def _add_routes(app: FastAPI, state: ApiState, completion_model: type) -> None:
 
     @app.get(
         "/healthz",
+        operation_id="health",
         summary="Liveness and model state (no token needed); 503 while loading or after a failed load",
         response_model=Health,
         responses={503: {"model": Health, "description": "Loading or failed"}, **_errors(403)},
@@ -450,8 +475,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def invalid(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        message, param = _validation_message(exc)
-        return error_response(400, message, "invalid_request_error", param)
+        message, param, code = _validation_message(exc)
+        return JSONResponse(ApiError(400, message, param=param, code=code).body(), status_code=400)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

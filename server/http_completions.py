@@ -32,8 +32,15 @@ MIN_TEMPERATURE = 1e-3
 MIN_TOP_P = 1e-6  # any smaller top_p means the same thing (the top token only)
 
 
+UNRESOLVED_FEATURE = "unresolved_feature"  # `code` of a 400 from the engine's feature resolver
+
+
 class ApiError(Exception):
-    """An error answered as ``{"error": {"message", "type", "param"}}`` with `status`."""
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with `status`.
+
+    `code` is set where a client can act on it: ``unresolved_feature`` marks a request that is
+    well-formed (the schema accepts any feature string) but names a feature the engine cannot resolve.
+    """
 
     def __init__(
         self,
@@ -42,13 +49,14 @@ class ApiError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -63,8 +71,9 @@ class CompletionCall:
     model: str | None
 
 
-def _bad(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param)
+def unresolved(message: str, param: str | None) -> ApiError:
+    """The engine's resolver refused a feature: its message, as a 400."""
+    return ApiError(400, message, param=param, code=UNRESOLVED_FEATURE)
 
 
 def call_from_request(body: CompletionRequestBase, runtime: Runtime) -> CompletionCall:
@@ -106,7 +115,7 @@ def plan_from_entries(entries: list[SteeringEntryModel | AblateEntry], param: st
         try:
             validate_entry(entry)
         except SteeringError as exc:
-            raise _bad(str(exc), param) from None
+            raise unresolved(str(exc), param) from None
         plan.append(entry)
     return SteeringPlan(tuple(plan))
 
@@ -130,7 +139,7 @@ async def check_plan(
     try:
         await asyncio.to_thread(engine.resolve, plan)
     except ValueError as exc:  # SteeringError and friends
-        raise _bad(str(exc), param) from None
+        raise unresolved(str(exc), param) from None
     except Exception as exc:  # noqa: BLE001 - e.g. an SAE file that cannot be read
         raise ApiError(503, f"steering is not available: {exc}", "unavailable", param) from None
 

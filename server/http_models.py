@@ -25,6 +25,7 @@ from pydantic import (
     create_model,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from ..steering.generate import STOP_RULES, GenerationOptions
 from ..steering.steering import MAX_STRENGTH
@@ -73,6 +74,8 @@ def Integer(**constraints: Any) -> Any:  # noqa: N802 - used like a type
     (A validator inside the annotation would turn the bounds into floats in the JSON Schema.)
     """
     return Annotated[int, Field(**constraints)]
+
+
 Text = Annotated[str, AfterValidator(_well_formed)]
 NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_well_formed)]
 Number = Annotated[float, Field(allow_inf_nan=False)]
@@ -128,6 +131,8 @@ class AblateEntry(StrictModel):
 def _entry_kind(value: Any) -> str | None:
     """Which entry model validates `value`: ablate entries have their own strength range."""
     mode = value.get("mode", "add") if isinstance(value, dict) else getattr(value, "mode", None)
+    if not isinstance(mode, str):
+        return None
     return {"add": "SteeringEntry", "clamp": "SteeringEntry", "ablate": "AblateEntry"}.get(mode)
 
 
@@ -141,12 +146,17 @@ Entry = Annotated[
 ]
 
 
+DUPLICATE_FEATURE = "duplicate_feature"  # a rule JSON Schema cannot state (unique by one key)
+
+
 def _distinct_features(entries: list[SteeringEntry | AblateEntry]) -> list[SteeringEntry | AblateEntry]:
     """One entry per feature: two would silently sum (or fight, for clamps)."""
     features = [e.feature for e in entries]
     dupes = sorted({f for f in features if features.count(f) > 1})
     if dupes:
-        raise ValueError(f"feature(s) {', '.join(map(repr, dupes))} steered more than once")
+        raise PydanticCustomError(
+            DUPLICATE_FEATURE, "feature(s) {dupes} steered more than once", {"dupes": ", ".join(map(repr, dupes))}
+        )
     return entries
 
 
@@ -154,6 +164,22 @@ SteeringEntries = Annotated[
     list[Entry],
     Field(max_length=MAX_STEERING_ENTRIES),
     AfterValidator(_distinct_features),
+]
+
+
+def _plan_kind(value: Any) -> str | None:
+    if isinstance(value, list):
+        return "entries"
+    return "editor" if value == "editor" else None
+
+
+PlanChoice = Annotated[
+    Annotated[SteeringEntries, Tag("entries")] | Annotated[Literal["editor"], Tag("editor")],
+    Discriminator(
+        _plan_kind,
+        custom_error_type="invalid_steering",
+        custom_error_message='steering must be a list of entries or "editor"',
+    ),
 ]
 
 
@@ -191,7 +217,7 @@ class CompletionRequestBase(StrictModel):
     frequency_penalty: Zero | None = None
     logit_bias: Annotated[dict[str, Number], Field(max_length=0)] | None = None
     user: Text | None = Field(None, description="ignored")
-    steering: SteeringEntries | Literal["editor"] | None = Field(
+    steering: PlanChoice | None = Field(
         None, description='steering entries for this request, or "editor" for the editor\'s current plan'
     )
     repetition_penalty: Annotated[Number, Field(ge=1, le=2)] | None = Field(
