@@ -210,6 +210,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
             if isinstance(p, int) or (p.isidentifier() and p not in TYPE_TAGS and not p[:1].isupper())
         )
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if error.get("type") == "string_unicode":  # pydantic's wording for a lone surrogate in a constrained string
+            message = "contains a lone surrogate; send valid UTF-16 pairs"
         found.append((loc, message))
     specific = [(loc, m) for loc, m in found if not any(len(o) > len(loc) and o[: len(loc)] == loc for o, _ in found)]
     parts: list[str] = []

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -425,6 +426,196 @@ def test_foreign_host_header_is_refused(client):
     assert client.get("/v1/steering", headers={"Host": "localhost"}).status_code == 200
 
 
+def test_loopback_rule_is_the_same_for_binding_and_host_headers(runtime, monkeypatch):
+    """Issue 11.10: binding 127.0.0.2 counted as loopback, but `Host: 127.0.0.2` got a 403."""
+    monkeypatch.delenv("TINYMORPH_TOKEN", raising=False)
+    handle = start_http_server(runtime, "127.0.0.2:0", None)  # all of 127.0.0.0/8 is loopback: no token needed
+    try:
+        assert httpx.get(f"{handle.url}/v1/steering", timeout=30).status_code == 200  # Host: 127.0.0.2:PORT
+        with httpx.Client(base_url=handle.url, timeout=30) as c:
+            for host in ("127.9.8.7", "[::1]:8765", "LOCALHOST:1", "localhost."):
+                assert c.get("/v1/steering", headers={"Host": host}).status_code == 200, host
+                check_exposure(host.rsplit(":", 1)[0] if not host.startswith("[") else "::1", None)
+            for host in ("127.0.0.1.evil.example", "localhost.evil.example", "0.0.0.0", "[::ffff:8.8.8.8]", "", "x:y"):
+                assert c.get("/v1/steering", headers={"Host": host}).status_code == 403, host
+    finally:
+        handle.stop()
+
+
+LONE_SURROGATES = [
+    ("POST", "/v1/completions", b'{"prompt": "abc \\ud800"}', "prompt"),
+    ("POST", "/v1/completions", b'{"prompt": ["\\udfff and more"]}', "prompt"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "stop": ["\\ud800"]}', "stop"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "steering": [{"feature": "vector:\\udc00"}]}', "steering"),
+    ("PUT", "/v1/steering", b'{"steering": [{"feature": "about \\ud83d gardening"}]}', "steering"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "param"), LONE_SURROGATES)
+def test_lone_surrogates_are_a_clear_400(client, method, path, body, param):
+    """Issue 11.8: `"abc \\ud800"` in a prompt answered 500 with a traceback."""
+    response = client.request(method, path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and "lone surrogate" in error["message"]
+
+
+def test_wrong_methods_get_405_with_every_allowed_method(client):
+    """Issue 11.10: PUT on a GET route answered 415 (not 405); `Allow` omitted PUT on /v1/steering."""
+    for method, path, allowed in [
+        ("PUT", "/v1/models", {"GET"}),
+        ("POST", "/metrics", {"GET"}),
+        ("PUT", "/healthz", {"GET"}),
+        ("POST", "/v1/features/default:1", {"GET"}),
+        ("DELETE", "/v1/steering", {"GET", "PUT"}),
+        ("POST", "/v1/steering", {"GET", "PUT"}),
+        ("GET", "/v1/completions", {"POST"}),
+    ]:
+        response = client.request(method, path, content=b"x", headers={"Content-Type": "text/plain"})
+        assert response.status_code == 405, (method, path, response.status_code)
+        assert {m.strip() for m in response.headers["allow"].split(",")} == allowed, (method, path)
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_schema_and_server_agree_on_layer_null_and_feature_strings(client):
+    """Issue 11.10: `layer: null` was accepted against the schema, a schema-valid feature id rejected.
+
+    The schema now says what the server does: `layer` may be null, and `feature` is any non-empty
+    string up to 200 characters whose meaning the engine's resolver decides (its refusal is a 400
+    marked `unresolved_feature`, naming the problem).
+    """
+    doc = client.get("/openapi.json").json()
+    entry = doc["components"]["schemas"]["SteeringEntry"]["properties"]
+    assert {"type": "null"} in entry["layer"]["anyOf"]
+    assert entry["feature"]["minLength"] == 1 and entry["feature"]["maxLength"] == 200
+    assert "pattern" not in entry["feature"]
+
+    ok = client.put("/v1/steering", json={"steering": [{"feature": "vector:tiny", "strength": 1, "layer": None}]})
+    assert ok.status_code == 200, ok.text
+    assert ok.json() == {"steering": [{"feature": "vector:tiny", "strength": 1.0, "mode": "add"}]}
+    for feature, named in (("nosuchsae:1", "nosuchsae"), ("vector:missing", "missing")):
+        refused = client.put("/v1/steering", json={"steering": [{"feature": feature, "strength": 1}]})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "unresolved_feature" and error["param"] == "steering" and named in error["message"]
+    assert client.put("/v1/steering", json={"steering": []}).status_code == 200
+
+
+@pytest.fixture
+def guarded_server(runtime):
+    """A server with short connection timeouts (1 s) and a small connection limit."""
+    from tinymorph.server.http_server import ConnectionLimits
+
+    limits = ConnectionLimits(header_timeout_s=1.0, keep_alive_s=1, max_connections=8)
+    handle = start_http_server(runtime, "127.0.0.1:0", None, limits=limits, body_timeout_s=1.0)
+    yield handle
+    handle.stop()
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> bool:
+    """True when the server closes `sock` within `within` seconds (reads until EOF)."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_and_slow_connections_are_closed(guarded_server):
+    """Issue 11.10: idle and slow connections were never timed out (556 held open)."""
+    address = ("127.0.0.1", guarded_server.port)
+    with socket.create_connection(address) as idle, socket.create_connection(address) as drip:
+        started = time.monotonic()
+        drip.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a head that never ends...
+        try:
+            for _ in range(20):  # ...fed a byte at a time (slowloris): data must not reset the deadline
+                time.sleep(0.25)
+                drip.sendall(b"X")
+        except OSError:
+            pass  # already closed
+        assert _closed_by_server(idle, 10), "an idle connection was held open"
+        assert _closed_by_server(drip, 10), "a never-finished request head was held open"
+        assert time.monotonic() - started < 9
+
+    with socket.create_connection(address) as slow_body:
+        slow_body.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        slow_body.settimeout(10)
+        assert slow_body.recv(4096).startswith(b"HTTP/1.1 408")
+
+    # a kept-alive connection is closed after its idle time, a busy server still answers
+    with httpx.Client(base_url=guarded_server.url, timeout=10) as c:
+        assert c.get("/healthz").status_code == 200
+
+
+def test_connection_limit_answers_503(guarded_server):
+    address = ("127.0.0.1", guarded_server.port)
+    held = [socket.create_connection(address) for _ in range(8)]
+    try:
+        time.sleep(0.2)
+        response = httpx.get(f"{guarded_server.url}/healthz", timeout=10)
+        assert response.status_code == 503
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: httpx.get(f"{guarded_server.url}/healthz", timeout=10).status_code == 200, what="recovery")
+
+
+async def test_a_stream_nobody_reads_is_cancelled(runtime, finished):
+    """Issue 11.10: a client that stops reading an SSE stream kept its generation running.
+
+    The app is driven the way uvicorn drives it when a client stays connected but stops reading:
+    once the socket buffers are full, `send` does not return (uvicorn waits for the transport to
+    drain) and no disconnect ever arrives. On loopback those buffers hold a whole 1024-token stream,
+    so this is shown at the ASGI boundary, where the server's own code has to notice.
+    """
+    app = create_app(runtime, send_timeout_s=0.5, max_tokens_limit=1024)
+    body = json.dumps({"prompt": "Go on and on", "max_tokens": 1024, "stream": True, **GREEDY}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},  # what uvicorn declares
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8765),
+    }
+    messages: list[dict] = []
+    body_sent = False
+
+    async def receive() -> dict:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # still connected: no disconnect ever comes
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body" and any(m["type"] == "http.response.body" for m in messages):
+            await asyncio.Event().wait()  # the socket is full: the client stopped reading
+        messages.append(message)
+
+    try:
+        await asyncio.wait_for(app(scope, receive, send), 30)
+        await asyncio.to_thread(wait_for, lambda: finished, 30, "the cancelled completion")
+    finally:
+        app.state.api.metrics.detach()
+    assert messages[0]["status"] == 200
+    assert finished[0].stop_reason == "cancelled" and finished[0].timings.tokens_generated < 1024
+
+
 # -- cancellation -------------------------------------------------------------------------------
 
 
@@ -495,8 +686,9 @@ async def test_healthz_reports_a_failed_load(tmp_path):
 def test_metrics_are_prometheus_text(client, runtime):
     from prometheus_client.parser import text_string_to_metric_families
 
-    client.post("/v1/completions", json={"prompt": "Count me in, please, as one of the many", "max_tokens": 3, **GREEDY})
-    client.post("/v1/completions", json={"prompt": "Count me in, please, as one of the many", "max_tokens": 3, **GREEDY})
+    body = {"prompt": "Count me in, please, as one of the many", "max_tokens": 3, **GREEDY}
+    client.post("/v1/completions", json=body)
+    client.post("/v1/completions", json=body)
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(response.text)}  # the real parser accepts it
