@@ -555,10 +555,12 @@ def test_idle_and_slow_connections_are_closed(guarded_server):
 
 
 def test_connection_limit_answers_503(guarded_server):
+    """Issue 11.10: no connection limit. Past `max_connections`, uvicorn answers 503 at once."""
     address = ("127.0.0.1", guarded_server.port)
     held = [socket.create_connection(address) for _ in range(8)]
     try:
-        time.sleep(0.2)
+        connections = guarded_server.server.server_state.connections
+        wait_for(lambda: len(connections) >= 8, what="the server to accept the held connections")
         response = httpx.get(f"{guarded_server.url}/healthz", timeout=10)
         assert response.status_code == 503
     finally:
