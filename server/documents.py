@@ -103,7 +103,8 @@ class Document:
         return line, units(self.text[start:offset], self.encoding)
 
     # -- edits ------------------------------------------------------------------------------
-    def apply(self, text: str, start: tuple[int, int] | None = None, end: tuple[int, int] | None = None) -> int:
+    def apply(self, text: str, start: tuple[int, int] | None = None,
+              end: tuple[int, int] | None = None) -> int:
         """Replace the range (or everything, without a range); returns the offset after the new text."""
         if start is None or end is None:
             old = self.text
@@ -123,7 +124,7 @@ def _common_prefix(a: str, b: str, limit: int) -> int:
     n, step = 0, 4096
     while n < limit:
         k = min(step, limit - n)
-        if a[n : n + k] == b[n : n + k]:
+        if a[n:n + k] == b[n:n + k]:
             n += k
             continue
         while a[n] == b[n]:

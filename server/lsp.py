@@ -52,20 +52,10 @@ REFRESH_INTERVAL_S = 0.1  # at most one workspace/inlayHint/refresh per 100 ms (
 INLINE_WAIT_S = 1.5  # how long textDocument/inlineCompletion waits for a running generation
 APPLY_EDIT_TIMEOUT_S = 10.0
 COMMANDS = (
-    "tinymorph.accept",
-    "tinymorph.acceptWord",
-    "tinymorph.acceptLine",
-    "tinymorph.dismiss",
-    "tinymorph.toggle",
-    "tinymorph.status",
-    "tinymorph.features.search",
-    "tinymorph.features.show",
-    "tinymorph.steer.list",
-    "tinymorph.steer.set",
-    "tinymorph.steer.remove",
-    "tinymorph.steer.clear",
-    "tinymorph.steer.compare",
-    "tinymorph.accepted",
+    "tinymorph.accept", "tinymorph.acceptWord", "tinymorph.acceptLine", "tinymorph.dismiss",
+    "tinymorph.toggle", "tinymorph.status", "tinymorph.features.search", "tinymorph.features.show",
+    "tinymorph.steer.list", "tinymorph.steer.set", "tinymorph.steer.remove", "tinymorph.steer.clear",
+    "tinymorph.steer.compare", "tinymorph.accepted",
 )
 
 
@@ -152,12 +142,8 @@ class TinymorphServer(LanguageServer):
     """Editor-side state around one shared `Runtime`."""
 
     def __init__(self, runtime: Runtime | None = None, overrides: dict[str, Any] | None = None):
-        super().__init__(
-            "tinymorph",
-            _version(),
-            protocol_cls=TinymorphProtocol,
-            text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
-        )
+        super().__init__("tinymorph", _version(), protocol_cls=TinymorphProtocol,
+                         text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
         self.runtime = runtime or Runtime()
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}  # CLI flags win
         self.docs = Documents()
@@ -206,24 +192,16 @@ class TinymorphServer(LanguageServer):
             self.config_values = {}
             return
         self.config_values = {
-            "model": cfg.model.path,
-            "dtype": cfg.model.dtype,
-            "threads": cfg.model.threads,
-            "maxTokens": cfg.completion.max_tokens,
-            "stop": cfg.completion.stop,
-            "debounceMs": cfg.completion.debounce_ms,
-            "contextTokens": cfg.completion.context_tokens,
+            "model": cfg.model.path, "dtype": cfg.model.dtype, "threads": cfg.model.threads,
+            "maxTokens": cfg.completion.max_tokens, "stop": cfg.completion.stop,
+            "debounceMs": cfg.completion.debounce_ms, "contextTokens": cfg.completion.context_tokens,
         }
         if cfg.steer and self.runtime.steering.is_empty():
             self.runtime.steering = cfg.plan()
 
     def _recompute(self) -> set[str]:
-        merged = {
-            **asdict(Settings()),
-            **{k: v for k, v in self.config_values.items() if v is not None},
-            **self.explicit,
-            **self.overrides,
-        }
+        merged = {**asdict(Settings()), **{k: v for k, v in self.config_values.items() if v is not None},
+                  **self.explicit, **self.overrides}
         old = asdict(self.settings)
         self.settings = Settings(**merged)
         return {k for k, v in merged.items() if old.get(k) != v}
@@ -249,9 +227,7 @@ class TinymorphServer(LanguageServer):
             state = "disabled"
         sched = self.runtime.scheduler.stats
         return {
-            "state": state,
-            "model": self.settings.model,
-            "lastTtftMs": self.last_ttft_ms,
+            "state": state, "model": self.settings.model, "lastTtftMs": self.last_ttft_ms,
             "message": self.runtime.message if message is None else message,
             "steering": self.runtime.steering.describe(),
             "stats": {**self.stats, "submitted": sched.submitted, "superseded": sched.superseded},
@@ -322,12 +298,8 @@ class TinymorphServer(LanguageServer):
             token = f"tinymorph-load-{uuid.uuid4().hex[:8]}"
             try:
                 await asyncio.wait_for(self.work_done_progress.create_async(token), 5)
-                self.work_done_progress.begin(
-                    token,
-                    types.WorkDoneProgressBegin(
-                        title="tinymorph", message=f"loading {self.settings.model}", percentage=0
-                    ),
-                )
+                self.work_done_progress.begin(token, types.WorkDoneProgressBegin(
+                    title="tinymorph", message=f"loading {self.settings.model}", percentage=0))
                 self._progress_token = token
             except Exception:  # noqa: BLE001 - a client that refuses the token just gets no progress
                 log.debug("work done progress refused", exc_info=True)
@@ -344,9 +316,8 @@ class TinymorphServer(LanguageServer):
         if self._progress_token is None:
             return
         pct = None if fraction is None else max(0, min(100, int(fraction * 100)))
-        self.work_done_progress.report(
-            self._progress_token, types.WorkDoneProgressReport(message=message, percentage=pct)
-        )
+        self.work_done_progress.report(self._progress_token,
+                                       types.WorkDoneProgressReport(message=message, percentage=pct))
 
     # -- suggestions ------------------------------------------------------------------------------
     def schedule(self, uri: str, delay: float | None = None) -> None:
@@ -374,9 +345,8 @@ class TinymorphServer(LanguageServer):
         plan = self.runtime.steering
         s = Suggestion(doc.uri, doc.version, doc.text[:cursor], doc.text[cursor:], steering=plan.describe())
         self.suggestions[doc.uri] = s
-        options = GenerationOptions(
-            max_tokens=self.settings.maxTokens, stop=self.settings.stop, temperature=self.settings.temperature
-        )
+        options = GenerationOptions(max_tokens=self.settings.maxTokens, stop=self.settings.stop,
+                                    temperature=self.settings.temperature)
         loop = self.loop
         assert loop is not None
 
@@ -389,9 +359,8 @@ class TinymorphServer(LanguageServer):
                 loop.call_soon_threadsafe(self._finish, s, completion, error)
 
         request = CompletionRequest(text=s.before, doc_id=doc.uri, options=options, steering=plan)
-        self.runtime.scheduler.submit(
-            Job(request, priority=PRIORITY_EDITOR, replace=("lsp", doc.uri), on_token=on_token, on_done=on_done)
-        )
+        self.runtime.scheduler.submit(Job(request, priority=PRIORITY_EDITOR, replace=("lsp", doc.uri),
+                                          on_token=on_token, on_done=on_done))
         self.stats["scheduled"] += 1
         return s
 
@@ -495,7 +464,7 @@ def _uri_arg(args: tuple) -> str:
     if isinstance(value, dict):
         value = value.get("uri")
     if not isinstance(value, str) or not value:
-        raise CommandError('expected a document URI as the first argument ([uri] or [{"uri": …}])')
+        raise CommandError("expected a document URI as the first argument ([uri] or [{\"uri\": …}])")
     return value
 
 
@@ -555,7 +524,8 @@ def build_server(runtime: Runtime | None = None, overrides: dict[str, Any] | Non
     def did_change(ls: TinymorphServer, params: types.DidChangeTextDocumentParams) -> None:
         doc = ls.docs.get(params.text_document.uri)
         if doc is None:
-            ls.log(f"didChange for a document that is not open: {params.text_document.uri}", types.MessageType.Warning)
+            ls.log(f"didChange for a document that is not open: {params.text_document.uri}",
+                   types.MessageType.Warning)
             return
         cursor, inserted = len(doc.text), False
         for change in params.content_changes:
@@ -587,15 +557,11 @@ def build_server(runtime: Runtime | None = None, overrides: dict[str, Any] | Non
         pos = _position(doc, v.cursor)
         if not _in_range(pos, params.range):
             return []
-        return [
-            types.InlayHint(
-                position=pos,
-                label=label_for(v.rest),
-                tooltip=types.MarkupContent(kind=types.MarkupKind.Markdown, value=tooltip_for(v)),
-                padding_left=False,
-                data={"uri": doc.uri, "version": doc.version, "id": v.suggestion.id},
-            )
-        ]
+        return [types.InlayHint(
+            position=pos, label=label_for(v.rest),
+            tooltip=types.MarkupContent(kind=types.MarkupKind.Markdown, value=tooltip_for(v)),
+            padding_left=False, data={"uri": doc.uri, "version": doc.version, "id": v.suggestion.id},
+        )]
 
     @server.feature(types.TEXT_DOCUMENT_HOVER)
     def hover(ls: TinymorphServer, params: types.HoverParams) -> types.Hover | None:
@@ -607,15 +573,12 @@ def build_server(runtime: Runtime | None = None, overrides: dict[str, Any] | Non
         p = params.position
         if p.line != pos.line or not pos.character - 1 <= p.character <= pos.character:
             return None
-        return types.Hover(
-            contents=types.MarkupContent(kind=types.MarkupKind.Markdown, value=tooltip_for(v)),
-            range=types.Range(start=pos, end=pos),
-        )
+        return types.Hover(contents=types.MarkupContent(kind=types.MarkupKind.Markdown, value=tooltip_for(v)),
+                           range=types.Range(start=pos, end=pos))
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
-    async def inline_completion(
-        ls: TinymorphServer, params: types.InlineCompletionParams
-    ) -> types.InlineCompletionList:
+    async def inline_completion(ls: TinymorphServer,
+                                params: types.InlineCompletionParams) -> types.InlineCompletionList:
         return await _inline_completion(ls, params)
 
     _register_commands(server)
@@ -635,13 +598,13 @@ def _inline_item(doc: Document, v: View) -> types.InlineCompletionItem:
     return types.InlineCompletionItem(
         insert_text=v.typed + v.rest,
         range=types.Range(start=_position(doc, v.anchor), end=_position(doc, v.cursor)),
-        command=types.Command(
-            title="tinymorph: accepted", command="tinymorph.accepted", arguments=[doc.uri, v.suggestion.id]
-        ),
+        command=types.Command(title="tinymorph: accepted", command="tinymorph.accepted",
+                              arguments=[doc.uri, v.suggestion.id]),
     )
 
 
-async def _inline_completion(ls: TinymorphServer, params: types.InlineCompletionParams) -> types.InlineCompletionList:
+async def _inline_completion(ls: TinymorphServer,
+                             params: types.InlineCompletionParams) -> types.InlineCompletionList:
     """The suggestion at the requested position; waits (bounded, cancellable) for one on its way."""
     empty = types.InlineCompletionList(items=[])
     uri = params.text_document.uri
@@ -694,23 +657,15 @@ def _register_commands(server: TinymorphServer) -> None:
         pos = _position(doc, v.cursor)
         edit = types.TextEdit(range=types.Range(start=pos, end=pos), new_text=part)
         if ls.document_changes:
-            ws_edit = types.WorkspaceEdit(
-                document_changes=[
-                    types.TextDocumentEdit(
-                        text_document=types.OptionalVersionedTextDocumentIdentifier(uri=uri, version=doc.version),
-                        edits=[edit],
-                    )
-                ]
-            )
+            ws_edit = types.WorkspaceEdit(document_changes=[types.TextDocumentEdit(
+                text_document=types.OptionalVersionedTextDocumentIdentifier(uri=uri, version=doc.version),
+                edits=[edit])])
         else:
             ws_edit = types.WorkspaceEdit(changes={uri: [edit]})
         try:
-            result = await asyncio.wait_for(
-                ls.workspace_apply_edit_async(
-                    types.ApplyWorkspaceEditParams(edit=ws_edit, label="tinymorph: accept suggestion")
-                ),
-                APPLY_EDIT_TIMEOUT_S,
-            )
+            result = await asyncio.wait_for(ls.workspace_apply_edit_async(
+                types.ApplyWorkspaceEditParams(edit=ws_edit, label="tinymorph: accept suggestion")),
+                APPLY_EDIT_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the client refused or never answered
             ls.log(f"applyEdit failed: {exc}", types.MessageType.Warning)
             return {"applied": False, "text": part}
@@ -840,14 +795,16 @@ def _library(ls: TinymorphServer):
 def _steer_entry(raw: Any) -> SteeringEntry:
     """A validated steering entry from `{"feature", "strength", "mode"?, "layer"?}`."""
     if not isinstance(raw, dict) or not isinstance(raw.get("feature"), str):
-        raise CommandError('tinymorph.steer.set takes [{"feature": id, "strength": number, "mode"?, "layer"?}]')
+        raise CommandError('tinymorph.steer.set takes [{"feature": id, "strength": number, '
+                           '"mode"?, "layer"?}]')
     strength = raw.get("strength")
     if isinstance(strength, bool) or not isinstance(strength, int | float):
         raise CommandError(f"strength for {raw['feature']} must be a number")
     layer = raw.get("layer")
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
         raise CommandError("layer must be an integer")
-    entry = SteeringEntry(feature=raw["feature"], strength=float(strength), mode=raw.get("mode", "add"), layer=layer)
+    entry = SteeringEntry(feature=raw["feature"], strength=float(strength), mode=raw.get("mode", "add"),
+                          layer=layer)
     try:
         from ..steering.steering import validate_entry
     except ImportError:
@@ -896,12 +853,11 @@ async def _compare(ls: TinymorphServer, args: tuple) -> dict[str, str]:
         uri = arg if isinstance(arg, str) else (arg.get("uri") if isinstance(arg, dict) else ls.last_edited)
         doc = ls.docs.get(uri) if uri else None
         if doc is None:
-            raise CommandError('tinymorph.steer.compare takes [uri] of an open document or [{"text": …}]')
+            raise CommandError("tinymorph.steer.compare takes [uri] of an open document or [{\"text\": …}]")
         text = doc.text[: ls.cursors.get(doc.uri, len(doc.text))]
         doc_id = doc.uri
-    options = GenerationOptions(
-        max_tokens=max(ls.settings.maxTokens, 32), stop=ls.settings.stop, temperature=ls.settings.temperature
-    )
+    options = GenerationOptions(max_tokens=max(ls.settings.maxTokens, 32), stop=ls.settings.stop,
+                                temperature=ls.settings.temperature)
     steered, unsteered = await asyncio.gather(
         _run_job(ls, CompletionRequest(text, doc_id, options, steering=ls.runtime.steering)),
         _run_job(ls, CompletionRequest(text, doc_id, options, steering=SteeringPlan())),

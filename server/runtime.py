@@ -52,12 +52,8 @@ class Runtime:
     def ready(self) -> bool:
         return self.state == "ready" and self.engine is not None
 
-    def load(
-        self,
-        settings: ModelSettings | None = None,
-        progress: ProgressListener | None = None,
-        engine: Engine | None = None,
-    ) -> threading.Thread:
+    def load(self, settings: ModelSettings | None = None, progress: ProgressListener | None = None,
+             engine: Engine | None = None) -> threading.Thread:
         """Load the model in a background thread (or adopt `engine`); state goes loading → ready|error."""
         with self._lock:
             if settings is not None:
@@ -69,12 +65,9 @@ class Runtime:
 
             try:
                 loaded = engine or Engine.load(
-                    self.settings.model,
-                    dtype=self.settings.dtype,
-                    threads=self.settings.threads,
+                    self.settings.model, dtype=self.settings.dtype, threads=self.settings.threads,
                     context_tokens=self.settings.context_tokens,
-                    cache_budget_mb=self.settings.cache_budget_mb,
-                    progress=progress,
+                    cache_budget_mb=self.settings.cache_budget_mb, progress=progress,
                 )
             except ModelError as exc:
                 self._set_state("error", str(exc))

@@ -49,7 +49,7 @@ class Suggestion:
             return None
         if not (current.startswith(self.before) and current.endswith(self.after)):
             return None
-        typed = current[len(self.before) : len(current) - len(self.after)]
+        typed = current[len(self.before): len(current) - len(self.after)]
         return typed if self.text.startswith(typed) else None
 
     def view(self, current: str, version: int) -> View | None:
@@ -60,7 +60,7 @@ class Suggestion:
             typed = self.typed_since(current)
             if typed is None:
                 return None
-        rest = self.text[len(typed) :]
+        rest = self.text[len(typed):]
         if not rest:
             return None
         return View(self, typed, rest)
@@ -155,11 +155,9 @@ def tooltip_for(view: View) -> str:
     lines = ["**tinymorph suggestion**", "", f"{fence}text", view.rest, fence, ""]
     if s.completion is not None:
         t = s.completion.timings
-        lines.append(
-            f"TTFT {t.ttft_ms:.0f} ms · {t.decode_tokens_per_s:.1f} tokens/s · "
-            f"{t.tokens_generated} tokens ({t.tokens_reused} cached, {t.tokens_prefilled} prefilled)"
-            f" · stop: {s.completion.stop_reason}"
-        )
+        lines.append(f"TTFT {t.ttft_ms:.0f} ms · {t.decode_tokens_per_s:.1f} tokens/s · "
+                     f"{t.tokens_generated} tokens ({t.tokens_reused} cached, {t.tokens_prefilled} prefilled)"
+                     f" · stop: {s.completion.stop_reason}")
     else:
         lines.append("generating…")
     lines.append("")
@@ -171,30 +169,21 @@ def metrics_payload(s: Suggestion, completion: Completion) -> dict[str, Any]:
     """The `tinymorph/metrics` notification for a finished suggestion (docs/protocol.md)."""
     t = completion.timings
     return {
-        "uri": s.uri,
-        "version": s.version,
-        "id": s.id,
-        "ttftMs": round(t.ttft_ms, 2),
-        "prefillMs": round(t.prefill_ms, 2),
-        "queueMs": round(t.queue_ms, 2),
-        "tokensPerSecond": round(t.decode_tokens_per_s, 2),
-        "tokensReused": t.tokens_reused,
-        "tokensPrefilled": t.tokens_prefilled,
-        "tokensGenerated": t.tokens_generated,
-        "stopReason": completion.stop_reason,
-        "steering": list(completion.steering or s.steering),
+        "uri": s.uri, "version": s.version, "id": s.id,
+        "ttftMs": round(t.ttft_ms, 2), "prefillMs": round(t.prefill_ms, 2), "queueMs": round(t.queue_ms, 2),
+        "tokensPerSecond": round(t.decode_tokens_per_s, 2), "tokensReused": t.tokens_reused,
+        "tokensPrefilled": t.tokens_prefilled, "tokensGenerated": t.tokens_generated,
+        "stopReason": completion.stop_reason, "steering": list(completion.steering or s.steering),
         "text": completion.text,
     }
 
 
 def log_line(metrics: dict[str, Any]) -> str:
-    return (
-        f"suggestion v{metrics['version']}: ttft {metrics['ttftMs']:.0f} ms, "
-        f"prefill {metrics['prefillMs']:.0f} ms"
-        f" ({metrics['tokensPrefilled']} tokens, {metrics['tokensReused']} reused), "
-        f"{metrics['tokensPerSecond']:.1f} tok/s, {metrics['tokensGenerated']} tokens, "
-        f"stop {metrics['stopReason']}: {metrics['text']!r}"
-    )
+    return (f"suggestion v{metrics['version']}: ttft {metrics['ttftMs']:.0f} ms, "
+            f"prefill {metrics['prefillMs']:.0f} ms"
+            f" ({metrics['tokensPrefilled']} tokens, {metrics['tokensReused']} reused), "
+            f"{metrics['tokensPerSecond']:.1f} tok/s, {metrics['tokensGenerated']} tokens, "
+            f"stop {metrics['stopReason']}: {metrics['text']!r}")
 
 
 # -- settings -----------------------------------------------------------------------------------------
@@ -244,7 +233,8 @@ def _check(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 5:
             raise ValueError("temperature must be a number between 0 and 5")
         return float(value)
-    limits = {"threads": (1, 256), "debounceMs": (0, 10_000), "maxTokens": (1, 1024), "contextTokens": (16, 8192)}
+    limits = {"threads": (1, 256), "debounceMs": (0, 10_000), "maxTokens": (1, 1024),
+              "contextTokens": (16, 8192)}
     lo, hi = limits[key]
     if value is None and key == "threads":
         return None

@@ -10,15 +10,10 @@ DTYPE_CHOICES = ["auto", "bfloat16", "float32", "float16", "int8"]
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model", default=None, help='"default" (embedded SmolLM2-135M), an HF folder, a .gguf file or a cached HF id'
-    )
-    group.add_argument(
-        "--dtype",
-        default=None,
-        choices=DTYPE_CHOICES,
-        help="auto = int8 weights + bf16 compute where the CPU has bf16, else fp32",
-    )
+    group.add_argument("--model", default=None,
+                       help='"default" (embedded SmolLM2-135M), an HF folder, a .gguf file or a cached HF id')
+    group.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                       help="auto = int8 weights + bf16 compute where the CPU has bf16, else fp32")
     group.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
@@ -37,10 +32,5 @@ def load_engine(args: argparse.Namespace, **kwargs):
     """An `Engine` for the model options in `args` (config file values fill what flags leave out)."""
     from ...steering.engine import Engine
 
-    return Engine.load(
-        args.model or "default",
-        dtype=args.dtype or "auto",
-        threads=args.threads,
-        progress=progress_printer(getattr(args, "quiet", False)),
-        **kwargs,
-    )
+    return Engine.load(args.model or "default", dtype=args.dtype or "auto", threads=args.threads,
+                       progress=progress_printer(getattr(args, "quiet", False)), **kwargs)

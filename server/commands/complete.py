@@ -60,9 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     text = read_text(args.file)
     offset = parse_position(text, args.at)
-    options = GenerationOptions(
-        max_tokens=args.max_tokens, stop=args.stop, temperature=args.temperature, top_p=args.top_p, seed=args.seed
-    )
+    options = GenerationOptions(max_tokens=args.max_tokens, stop=args.stop, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed)
     options.validate()
     engine = load_engine(args)
     request = CompletionRequest(text=text[:offset], doc_id=str(args.file), options=options)
@@ -73,10 +72,7 @@ def run(args: argparse.Namespace) -> int:
     result = engine.complete(request, on_token=lambda e: print(e.delta, end="", flush=True))
     t = result.timings
     print(file=sys.stdout)
-    print(
-        f"[ttft {t.ttft_ms:.0f} ms | prefill {t.prefill_ms:.0f} ms ({t.tokens_prefilled} tokens, "
-        f"{t.tokens_reused} reused) | {t.decode_tokens_per_s:.1f} tok/s | {t.tokens_generated} tokens | "
-        f"stop: {result.stop_reason}]",
-        file=sys.stderr,
-    )
+    print(f"[ttft {t.ttft_ms:.0f} ms | prefill {t.prefill_ms:.0f} ms ({t.tokens_prefilled} tokens, "
+          f"{t.tokens_reused} reused) | {t.decode_tokens_per_s:.1f} tok/s | {t.tokens_generated} tokens | "
+          f"stop: {result.stop_reason}]", file=sys.stderr)
     return 0

@@ -92,5 +92,6 @@ def run_from_examples(args: argparse.Namespace) -> int:
         print(json.dumps(results, ensure_ascii=False))
         return 0
     for r in results:
-        print(f"{r['id']:>14}  diff {r['diff']:7.3f}  (+{r['positive']:.3f} / -{r['negative']:.3f})  {r['label']}")
+        print(f"{r['id']:>14}  diff {r['diff']:7.3f}  "
+              f"(+{r['positive']:.3f} / -{r['negative']:.3f})  {r['label']}")
     return 0

@@ -19,12 +19,8 @@ def register(sub) -> None:
     p.add_argument("--stdio", action="store_true", help="speak LSP on stdin/stdout (the default; many clients pass it)")
     p.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio")
     p.add_argument("--http", metavar="ADDR", help="also serve the HTTP API on ADDR (HOST:PORT), same model")
-    p.add_argument(
-        "--log-level",
-        default="WARNING",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="server log on stderr (default: WARNING)",
-    )
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="server log on stderr (default: WARNING)")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -36,9 +32,8 @@ def _check_tcp(value: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.tcp:
         _check_tcp(args.tcp)
     from ..lsp import serve

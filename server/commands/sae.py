@@ -26,7 +26,8 @@ def register(sub) -> None:
     t.set_defaults(func=run_train)
 
     lab = s.add_parser("label", help="compute labels (max activation, contexts, promoted tokens)")
-    lab.add_argument("sae", nargs="?", default="default", help='"default", an SAE folder, or a configured name')
+    lab.add_argument("sae", nargs="?", default="default",
+                     help='"default", an SAE folder, or a configured name')
     lab.add_argument("--files", nargs="+", type=Path, required=True, help="text files to read")
     lab.add_argument("--tokens", type=int, default=300_000)
     lab.add_argument("--model", default="default")
@@ -69,7 +70,8 @@ def _bar(label: str):
     def report(done: int, total: int) -> None:
         width = 30
         filled = int(width * done / max(1, total))
-        print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)
+        print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr,
+              flush=True)
         if done >= total:
             print(file=sys.stderr)
 
@@ -81,14 +83,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.tokens < 10_000:
         raise UserError("--tokens must be at least 10000")
-    settings = TrainSettings(layer=args.layer, tokens=args.tokens, d_sae=args.d_sae, k=args.k, model=args.model)
-    out = train_sae(
-        _check_files(args.files),
-        args.out,
-        settings,
-        resume=not args.fresh,
-        log=lambda m: print(f"[tinymorph] {m}", file=sys.stderr),
-    )
+    settings = TrainSettings(layer=args.layer, tokens=args.tokens, d_sae=args.d_sae, k=args.k,
+                             model=args.model)
+    out = train_sae(_check_files(args.files), args.out, settings, resume=not args.fresh,
+                    log=lambda m: print(f"[tinymorph] {m}", file=sys.stderr))
     print(out)
     return 0
 
@@ -129,31 +127,16 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(
-            f"FVU {result['fvu']:.4f}  L0 {result['l0']:.1f}  "
-            f"CE {result['ce']:.4f} -> {result['ce_with_sae']:.4f} "
-            f"with the SAE spliced in ({result['tokens']} tokens)"
-        )
+        print(f"FVU {result['fvu']:.4f}  L0 {result['l0']:.1f}  "
+              f"CE {result['ce']:.4f} -> {result['ce_with_sae']:.4f} "
+              f"with the SAE spliced in ({result['tokens']} tokens)")
     return 0
 
 
 def run_info(args: argparse.Namespace) -> int:
     sae = _sae(args.sae)
-    print(
-        json.dumps(
-            {
-                "name": sae.name,
-                "path": str(sae.path) if sae.path else None,
-                "hook": sae.hook_name,
-                "layer": sae.layer,
-                "d_in": sae.d_in,
-                "d_sae": sae.d_sae,
-                "architecture": sae.architecture,
-                "k": sae.k,
-                "labelled": sae.has_stats,
-                "model": sae.model_name,
-            },
-            indent=2,
-        )
-    )
+    print(json.dumps({"name": sae.name, "path": str(sae.path) if sae.path else None, "hook": sae.hook_name,
+                      "layer": sae.layer, "d_in": sae.d_in, "d_sae": sae.d_sae,
+                      "architecture": sae.architecture,
+                      "k": sae.k, "labelled": sae.has_stats, "model": sae.model_name}, indent=2))
     return 0

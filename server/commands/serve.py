@@ -16,7 +16,9 @@ def register(sub) -> None:
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1; anything else requires a token)"
     )
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (default: $TINYMORPH_TOKEN)")
+    p.add_argument(
+        "--token", default=None, help="require 'Authorization: Bearer TOKEN' (default: $TINYMORPH_TOKEN)"
+    )
     p.add_argument("--context-tokens", type=int, default=1024, help="prompt window in tokens")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_model_options(p)

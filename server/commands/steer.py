@@ -46,13 +46,8 @@ def register(sub) -> None:
     c.add_argument("file", nargs="?", default=None, help="text file (default: --text or stdin)")
     c.add_argument("--text", default=None)
     c.add_argument("--max-tokens", type=int, default=32)
-    c.add_argument(
-        "--feature",
-        action="append",
-        default=None,
-        metavar="ID=STRENGTH",
-        help="compare this steering instead of the configured one (repeatable)",
-    )
+    c.add_argument("--feature", action="append", default=None, metavar="ID=STRENGTH",
+                   help="compare this steering instead of the configured one (repeatable)")
     c.add_argument("--json", action="store_true")
     c.add_argument("--quiet", action="store_true")
     add_model_options(c)
@@ -116,9 +111,8 @@ def run_set(args: argparse.Namespace) -> int:
 
     if args.strength is None and args.mode is None and args.layer is None:
         raise UserError("nothing to change: give --strength, --mode or --layer")
-    _print_entries(
-        update_steer_entry(_target(args), args.feature, strength=args.strength, mode=args.mode, layer=args.layer)
-    )
+    _print_entries(update_steer_entry(_target(args), args.feature, strength=args.strength, mode=args.mode,
+                                      layer=args.layer))
     return 0
 
 

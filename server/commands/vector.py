@@ -44,9 +44,8 @@ def run_build(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     if not 0 <= args.layer < engine.info.layers:
         raise UserError(f"--layer {args.layer} out of range 0..{engine.info.layers - 1}")
-    vec = vector_from_examples(
-        args.name, engine.model, engine.tokenizer, positive, negative, args.layer, model_name=engine.info.model
-    )
+    vec = vector_from_examples(args.name, engine.model, engine.tokenizer, positive, negative, args.layer,
+                               model_name=engine.info.model)
     path = save_vector(vec)
     print(f"vector:{vec.name}  layer {vec.layer}  scale {vec.scale:.2f}  -> {path}")
     return 0
@@ -57,7 +56,8 @@ def run_list(_args: argparse.Namespace) -> int:
 
     names = list_vectors()
     if not names:
-        print("no vectors yet: build one with `tinymorph vector from-examples NAME --positive F --negative F`")
+        print("no vectors yet: build one with "
+              "`tinymorph vector from-examples NAME --positive F --negative F`")
     for n in names:
         v = load_vector(n)
         print(f"vector:{n}  layer {v.layer}  scale {v.scale:.2f}")
