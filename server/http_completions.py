@@ -1,7 +1,8 @@
 """`POST /v1/completions`: OpenAI-shaped requests in, scheduler jobs out, and back again.
 
-Kept apart from the app factory because this is where the protocol meets the engine: request
-validation (every bad field is a 400 naming the field, never a 500 from deep in the engine), the
+Kept apart from the app factory because this is where the protocol meets the engine: a request the
+pydantic model has validated becomes `GenerationOptions` and a `SteeringPlan` (whose features the
+engine resolves before any streaming, so an unknown one is a 400, never a 500 mid-stream), the
 bridge from the engine thread to the asyncio loop, and the response/chunk shapes.
 
 Why each request gets its own `doc_id` slot: a doc_id owns one KV cache, so two concurrent jobs must
@@ -20,51 +21,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..steering.engine import CompletionRequest
-from ..steering.generate import STOP_RULES, Completion, GenerationOptions, TokenEvent
+from ..steering.generate import Completion, GenerationOptions, TokenEvent
 from ..steering.steering import SteeringPlan
+from .http_models import DEFAULT_MAX_TOKENS, DEFAULT_REPETITION_PENALTY, AblateEntry, CompletionRequestBase
+from .http_models import SteeringEntry as SteeringEntryModel
 from .runtime import Runtime
 from .scheduler import PRIORITY_HTTP, Job
 
-MAX_STOP_STRINGS = 4
-MAX_STEERING_ENTRIES = 32
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MIN_TEMPERATURE = 1e-3
 MIN_TOP_P = 1e-6  # any smaller top_p means the same thing (the top token only)
-DEFAULT_REPETITION_PENALTY = GenerationOptions().repetition_penalty  # the engine's and the editor's default
-IGNORED_FIELDS = {"user"}
-# accepted only with their neutral value: anything else would silently do what the client did not ask
-NEUTRAL_FIELDS: dict[str, tuple[Any, ...]] = {
-    "n": (1, None),
-    "best_of": (1, None),
-    "echo": (False, None),
-    "logprobs": (None, 0),
-    "suffix": (None,),
-    "presence_penalty": (0, 0.0, None),
-    "frequency_penalty": (0, 0.0, None),
-}
-KNOWN_FIELDS = (
-    {
-        "model",
-        "prompt",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "stop",
-        "stream",
-        "stream_options",
-        "seed",
-        "steering",
-        "stop_rule",
-        "repetition_penalty",
-        "logit_bias",
-    }
-    | IGNORED_FIELDS
-    | set(NEUTRAL_FIELDS)
-)
+
+
+UNRESOLVED_FEATURE = "unresolved_feature"  # `code` of a 400 from the engine's feature resolver
 
 
 class ApiError(Exception):
-    """An error answered as ``{"error": {"message", "type", "param"}}`` with `status`."""
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with `status`.
+
+    `code` is set where a client can act on it: ``unresolved_feature`` marks a request that is
+    well-formed (the schema accepts any feature string) but names a feature the engine cannot resolve.
+    """
 
     def __init__(
         self,
@@ -73,13 +49,14 @@ class ApiError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -94,163 +71,53 @@ class CompletionCall:
     model: str | None
 
 
-def _bad(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param)
+def unresolved(message: str, param: str | None) -> ApiError:
+    """The engine's resolver refused a feature: its message, as a 400."""
+    return ApiError(400, message, param=param, code=UNRESOLVED_FEATURE)
 
 
-def _number(body: dict, key: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise _bad(f"{key} must be a number", key)
-    if value > hi or value < lo or (lo_open and value == lo):
-        left = "(" if lo_open else "["
-        raise _bad(f"{key} must be in {left}{lo:g}, {hi:g}]", key)
-    return float(value)
-
-
-def _integer(body: dict, key: str, default: int | None) -> int | None:
-    """An integer field; 5.0 counts as 5 (JSON Schema's notion of integer), true does not."""
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"{key} must be an integer", key)
-    return value
-
-
-def parse_completion(body: Any, *, max_tokens_limit: int, runtime: Runtime) -> CompletionCall:
-    """Validate an OpenAI completions body (plus tinymorph's `steering` and `stop_rule`)."""
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
-    unknown = sorted(set(body) - KNOWN_FIELDS)
-    if unknown:
-        raise _bad(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
-    for key, allowed in NEUTRAL_FIELDS.items():
-        value = body.get(key)
-        if value is not None and not any(
-            value == v and isinstance(value, bool) == isinstance(v, bool) for v in allowed if v is not None
-        ):
-            raise _bad(f"{key}={value!r} is not supported by tinymorph", key)
-    if body.get("logit_bias"):
-        raise _bad("logit_bias is not supported by tinymorph", "logit_bias")
-
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _bad("model must be a string", "model")
-
-    if "prompt" not in body:
-        raise _bad("prompt is required", "prompt")
-    prompt = body["prompt"]
-    if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise _bad("prompt must be a string or a list of exactly one string", "prompt")
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise _bad("prompt must be a string or a list of exactly one string", "prompt")
-
-    max_tokens = _integer(body, "max_tokens", DEFAULT_MAX_TOKENS)
-    if not 1 <= max_tokens <= max_tokens_limit:
-        raise _bad(f"max_tokens must be between 1 and {max_tokens_limit}", "max_tokens")
-
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+def call_from_request(body: CompletionRequestBase, runtime: Runtime) -> CompletionCall:
+    """A `CompletionCall` from a request the model has validated (shape and ranges)."""
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    temperature = body.temperature if body.temperature is not None else 1.0
     if temperature < MIN_TEMPERATURE:  # logits / 1e-40 overflow; the limit of sampling as t → 0 is greedy
         temperature = 0.0
-    top_p = max(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), MIN_TOP_P)  # 5e-324 is 0 in float32
-
-    repetition_penalty = _number(body, "repetition_penalty", DEFAULT_REPETITION_PENALTY, 1.0, 2.0)
-    seed = _integer(body, "seed", None)
-    if seed is not None and not 0 <= seed < 2**63:
-        raise _bad("seed must be an integer in [0, 2^63)", "seed")
-
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = tuple(stop)
-    else:
-        raise _bad("stop must be a string or a list of strings", "stop")
-    if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-        raise _bad(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", "stop")
-
-    stop_rule = body.get("stop_rule", "none")
-    if stop_rule is None:
-        stop_rule = "none"
-    if stop_rule not in STOP_RULES:
-        raise _bad(f"stop_rule must be one of {', '.join(STOP_RULES)}", "stop_rule")
-
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _bad("stream must be a boolean", "stream")
-    include_usage = False
-    stream_options = body.get("stream_options")
-    if stream_options is not None:
-        if (
-            not isinstance(stream_options, dict)
-            or set(stream_options) - {"include_usage"}
-            or not isinstance(stream_options.get("include_usage", False), bool)
-        ):
-            raise _bad('stream_options must be {"include_usage": bool}', "stream_options")
-        include_usage = stream_options.get("include_usage", False)
-
+    top_p = max(body.top_p if body.top_p is not None else 1.0, MIN_TOP_P)  # 5e-324 is 0 in float32
+    stop = body.stop
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    repetition_penalty = body.repetition_penalty
     options = GenerationOptions(
-        max_tokens=max_tokens,
-        stop=stop_rule,
+        max_tokens=body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS,  # type: ignore[attr-defined]
+        stop=body.stop_rule or "none",
         temperature=temperature,
         top_p=top_p,
-        seed=seed,
+        seed=body.seed,
         stop_strings=stops,
-        repetition_penalty=repetition_penalty,
+        repetition_penalty=repetition_penalty if repetition_penalty is not None else DEFAULT_REPETITION_PENALTY,
     )
-    return CompletionCall(
-        prompt,
-        options,
-        parse_steering(body.get("steering"), runtime, "steering"),
-        stream,
-        include_usage,
-        model,
-    )
+    if body.steering == "editor":
+        steering: SteeringPlan | None = runtime.steering
+    elif body.steering is None:
+        steering = None
+    else:
+        steering = plan_from_entries(body.steering)
+    include_usage = body.stream_options.include_usage if body.stream_options is not None else False
+    return CompletionCall(prompt, options, steering, bool(body.stream), include_usage, body.model)
 
 
-def parse_steering(value: Any, runtime: Runtime, param: str) -> SteeringPlan | None:
-    """A plan from a list of config-schema entries; "editor" means the runtime's current plan.
+def plan_from_entries(entries: list[SteeringEntryModel | AblateEntry], param: str = "steering") -> SteeringPlan:
+    """A plan from validated entries; the engine's own entry check runs too (its message is the 400)."""
+    from ..steering.steering import SteeringEntry, SteeringError, validate_entry
 
-    Only the shape is checked here; whether the features exist is checked by resolving the plan
-    (which may load an SAE) in `check_plan`.
-    """
-    if value is None:
-        return None
-    if value == "editor":
-        return runtime.steering
-    if not isinstance(value, list):
-        raise _bad(f'{param} must be a list of steering entries or "editor"', param)
-    if len(value) > MAX_STEERING_ENTRIES:
-        raise _bad(f"{param} takes at most {MAX_STEERING_ENTRIES} entries", param)
-    from ..steering.config import ConfigError, entry_from_dict
-
-    entries = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise _bad(f'{param}[{i}] must be an object like {{"feature": "default:123", "strength": 4}}', param)
-        unknown = sorted(set(item) - {"feature", "strength", "mode", "layer"})
-        if unknown:
-            raise _bad(f"{param}[{i}]: unknown key(s) {', '.join(unknown)}", param)
+    plan = []
+    for item in entries:
+        entry = SteeringEntry(feature=item.feature, strength=float(item.strength), mode=item.mode, layer=item.layer)
         try:
-            entries.append(entry_from_dict(item, f"{param}[{i}]"))
-        except (ConfigError, ValueError) as exc:
-            raise _bad(str(exc), param) from None
-    features = [e.feature for e in entries]
-    dupes = sorted({f for f in features if features.count(f) > 1})
-    if dupes:
-        raise _bad(f"{param}: feature(s) {', '.join(dupes)} steered more than once", param)
-    return SteeringPlan(tuple(entries))
+            validate_entry(entry)
+        except SteeringError as exc:
+            raise unresolved(str(exc), param) from None
+        plan.append(entry)
+    return SteeringPlan(tuple(plan))
 
 
 async def check_plan(
@@ -272,7 +139,7 @@ async def check_plan(
     try:
         await asyncio.to_thread(engine.resolve, plan)
     except ValueError as exc:  # SteeringError and friends
-        raise _bad(str(exc), param) from None
+        raise unresolved(str(exc), param) from None
     except Exception as exc:  # noqa: BLE001 - e.g. an SAE file that cannot be read
         raise ApiError(503, f"steering is not available: {exc}", "unavailable", param) from None
 

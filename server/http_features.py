@@ -12,7 +12,7 @@ import asyncio
 import threading
 from typing import Any
 
-from .http_completions import ApiError
+from .http_completions import ApiError, unresolved
 from .runtime import Runtime
 
 
@@ -109,7 +109,7 @@ def _show(service: FeatureService, ref: str) -> dict:
     try:
         source, key = parse_feature_ref(ref)
     except SteeringError as exc:
-        raise ApiError(400, str(exc), param="id") from None
+        raise unresolved(str(exc), "feature_id") from None
     lib = service.library()
     if source != "vector":
         if source not in lib.sae_names:

@@ -61,7 +61,7 @@ def tiny_runtime(tiny_model_dir):
 @pytest.fixture(scope="module")
 def tiny_http_server(tiny_runtime):
     """The HTTP API on a free loopback port, serving `tiny_runtime`."""
-    from tinymorph.server.http_api import start_http_server
+    from tinymorph.server.http_server import start_http_server
 
     handle = start_http_server(tiny_runtime, "127.0.0.1:0", None)
     yield handle

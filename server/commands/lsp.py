@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     runtime = Runtime()
     if args.http:
         try:
-            from ..http_api import start_http_server
+            from ..http_server import start_http_server
         except ImportError as exc:
             raise UserError(f"--http: the HTTP API is not available ({exc})") from None
         try:

@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..http_api import TOKEN_ENV, check_exposure, serve
+    from ..http_server import TOKEN_ENV, check_exposure, serve
     from ..runtime import ModelSettings, Runtime
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
