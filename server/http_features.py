@@ -53,7 +53,7 @@ class FeatureService:
         if engine is None:
             return None
         try:
-            from ..steering.steering import default_resolver
+            from ..steering.library import default_resolver
 
             with self._lock:
                 if engine._resolver is None:  # noqa: SLF001 - the engine creates it lazily on first steer
@@ -72,7 +72,7 @@ class FeatureService:
                 source, _ = parse_feature_ref(entry.feature)
             except SteeringError:
                 continue  # a malformed id is the request's fault: resolving reports it as a 400
-            if source != "vector" and source in lib.sae_names:
+            if source not in ("vector", "concept") and source in lib.sae_names:
                 try:
                     lib.sae(source)
                 except SteeringError as exc:
@@ -92,8 +92,9 @@ def _search(service: FeatureService, query: str, limit: int) -> list[dict]:
     except ImportError as exc:
         raise _unavailable(exc) from None
     lib = service.library()
+    engine = service.runtime.engine if service.runtime is not None else None
     try:
-        return search_features(lib, query, limit)
+        return search_features(lib, query, limit, model=engine)
     except SteeringError as exc:  # e.g. the default SAE is not installed
         raise _unavailable(exc) from None
     except (OSError, ValueError, KeyError) as exc:  # unreadable labels
@@ -111,7 +112,7 @@ def _show(service: FeatureService, ref: str) -> dict:
     except SteeringError as exc:
         raise unresolved(str(exc), "feature_id") from None
     lib = service.library()
-    if source != "vector":
+    if source not in ("vector", "concept"):
         if source not in lib.sae_names:
             raise ApiError(404, f"unknown SAE {source!r}; configured: {', '.join(lib.sae_names)}", "not_found")
         try:

@@ -28,7 +28,7 @@ from .batch import BatchRunner
 from .steering import LayerEdit
 
 GRID = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # multiples of the default push that are tried
-MAX_PPL_RATIO = 1.3  # on the calibration prompts; leaves headroom for the 1.5x target on others
+MAX_PPL_RATIO = 1.45  # on the calibration prompts (measured: they run ~10 % above the eval prompts)
 REP_MARGIN = 0.03
 TOKENS = 24
 CALIBRATION_PROMPTS = ["Yesterday afternoon I", "The plan for next week is simple:", "He put down his cup and",
@@ -37,29 +37,29 @@ CALIBRATION_PROMPTS = ["Yesterday afternoon I", "The plan for next week is simpl
 
 @dataclass
 class Calibration:
-    multiplier: float  # of the default push
-    add_scale: float  # the resulting push for strength 1 (residual units)
-    table: list[dict]  # per tried multiplier: ppl ratio, rep3, presence
+    multiplier: float  # of the default push: strength 1 becomes this many default pushes
+    table: list[dict]  # per tried multiplier: ppl, ppl ratio, rep3, presence
 
 
-def calibrate_direction(engine, direction: torch.Tensor, layer: int, base_scale: float,
-                        prompts: Sequence[str] = CALIBRATION_PROMPTS, runner: BatchRunner | None = None,
-                        grid: Sequence[float] = GRID) -> Calibration:
-    """Pick the push along unit `direction` at `layer` (see module docstring)."""
+def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int, read_direction: torch.Tensor,
+              prompts: Sequence[str] = CALIBRATION_PROMPTS, runner: BatchRunner | None = None,
+              grid: Sequence[float] = GRID) -> Calibration:
+    """Pick the multiple of `pushes` (residual delta per layer at the default strength 1) that
+    puts the most of `read_direction` at `read_layer` into the text while staying fluent."""
     from .steer_eval import rep3
 
     runner = runner or BatchRunner(engine.model, engine.hooks, engine.special_ids)
     ids = [engine.tokenize(p) for p in prompts]
-    pushes = [0.0, *grid]
-    rows = [(m, p) for m in pushes for p in ids]
-    deltas = torch.stack([m * base_scale * direction.float() for m, _ in rows])[:, None, :]
-    plan = {layer: LayerEdit(add=deltas)}
+    multiples = [0.0, *grid]
+    rows = [(m, p) for m in multiples for p in ids]
+    plan = {layer: LayerEdit(add=torch.stack([m * delta.float() for m, _ in rows])[:, None, :])
+            for layer, delta in pushes.items()}
     outs = runner.generate([p for _, p in rows], TOKENS, plan, sorted(engine.eos_ids))
     outs = [[t for t in o if t not in engine.eos_ids] or [0] for o in outs]
-    nll, acts = runner.score([p for _, p in rows], outs, read_layer=layer)
-    unit = direction.float()
+    nll, acts = runner.score([p for _, p in rows], outs, read_layer=read_layer)
+    unit = read_direction.float()
     stats = {}
-    for m in pushes:
+    for m in multiples:
         idx = [i for i, (mm, _) in enumerate(rows) if mm == m]
         stats[m] = {
             "multiplier": m,
@@ -72,7 +72,7 @@ def calibrate_direction(engine, direction: torch.Tensor, layer: int, base_scale:
           and s["rep3"] <= base["rep3"] + REP_MARGIN]
     best = max(ok, key=lambda s: s["presence"]) if ok else stats[min(grid)]
     table = [{**s, "ppl_ratio": s["ppl"] / base["ppl"]} for s in stats.values()]
-    return Calibration(best["multiplier"], best["multiplier"] * base_scale, table)
+    return Calibration(best["multiplier"], table)
 
 
 class CalibrationStore:

@@ -16,21 +16,16 @@ few dozen short forward passes). A leading "more"/"less" sets the sign, so "less
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .vectors import (
-    SteeringVector,
-    drop_sinks,
-    layer_activations,
-    load_vector_file,
-    save_vector_file,
-    typical_norm,
-)
+from .vectors import drop_sinks, layer_activations
 
 NEUTRAL_CONTEXTS = [
     "I woke up a little later than usual and made a cup of tea before anything else.",
@@ -50,7 +45,7 @@ NEUTRAL_CONTEXTS = [
     "The old building on the corner has been empty for years.",
     "After lunch we went back to work and finished the rest of the list.",
 ]
-METHOD = "self-written-diffmean-2"  # part of the cache key: a new method never reads old vectors
+METHOD = "self-written-diffmean-3"  # part of the cache key: a new method never reads old vectors
 SIGN_WORDS = {"more": 1.0, "less": -1.0, "fewer": -1.0}
 
 
@@ -100,42 +95,91 @@ def model_examples(model, tokenizer, description: str | None, special_ids=(), eo
     return [[t for t in o if t not in eos_ids] for o in outs]
 
 
+LAYER_FRACTIONS = (0.13, 0.27, 0.4, 0.53)  # where a concept is added: spread over early-middle layers
+
+
+def concept_layers(n_layers: int) -> list[int]:
+    """Several layers with a smaller push each: measured more fluent than one layer at the same hit rate."""
+    return sorted({min(n_layers - 1, max(0, round(n_layers * f))) for f in LAYER_FRACTIONS})
+
+
+@dataclass
+class ConceptVector:
+    """A described concept: one unit direction per layer, and the push that strength 1 gives."""
+
+    description: str
+    directions: dict[int, torch.Tensor]  # layer -> unit direction [d_model]
+    resid_norms: dict[int, float]  # layer -> typical residual norm (the strength unit)
+    add_fraction: float | None = None  # calibrated push as a fraction of the norm (None: library default)
+    meta: dict = field(default_factory=dict)
+
+    def pushes(self, fraction: float) -> dict[int, torch.Tensor]:
+        """Residual delta per layer at strength 1 (the push is shared out over the layers)."""
+        n = len(self.directions)
+        return {layer: fraction * self.resid_norms[layer] * d / n for layer, d in self.directions.items()}
+
+
 @torch.no_grad()
-def mean_text_activation(model, texts: Sequence[Sequence[int]], layer: int, bos: int | None) -> torch.Tensor:
-    """Mean residual at `layer` over every text read as a plain document (sinks dropped)."""
-    total, count = None, 0
+def read_layers(model, ids: Sequence[int], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Residual after each of `layers` for one sequence, in one forward that stops after the last."""
+    out: dict[int, torch.Tensor] = {}
+    for layer in layers:  # layer_activations stops at its layer; few layers, short texts: cheap enough
+        out[layer] = layer_activations(model, ids, layer)
+    return out
+
+
+@torch.no_grad()
+def mean_text_activations(model, texts: Sequence[Sequence[int]], layers: Sequence[int], bos: int | None
+                          ) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """Mean residual per layer over every text read as a plain document (sinks dropped), and the
+    median residual norm per layer."""
+    sums: dict[int, torch.Tensor] = {}
+    norms: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    count = 0
     for ids in texts:
         if not ids:
             continue
         seq = ([bos] if bos is not None else []) + list(ids)
-        acts = drop_sinks(layer_activations(model, seq, layer)[1:])
-        total = acts.sum(0) if total is None else total + acts.sum(0)
-        count += acts.shape[0]
-    if total is None:
+        for layer, acts in read_layers(model, seq, layers).items():
+            acts = drop_sinks(acts[1:])
+            sums[layer] = acts.sum(0) if layer not in sums else sums[layer] + acts.sum(0)
+            norms[layer].append(acts.norm(dim=-1))
+            if layer == layers[0]:
+                count += acts.shape[0]
+    if not count:
         raise ValueError("the model wrote nothing")
-    return total / count
+    return ({layer: total / count for layer, total in sums.items()},
+            {layer: float(torch.cat(n).median()) for layer, n in norms.items()})
+
+
+_NEUTRAL: dict[tuple, tuple[dict[int, torch.Tensor], dict[int, float]]] = {}
 
 
 @torch.no_grad()
-def build_concept_vector(model, tokenizer, description: str, layer: int, name: str | None = None,
-                         special_ids=(), eos_ids=()) -> SteeringVector:
+def build_concept(model, tokenizer, description: str, layers: Sequence[int], special_ids=(), eos_ids=()
+                  ) -> ConceptVector:
     """DiffMean of `description` from the model's own writing (sign words stripped; the caller
     applies the sign): texts written on request "about X" minus texts written on the same requests
-    without X, both read back as plain documents."""
+    without X, both read back as plain documents, at every layer in `layers`."""
     core, _sign = split_sign(description)
     special = set(special_ids) | set(getattr(tokenizer, "all_special_ids", []) or [])
     eos = set(eos_ids) | {i for i in (tokenizer.eos_token_id,) if i is not None}
-    pos = model_examples(model, tokenizer, core, special, eos)
-    neg = model_examples(model, tokenizer, None, special, eos)
     bos = tokenizer.bos_token_id
-    diff = mean_text_activation(model, pos, layer, bos) - mean_text_activation(model, neg, layer, bos)
-    norm = float(diff.norm())
-    if norm == 0.0:
-        raise ValueError(f"the description {core!r} does not change the model's activations")
-    texts = [tokenizer.decode(t) for t in pos]
-    meta = {"description": core, "method": "self-written-diffmean", "n_examples": len(pos),
-            "resid_norm": typical_norm(model, tokenizer, NEUTRAL_CONTEXTS, layer), "examples": texts[:3]}
-    return SteeringVector(name or slug(core), layer, diff / norm, norm, meta)
+    layers = sorted(layers)
+    key = (id(model), tuple(layers))
+    if key not in _NEUTRAL:  # the neutral side is the same for every description
+        _NEUTRAL[key] = mean_text_activations(model, model_examples(model, tokenizer, None, special, eos), layers, bos)
+    neg, norms = _NEUTRAL[key]
+    pos_texts = model_examples(model, tokenizer, core, special, eos)
+    pos, _ = mean_text_activations(model, pos_texts, layers, bos)
+    directions = {}
+    for layer in layers:
+        diff = pos[layer] - neg[layer]
+        if float(diff.norm()) == 0.0:
+            raise ValueError(f"the description {core!r} does not change the model's activations")
+        directions[layer] = diff / diff.norm()
+    meta = {"description": core, "method": METHOD, "examples": [tokenizer.decode(t) for t in pos_texts[:3]]}
+    return ConceptVector(core, directions, norms, None, meta)
 
 
 def slug(text: str) -> str:
@@ -151,27 +195,51 @@ def concepts_dir() -> Path:
     return Path(platformdirs.user_cache_dir("tinymorph")) / "concepts"
 
 
-def concept_path(model_key: str, description: str, layer: int) -> Path:
+def concept_path(model_key: str, description: str, layers: Sequence[int]) -> Path:
     core, _ = split_sign(description)
-    digest = hashlib.sha1(f"{METHOD}\n{model_key}\n{layer}\n{core.lower()}".encode()).hexdigest()[:16]
-    return concepts_dir() / f"{slug(core)}-L{layer}-{digest}.safetensors"
+    digest = hashlib.sha1(f"{METHOD}\n{model_key}\n{list(layers)}\n{core.lower()}".encode()).hexdigest()[:16]
+    return concepts_dir() / f"{slug(core)}-{digest}.safetensors"
 
 
-def cached_concept_vector(model, tokenizer, model_key: str, description: str, layer: int,
-                          special_ids=(), eos_ids=()) -> SteeringVector:
-    """`build_concept_vector`, read from / written to the user's cache."""
-    path = concept_path(model_key, description, layer)
+def save_concept(vec: ConceptVector, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    meta = {"description": vec.description, "resid_norms": json.dumps({str(k): v for k, v in vec.resid_norms.items()}),
+            "add_fraction": json.dumps(vec.add_fraction), "meta": json.dumps(vec.meta)}
+    try:
+        save_file({f"L{k}": d.float().contiguous() for k, d in vec.directions.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_concept(path: Path) -> ConceptVector:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            directions = {int(k[1:]): f.get_tensor(k).float() for k in f.keys()}
+        norms = {int(k): float(v) for k, v in json.loads(meta["resid_norms"]).items()}
+        return ConceptVector(meta["description"], directions, norms, json.loads(meta.get("add_fraction", "null")),
+                             json.loads(meta.get("meta", "{}")))
+    except Exception as exc:  # noqa: BLE001 - any damage means: rebuild
+        raise ValueError(f"concept file {path} is damaged: {exc}") from exc
+
+
+def cached_concept(model, tokenizer, model_key: str, description: str, layers: Sequence[int],
+                   special_ids=(), eos_ids=()) -> tuple[ConceptVector, Path]:
+    """`build_concept`, read from / written to the user's cache (keyed by method, model, layers, text)."""
+    path = concept_path(model_key, description, layers)
     if path.is_file():
         try:
-            return load_vector_file(path)
+            return load_concept(path), path
         except ValueError:
-            pass  # damaged: rebuild
-    vec = build_concept_vector(model, tokenizer, description, layer, special_ids=special_ids, eos_ids=eos_ids)
+            pass
+    vec = build_concept(model, tokenizer, description, layers, special_ids, eos_ids)
     vec.meta["model"] = model_key
-    save_vector_file(vec, path)
-    return vec
-
-
-def update_cached(vec: SteeringVector, model_key: str, description: str) -> None:
-    """Write back a cached concept vector whose metadata changed (e.g. its calibration)."""
-    save_vector_file(vec, concept_path(model_key, description, vec.layer))
+    save_concept(vec, path)
+    return vec, path

@@ -31,18 +31,18 @@ class FeatureLibrary:
         self._vectors: dict[str, object] = {}
         self._concepts: dict[str, object] = {}
         self._lock = threading.RLock()
-        self._model = None
-        self._tokenizer = None
+        self._engine = None
         self.model_key = "default"
-        self.concept_layer: int | None = None
+        self.concept_layers: list[int] = []
         self.calibrations = calibrations
 
     # -- model (needed for concepts) ------------------------------------------------------------
-    def attach_model(self, model, tokenizer, model_key: str, n_layers: int) -> None:
-        """Let the library build concept vectors with this model (the engine's or a transformers one)."""
-        self._model, self._tokenizer, self.model_key = model, tokenizer, model_key
-        if self.concept_layer is None:
-            self.concept_layer = default_concept_layer(n_layers)
+    def attach_engine(self, engine) -> None:
+        """Let the library build (and calibrate) concept vectors with this engine's model."""
+        from .concepts import concept_layers
+
+        self._engine, self.model_key = engine, str(engine.info.model)
+        self.concept_layers = concept_layers(int(engine.info.layers))
 
     @property
     def sae_names(self) -> list[str]:
@@ -77,19 +77,30 @@ class FeatureLibrary:
             return self._vectors[name]
 
     def concept(self, description: str):
-        """The concept vector of `description` (sign words like "less" stripped), built on first use."""
-        from .concepts import cached_concept_vector, split_sign
+        """The `ConceptVector` of `description` (sign words like "less" stripped), built and
+        calibrated on first use, then read from the user's cache."""
+        from .calibration import calibrate
+        from .concepts import cached_concept, save_concept, split_sign
 
         core, _ = split_sign(description)
         key = core.lower()
         with self._lock:
             if key not in self._concepts:
-                if self._model is None:
+                engine = self._engine
+                if engine is None:
                     raise SteeringError(f"steering by a description ({core!r}) needs the model: it is not "
                                         "loaded yet (try again when the model is ready)")
                 try:
-                    self._concepts[key] = cached_concept_vector(self._model, self._tokenizer, self.model_key,
-                                                                core, int(self.concept_layer or 0))
+                    vec, path = cached_concept(engine.model, engine.tokenizer, self.model_key, core,
+                                               self.concept_layers, engine.special_ids, engine.eos_ids)
+                    if vec.add_fraction is None:
+                        mid = vec.directions[self.concept_layers[len(self.concept_layers) // 2]]
+                        read = self.concept_layers[len(self.concept_layers) // 2]
+                        cal = calibrate(engine, vec.pushes(ADD_FRACTION), read, mid)
+                        vec.add_fraction = ADD_FRACTION * cal.multiplier
+                        vec.meta["calibration"] = cal.table
+                        save_concept(vec, path)
+                    self._concepts[key] = vec
                 except (ValueError, RuntimeError) as exc:
                     raise SteeringError(f"cannot build a concept vector for {core!r}: {exc}") from exc
             return self._concepts[key]
@@ -103,19 +114,33 @@ class FeatureLibrary:
                 return found
         return ADD_FRACTION
 
-    def handle(self, ref: str) -> FeatureHandle:
+    def handles(self, ref: str) -> list[FeatureHandle]:
+        """The directions `ref` steers: one for a feature or vector, one per layer for a concept."""
         from .concepts import split_sign
 
         source, key = parse_feature_ref(ref)
-        if source in ("vector", "concept"):
-            vec = self.vector(key) if source == "vector" else self.concept(key)
-            sign = split_sign(key)[1] if source == "concept" else 1.0
-            direction = vec.direction * sign
+        if source != "concept":
+            return [self.handle(ref)]
+        vec = self.concept(key)
+        sign = split_sign(key)[1]
+        fraction = vec.add_fraction if vec.add_fraction is not None else ADD_FRACTION
+        pushes = vec.pushes(fraction)
+        return [FeatureHandle(ref, layer, vec.directions[layer] * sign, float(pushes[layer].norm()),
+                              vec.resid_norms[layer], _projection(vec.directions[layer] * sign))
+                for layer in sorted(vec.directions)]
+
+    def handle(self, ref: str) -> FeatureHandle:
+        """One direction: an SAE feature or a saved vector (a concept: its middle layer)."""
+        source, key = parse_feature_ref(ref)
+        if source == "concept":
+            found = self.handles(ref)
+            return found[len(found) // 2]
+        if source == "vector":
+            vec = self.vector(key)
             norm = float(vec.meta.get("resid_norm") or FALLBACK_NORM)
-            cal_ref = f"concept:{split_sign(key)[0].lower()}" if source == "concept" else ref
-            fraction = float(vec.meta.get("add_fraction") or self.add_fraction(cal_ref, vec.layer))
-            return FeatureHandle(ref, vec.layer, direction, fraction * norm, float(vec.scale),
-                                 _projection(direction))
+            fraction = self.add_fraction(ref, vec.layer)
+            return FeatureHandle(ref, vec.layer, vec.direction, fraction * norm, float(vec.scale),
+                                 _projection(vec.direction))
         sae = self.sae(source)
         index = int(key)
         if not 0 <= index < sae.d_sae:
@@ -134,11 +159,6 @@ def _projection(direction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tenso
     return read
 
 
-def default_concept_layer(n_layers: int) -> int:
-    """Where described concepts are added: a little before the middle (topic lives there)."""
-    return max(0, round(n_layers * 0.4))
-
-
 def default_resolver(engine, config=None) -> Callable[[SteeringPlan], ResolvedPlan | None]:
     """The engine's plan resolver over a `FeatureLibrary` from `config` (default: the user's config).
 
@@ -155,7 +175,7 @@ def default_resolver(engine, config=None) -> Callable[[SteeringPlan], ResolvedPl
     library = library_from_config(config)
     library.calibrations = CalibrationStore()
     d_model, n_layers = int(engine.info.d_model), int(engine.info.layers)
-    library.attach_model(engine.model, engine.tokenizer, engine.info.model, n_layers)
+    library.attach_engine(engine)
 
     def resolve(plan: SteeringPlan) -> ResolvedPlan | None:
         return resolve_plan(plan, library, d_model, n_layers)

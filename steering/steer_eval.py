@@ -85,8 +85,7 @@ class Row:
     concept: Concept | None
     prompt: str
     judged_prompt: str
-    delta: torch.Tensor | None = None
-    layer: int | None = None
+    pushes: dict[int, torch.Tensor] | None = None  # residual delta per layer (None = unsteered)
 
 
 @dataclass
@@ -129,15 +128,21 @@ class Generator:
 
 
 def _row_plan(rows: Sequence[Row], d_model: int) -> ResolvedPlan | None:
-    layers = sorted({r.layer for r in rows if r.delta is not None and r.layer is not None})
+    layers = sorted({layer for r in rows if r.pushes for layer in r.pushes})
     if not layers:
         return None
-    plan: ResolvedPlan = {}
-    for layer in layers:
-        stack = [r.delta.float() if (r.delta is not None and r.layer == layer) else torch.zeros(d_model)
-                 for r in rows]
-        plan[layer] = LayerEdit(add=torch.stack(stack)[:, None, :])
-    return plan
+    zero = torch.zeros(d_model)
+    return {layer: LayerEdit(add=torch.stack([(r.pushes or {}).get(layer, zero).float() for r in rows])[:, None, :])
+            for layer in layers}
+
+
+def pushes_of(handles, strength: float) -> dict[int, torch.Tensor]:
+    """Residual delta per layer of `add` at `strength` for a reference's handles."""
+    out: dict[int, torch.Tensor] = {}
+    for h in handles:
+        delta = strength * h.add_scale * h.direction.float()
+        out[h.layer] = out[h.layer] + delta if h.layer in out else delta
+    return out
 
 
 def summarize(method: str, strength: float | None, rows: Sequence[Row], outputs, keep_examples: int = 3) -> Result:
@@ -237,11 +242,11 @@ def plot(report: EvalReport, path: Path) -> Path:
 
 def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float] | None = None,
              methods: Sequence[str] | None = None, concepts: Sequence[str] | None = None,
-             log: Callable[[str], None] = lambda _m: None, calibrate: bool = True) -> EvalReport:
+             log: Callable[[str], None] = lambda _m: None) -> EvalReport:
     """Evaluate every method on the shipped concept set (see module docstring)."""
-    from .calibration import calibrate_direction
+    from .concepts import NEUTRAL_CONTEXTS
     from .features import search_features
-    from .library import default_concept_layer
+    from .library import ADD_FRACTION
     from .steering import SteeringError
     from .vectors import vector_from_examples
 
@@ -250,8 +255,7 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
     chosen = [c for c in es.concepts if not concepts or c.name in concepts]
     prompts = es.prompts[:6] if quick else es.prompts
     strengths = list(strengths or ([0.5, 1.0, 2.0] if quick else [0.5, 1.0, 1.5, 2.0, 3.0]))
-    methods = list(methods or ["unsteered", "prompting", "search", "described", "described-calibrated",
-                               "examples"])
+    methods = list(methods or ["unsteered", "prompting", "search", "described", "examples"])
     gen = Generator(engine, tokens=32 if quick else 40)
     d_model, n_layers = engine.info.d_model, engine.info.layers
     results: list[Result] = []
@@ -275,46 +279,33 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
             found = search_features(library, c.query, limit=1, model=engine)
             if found:
                 search_top1[c.name] = f"{found[0]['id']} {found[0].get('label', '')}"
-                handles[c.name] = library.handle(found[0]["id"])
+                handles[c.name] = library.handles(found[0]["id"])
         for s in strengths:
-            evaluate("search", s, [Row(c, p, p, s * handles[c.name].add_scale * handles[c.name].direction,
-                                       handles[c.name].layer) for c in chosen if c.name in handles for p in prompts])
-    concept_handles = {}
-    if any(m.startswith("described") for m in methods):
+            evaluate("search", s, [Row(c, p, p, pushes_of(handles[c.name], s))
+                                   for c in chosen if c.name in handles for p in prompts])
+    if "described" in methods:
+        concept_handles = {}
         for c in chosen:
             try:
-                concept_handles[c.name] = library.handle(f"concept:{c.description}")
+                concept_handles[c.name] = library.handles(f"concept:{c.description}")
             except SteeringError as exc:
                 log(f"described {c.name}: {exc}")
-    if "described" in methods:
         for s in strengths:
-            evaluate("described", s, [Row(c, p, p, s * h.add_scale * h.direction, h.layer)
-                                      for c in chosen if (h := concept_handles.get(c.name)) for p in prompts])
-    if "described-calibrated" in methods and calibrate:
-        scales = {}
-        for c in chosen:
-            h = concept_handles.get(c.name)
-            if h is not None:
-                scales[c.name] = calibrate_direction(engine, h.direction, h.layer, h.add_scale,
-                                                     es.calibration_prompts, runner=gen.runner).add_scale
-        evaluate("described-calibrated", 1.0, [Row(c, p, p, scales[c.name] * concept_handles[c.name].direction,
-                                                   concept_handles[c.name].layer)
-                                               for c in chosen if c.name in scales for p in prompts])
+            evaluate("described", s, [Row(c, p, p, pushes_of(concept_handles[c.name], s))
+                                      for c in chosen if c.name in concept_handles for p in prompts])
     if "examples" in methods:
-        layer = default_concept_layer(n_layers)
+        layer = library.concept_layers[len(library.concept_layers) // 2] if library.concept_layers else n_layers // 2
         rows = []
         for c in chosen:
             if not c.examples:
                 continue
-            from .concepts import NEUTRAL_CONTEXTS
-
             vec = vector_from_examples(f"eval-{c.name}", engine.model, engine.tokenizer, c.examples,
                                        NEUTRAL_CONTEXTS, layer)
-            scale = library.add_fraction(f"vector:eval-{c.name}", layer) * vec.meta["resid_norm"]
-            rows += [Row(c, p, p, scale * vec.direction, layer) for p in prompts]
+            push = {layer: ADD_FRACTION * vec.meta["resid_norm"] * vec.direction}
+            rows += [Row(c, p, p, push) for p in prompts]
         evaluate("examples", 1.0, rows)
-    speed = measure_speed(engine, engine.resolve) if not quick or True else {}
+    speed = measure_speed(engine, engine.resolve)
     config = {"quick": quick, "prompts": len(prompts), "concepts": [c.name for c in chosen], "tokens": gen.tokens,
               "strengths": strengths, "model": engine.info.model, "dtype": engine.info.dtype,
-              "concept_layer": default_concept_layer(n_layers), "d_model": d_model}
+              "concept_layers": library.concept_layers, "d_model": d_model}
     return EvalReport(results, speed, config, search_top1, time.perf_counter() - started)

@@ -236,7 +236,7 @@ def validate_entry(entry: SteeringEntry) -> None:
 
 
 class HandleSource(Protocol):
-    def handle(self, ref: str) -> FeatureHandle: ...
+    def handles(self, ref: str) -> list[FeatureHandle]: ...
 
 
 def resolve_plan(plan: SteeringPlan | None, library: HandleSource, d_model: int,
@@ -258,20 +258,20 @@ def resolve_plan(plan: SteeringPlan | None, library: HandleSource, d_model: int,
         strength = float(entry.strength)
         if strength == 0.0 and entry.mode != "clamp":
             continue
-        h = library.handle(entry.feature)
-        if h.direction.shape[-1] != d_model:
-            raise SteeringError(f"{entry.feature} has {h.direction.shape[-1]} dims but the model has "
-                                f"{d_model}: it was made for a different model")
-        layer = h.layer if entry.layer is None else int(entry.layer)
-        if n_layers is not None and not 0 <= layer < n_layers:
-            raise SteeringError(f"layer {layer} for {entry.feature} is out of range 0..{n_layers - 1}")
-        edit = resolved.setdefault(layer, LayerEdit())
-        direction = h.direction.float()
-        if entry.mode == "add":
-            delta = (strength * h.add_scale) * direction
-            edit.add = delta if edit.add is None else edit.add + delta
-        elif entry.mode == "clamp":
-            edit.features.append(FeatureEdit(h.read, direction, "clamp", strength * h.value_scale))
-        else:
-            edit.features.append(FeatureEdit(h.read, direction, "ablate", strength))
+        for h in library.handles(entry.feature):
+            if h.direction.shape[-1] != d_model:
+                raise SteeringError(f"{entry.feature} has {h.direction.shape[-1]} dims but the model has "
+                                    f"{d_model}: it was made for a different model")
+            layer = h.layer if entry.layer is None else int(entry.layer)
+            if n_layers is not None and not 0 <= layer < n_layers:
+                raise SteeringError(f"layer {layer} for {entry.feature} is out of range 0..{n_layers - 1}")
+            edit = resolved.setdefault(layer, LayerEdit())
+            direction = h.direction.float()
+            if entry.mode == "add":
+                delta = (strength * h.add_scale) * direction
+                edit.add = delta if edit.add is None else edit.add + delta
+            elif entry.mode == "clamp":
+                edit.features.append(FeatureEdit(h.read, direction, "clamp", strength * h.value_scale))
+            else:
+                edit.features.append(FeatureEdit(h.read, direction, "ablate", strength))
     return resolved or None
