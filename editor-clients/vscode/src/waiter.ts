@@ -3,15 +3,16 @@
 //
 // VS Code asks for ghost text on every keystroke, before the debounced suggestion exists, and LSP
 // has no "inline completion refresh". So when the server has nothing yet for this version, the
-// request waits (cancelled by the next keystroke) until `tinymorph/metrics` says the suggestion for
-// that version finished, then asks once more, like long-polling completion servers do.
+// request waits (cancelled by the next keystroke) until the suggestion for that version exists (its
+// first token shows up as an inlay hint) or finished (`tinymorph/metrics`), then asks once more,
+// like long-polling completion servers do. Later growth is asked for by ghost.ts.
 
 export class SuggestionWaiter {
   /** uri → highest document version whose suggestion finished. */
   private finishedVersion = new Map<string, number>();
   private waiters = new Set<{ uri: string; version: number; resolve: (done: boolean) => void }>();
 
-  /** The suggestion for `uri` at `version` finished (from `tinymorph/metrics`). */
+  /** The suggestion for `uri` at `version` exists (a hint for it) or finished (`tinymorph/metrics`). */
   finished(uri: string, version: number): void {
     this.finishedVersion.set(uri, Math.max(version, this.finishedVersion.get(uri) ?? -1));
     for (const w of [...this.waiters]) {
