@@ -2,9 +2,13 @@
 // Opt-in: TINYMORPH_E2E_VSCODE=1 node e2e/run.mjs   (after `npm ci && npm run compile` and e2e/setup.sh)
 //
 // It installs the extension folder (or TINYMORPH_VSIX) into a fresh code-server, opens a markdown
-// file, types, waits for the ghost text and the inlay hint, accepts with Tab and word by word,
-// steers through the feature QuickPick and opens the steered-vs-unsteered view. Screenshots and a
-// JSON report go to e2e/results/ (TINYMORPH_E2E_OUT). Exit code 0 = every check passed.
+// file, types, waits for the ghost text and the inlay hint, checks that the ghost text grows to the
+// whole finished suggestion and that Tab inserts all of it, accepts word by word, dismisses with
+// Ctrl+Alt+Backspace and with Escape (the suggestion must stay away until the text changes), steers
+// through the feature QuickPick and opens the steered-vs-unsteered view. The server command comes
+// from User settings with the server's folder removed from PATH (it must not fall back to a bare
+// `tinymorph`). Screenshots and a JSON report go to e2e/results/ (TINYMORPH_E2E_OUT).
+// Exit code 0 = every check passed.
 //
 // Environment:
 //   TINYMORPH_E2E_VSCODE=1     required (otherwise the script only says it was skipped)
@@ -19,10 +23,10 @@
 //   TINYMORPH_E2E_KEEP=1       keep the temporary user-data folder (logs under user-data/logs)
 
 import { spawn, spawnSync } from "node:child_process";
-import { cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { dirname, join, resolve } from "node:path";
+import { delimiter, dirname, isAbsolute, join, resolve } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
 const extDir = resolve(dirname(fileURLToPath(import.meta.url)), "..");
@@ -177,6 +181,62 @@ async function waitFor(what, fn, ms = timeout) {
   }
 }
 
+/** Every *.log file under `dir` (code-server writes the extension's output channel there). */
+function logFiles(dir) {
+  const out = [];
+  if (!existsSync(dir)) return out;
+  for (const entry of readdirSync(dir, { withFileTypes: true })) {
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) out.push(...logFiles(path));
+    else if (entry.name.endsWith(".log")) out.push(path);
+  }
+  return out;
+}
+
+/** A Python repr of a str ('…' or "…"), as the server's log line prints the suggestion. */
+function unrepr(text) {
+  const body = text.slice(1, -1);
+  return body.replace(/\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)/gi, (_, c) => {
+    if (c === "n") return "\n";
+    if (c === "t") return "\t";
+    if (c === "r") return "\r";
+    if (c[0] === "x" || c[0] === "u") return String.fromCharCode(parseInt(c.slice(1), 16));
+    return c;
+  });
+}
+
+/**
+ * Finished suggestions as the server logged them (`window/logMessage`, in the tinymorph output):
+ * "suggestion v12: ttft … stop sentence: ' she was killed in the sea.'", oldest first.
+ */
+function finishedSuggestions() {
+  const found = [];
+  for (const file of logFiles(join(userData, "logs"))) {
+    for (const line of readFileSync(file, "utf8").split("\n")) {
+      const m = /suggestion v(\d+): .* stop (\w+): ('.*'|".*")\s*$/.exec(line);
+      if (m) found.push({ version: Number(m[1]), stop: m[2], text: unrepr(m[3]), line });
+    }
+  }
+  return found.sort((a, b) => a.version - b.version);
+}
+
+/** The newest finished suggestion once no newer one arrived for `quietMs`. */
+async function settledSuggestion(afterCount, quietMs = 1500) {
+  let last;
+  let since = Date.now();
+  return waitFor("a finished suggestion in the server log", async () => {
+    const all = finishedSuggestions();
+    if (all.length <= afterCount) return undefined;
+    const newest = all[all.length - 1];
+    if (!last || newest.version !== last.version) {
+      last = newest;
+      since = Date.now();
+      return undefined;
+    }
+    return Date.now() - since >= quietMs ? newest : undefined;
+  });
+}
+
 async function runCommand(title) {
   await page.keyboard.press("F1");
   await page.locator(".quick-input-widget input").waitFor();
@@ -206,6 +266,14 @@ try {
 
   const port = await freePort();
   const galleryPort = await freePort();
+  // The server must come from tinymorph.server.command in User settings: take its folder off PATH,
+  // so a fallback to a bare `tinymorph` would fail (issue 12, VS Code 4).
+  const serverDir = isAbsolute(serverCmd[0]) ? dirname(serverCmd[0]) : undefined;
+  const PATH = (process.env.PATH ?? "")
+    .split(delimiter)
+    .filter((d) => d && resolve(d) !== serverDir)
+    .join(delimiter);
+  report.serverOffPath = !!serverDir;
   await step("start code-server", async () => {
     codeServerProc = spawn(
       node24,
@@ -214,7 +282,7 @@ try {
         "--disable-workspace-trust", "--config", join(userData, "config.yaml"),
         ...(process.env.TINYMORPH_E2E_LOG ? ["--log", process.env.TINYMORPH_E2E_LOG] : []), workspace],
       // An unused loopback gallery: code-server never looks for a marketplace outside.
-      { env: { ...process.env, EXTENSIONS_GALLERY: JSON.stringify({ serviceUrl: `http://127.0.0.1:${galleryPort}/` }) } },
+      { env: { ...process.env, PATH, EXTENSIONS_GALLERY: JSON.stringify({ serviceUrl: `http://127.0.0.1:${galleryPort}/` }) } },
     );
     let log = "";
     codeServerProc.stdout.on("data", (d) => (log += d));
@@ -239,6 +307,13 @@ try {
     await page.locator(".editor-instance .monaco-editor .view-lines").waitFor({ timeout: 30000 });
   });
 
+  // Every status bar text while the run goes on (generating must show while a suggestion is made).
+  report.statusTimeline = [];
+  const t0 = Date.now();
+  const statusPoll = setInterval(async () => {
+    const text = await statusText().catch(() => "");
+    if (text && report.statusTimeline.at(-1)?.text !== text) report.statusTimeline.push({ ms: Date.now() - t0, text });
+  }, 100);
   report.statusSeen = [];
   report.statusReady = await step("server ready (status bar)", () =>
     waitFor("tinymorph ready in the status bar", async () => {
@@ -261,6 +336,28 @@ try {
   report.statusAfterSuggestion = await statusText();
   await screenshot("ghost-text");
 
+  // Issue 12, VS Code 1 and 2: the ghost text follows the suggestion to its end, and the status bar
+  // says "generating" while it is generated.
+  report.ghostWhole = await step("ghost text is the whole finished suggestion", async () => {
+    const finished = await settledSuggestion(0);
+    const statusWhile = new Set(report.statusSeen);
+    const ghost = await waitFor(
+      "ghost text equal to the finished suggestion",
+      async () => {
+        const g = await ghostText();
+        return g === finished.text ? g : undefined;
+      },
+      15000,
+    ).catch(async (err) => {
+      throw new Error(`${err.message}: ghost ${JSON.stringify(await ghostText())}, finished ${JSON.stringify(finished.text)}`);
+    });
+    if (!report.statusTimeline.some((s) => /tinymorph generating/.test(s.text))) {
+      throw new Error(`the status bar never said generating: ${JSON.stringify(report.statusTimeline)}`);
+    }
+    return { ghost, finished: finished.text, version: finished.version, statusSeenEarlier: [...statusWhile] };
+  });
+  await screenshot("ghost-text-whole");
+
   report.hint = await step("move the cursor away and see the inlay hint", async () => {
     await page.keyboard.press("ArrowLeft");
     const hint = await waitFor("inlay hint", async () => (await hintText()).trim() || undefined, 15000);
@@ -271,13 +368,20 @@ try {
 
   report.afterTab = await step("Tab accepts the ghost text", async () => {
     const ghost = await waitFor("ghost text back at the anchor", async () => (await ghostText()) || undefined, 15000);
+    if (ghost !== report.ghostWhole.finished) {
+      throw new Error(`ghost text back at the anchor ${JSON.stringify(ghost)} is not the suggestion ${JSON.stringify(report.ghostWhole.finished)}`);
+    }
     await page.keyboard.press("Tab");
     const text = await waitFor("accepted text", async () => {
       const t = await editorText();
       return t.length > typed.length ? t : undefined;
     }, 15000);
-    const firstLine = ghost.split("\n")[0];
-    if (!text.startsWith(typed + firstLine.trimEnd())) throw new Error(`text ${JSON.stringify(text)} lacks ghost ${JSON.stringify(firstLine)}`);
+    // Issue 12, VS Code 1: Tab inserts all that was shown, not the first streamed piece.
+    const want = typed + report.ghostWhole.finished;
+    if (!ghost.includes("\n") && text.trimEnd() !== want.trimEnd()) {
+      throw new Error(`after Tab ${JSON.stringify(text)}, want ${JSON.stringify(want)}`);
+    }
+    if (!text.startsWith(typed + ghost.split("\n")[0].trimEnd())) throw new Error(`text ${JSON.stringify(text)} lacks ghost ${JSON.stringify(ghost)}`);
     return text;
   });
   await screenshot("accepted");
@@ -298,6 +402,51 @@ try {
     return { before, after };
   });
   await screenshot("accepted-word");
+
+  // Issue 12, VS Code 3: a dismissed suggestion stays dismissed (ghost text and inlay hint, and Tab
+  // does not insert it) until the text changes.
+  const gone = async (what, ms = 3000) => {
+    const end = Date.now() + ms;
+    while (Date.now() < end) {
+      const [g, h] = [await ghostText(), await hintText()];
+      if (g.trim() || h.trim()) throw new Error(`${what}: still shown: ghost ${JSON.stringify(g)}, hint ${JSON.stringify(h)}`);
+      await page.waitForTimeout(100);
+    }
+  };
+  for (const [name, key, more] of [
+    ["dismiss with Ctrl+Alt+Backspace", "Control+Alt+Backspace", " Later that night"],
+    ["dismiss with Escape", "Escape", " The next morning"],
+  ]) {
+    report[name] = await step(name, async () => {
+      await page.keyboard.press("Control+End");
+      await page.keyboard.type(more, { delay: 40 });
+      const shown = await waitFor("ghost text", async () => (await ghostText()).trim() || undefined);
+      await settledSuggestion(finishedSuggestions().length - 1, 800).catch(() => undefined);
+      await page.keyboard.press(key);
+      await gone("right after the dismissal", 2500);
+      const before = await editorText();
+      // Moving the cursor away and back must not bring it back as an inlay hint or ghost text.
+      await page.keyboard.press("ArrowLeft");
+      await gone("cursor moved away");
+      await page.keyboard.press("End");
+      await gone("cursor back at the end");
+      await screenshot(name.replace(/\W+/g, "-"));
+      // Tab inserts indentation, not the dismissed suggestion.
+      await page.keyboard.press("Tab");
+      await page.waitForTimeout(500);
+      const after = await editorText();
+      if (!after.startsWith(before) || after.slice(before.length).trim() !== "") {
+        throw new Error(`Tab after the dismissal inserted ${JSON.stringify(after.slice(before.length))}`);
+      }
+      await page.keyboard.press("Control+z");
+      return { shown, before: before.slice(-60) };
+    });
+  }
+  report.afterDismissNewText = await step("a new edit brings a new suggestion", async () => {
+    await page.keyboard.press("Control+End");
+    await page.keyboard.type(" She", { delay: 40 });
+    return waitFor("ghost text after typing again", async () => (await ghostText()).trim() || undefined);
+  });
 
   report.steering = await step("steer via the feature QuickPick", async () => {
     await runCommand("tinymorph: Steer: Pick a Feature");
@@ -341,6 +490,7 @@ try {
   });
   await screenshot("compare");
 
+  clearInterval(statusPoll);
   report.toggle = await step("toggle suggestions off and on", async () => {
     await runCommand("tinymorph: Toggle Suggestions On/Off");
     const off = await waitFor("status off", async () => ((await statusText()).includes("tinymorph off") ? await statusText() : undefined), 30000);
