@@ -272,7 +272,13 @@ function buildClient(): LanguageClient | undefined {
       didChange: (event, next) => {
         // Insertions start a suggestion on the server; deletions only cancel the one on its way.
         const uri = event.document.uri.toString();
-        if (event.contentChanges.some((change) => change.text.length > 0)) {
+        const typedAhead =
+          event.contentChanges.length === 1 &&
+          ghosts.typesAhead(uri, event.contentChanges[0].range.start, event.contentChanges[0].text);
+        if (typedAhead) {
+          // The server keeps the finished suggestion for the new text: nothing is generated.
+          model.onSettled(uri);
+        } else if (event.contentChanges.some((change) => change.text.length > 0)) {
           model.onEdit(uri, Date.now(), event.document.version);
         } else if (event.contentChanges.length > 0) {
           model.onSettled(uri);
@@ -351,6 +357,11 @@ function buildClient(): LanguageClient | undefined {
           }
           setTimeout(() => askAgainIfChanged(uri), 0);
         }
+      },
+      executeCommand: (command, args, next) => {
+        // Tab accepted the ghost text: the server keeps that suggestion, nothing new is generated.
+        if (command === "tinymorph.accepted" && typeof args[0] === "string") settle(args[0]);
+        return next(command, args);
       },
       workspace: {
         // Servers that pull settings get the same object as initializationOptions.
@@ -531,7 +542,10 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   // Accept/dismiss go through the server so it can keep the rest of a partly accepted suggestion.
   const onDocument = (server: string) => async () => {
     const uri = activeUri();
-    if (uri) await serverCommand(server, [uri]);
+    if (!uri) return;
+    const result = await serverCommand<{ applied?: boolean }>(server, [uri]);
+    // The accepted text types ahead into the suggestion: the server generates nothing new for it.
+    if (result?.applied) settle(uri);
   };
   const steerList = async () => (await serverCommand<SteeringEntry[]>("tinymorph.steer.list")) ?? [];
   const commands: Record<string, (...args: unknown[]) => unknown> = {

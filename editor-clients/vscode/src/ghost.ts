@@ -119,6 +119,19 @@ export class GhostTracker {
     return id !== undefined && (this.finishedIds.get(uri)?.has(id) ?? false);
   }
 
+  /**
+   * Whether inserting `text` at `at` types ahead into a finished suggestion that is shown (the user
+   * typed what it suggests, or accepted it): the server keeps that suggestion and generates nothing new.
+   */
+  typesAhead(uri: string, at: Pos, text: string): boolean {
+    const d = this.docs.get(uri);
+    if (!d || !d.anchor || d.hintLabel === undefined || text === "" || d.dismissed) return false;
+    if (!this.isFinished(uri, d.hintId)) return false;
+    if (d.anchor.line !== at.line || d.anchor.character !== at.character) return false;
+    const shown = d.hintLabel.endsWith("…") ? d.hintLabel.slice(0, -1) : d.hintLabel;
+    return !shown.startsWith("↵") && shown.startsWith(text);
+  }
+
   /** Where the suggestion for `version` is anchored (its hint's position), if known. */
   anchor(uri: string, version: number): Pos | undefined {
     return this.current(uri, version)?.anchor;

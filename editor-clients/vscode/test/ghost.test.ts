@@ -81,3 +81,14 @@ test("a typed-ahead hint keeps the finished suggestion's id", () => {
   assert.equal(g.isFinished(uri, "s1"), true);
   assert.equal(g.isFinished(uri, "s2"), false);
 });
+
+test("typing what a finished suggestion shows is typing ahead (nothing new is generated)", () => {
+  const g = new GhostTracker();
+  g.onHint(uri, 1, "s1", " and then the rain", at(0, 5));
+  assert.equal(g.typesAhead(uri, at(0, 5), " and"), false, "not while it is still generated");
+  g.onFinished(uri, 1, "s1", " and then the rain");
+  assert.equal(g.typesAhead(uri, at(0, 5), " and"), true);
+  assert.equal(g.typesAhead(uri, at(0, 5), " and then the rain"), true, "all of it (Tab)");
+  assert.equal(g.typesAhead(uri, at(0, 5), " but"), false, "other text");
+  assert.equal(g.typesAhead(uri, at(0, 4), " and"), false, "elsewhere");
+});
