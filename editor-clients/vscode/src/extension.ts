@@ -465,12 +465,15 @@ async function startClient(): Promise<void> {
 async function stopClient(): Promise<void> {
   const c = client;
   client = undefined;
+  // Steering set through the commands lives in the server's memory: keep it for the next one (the
+  // server's own list when it still answers, else the last list it reported).
+  steeringToKeep = [...model.steering];
   if (c?.isRunning()) {
-    // Steering set through the commands lives in the server's memory: keep it for the next one.
     try {
-      steeringToKeep = (await c.sendRequest(ExecuteCommandRequest.type, { command: "tinymorph.steer.list", arguments: [] })) as SteeringEntry[];
+      const list = await c.sendRequest(ExecuteCommandRequest.type, { command: "tinymorph.steer.list", arguments: [] });
+      if (Array.isArray(list)) steeringToKeep = list as SteeringEntry[];
     } catch {
-      steeringToKeep = undefined;
+      // keep the last reported list
     }
   }
   if (c) {
