@@ -213,7 +213,7 @@ function finishedSuggestions() {
   const found = [];
   for (const file of logFiles(join(userData, "logs"))) {
     for (const line of readFileSync(file, "utf8").split("\n")) {
-      const m = /suggestion v(\d+): .* stop (\w+): ('.*'|".*")\s*$/.exec(line);
+      const m = /suggestion v(\d+): .* stop ([\w-]+): ('.*'|".*")\s*$/.exec(line);
       if (m) found.push({ version: Number(m[1]), stop: m[2], text: unrepr(m[3]), line });
     }
   }
@@ -423,7 +423,11 @@ try {
       const shown = await waitFor("ghost text", async () => (await ghostText()).trim() || undefined);
       await settledSuggestion(finishedSuggestions().length - 1, 800).catch(() => undefined);
       await page.keyboard.press(key);
-      await gone("right after the dismissal", 2500);
+      // The command goes from the browser to the extension host and back: allow it a moment.
+      const hiddenAfter = Date.now();
+      await waitFor("the dismissal to hide ghost text and hint", async () => !(await ghostText()).trim() && !(await hintText()).trim(), 3000);
+      const hideMs = Date.now() - hiddenAfter;
+      await gone("after the dismissal", 2500);
       const before = await editorText();
       // Moving the cursor away and back must not bring it back as an inlay hint or ghost text.
       await page.keyboard.press("ArrowLeft");
@@ -439,7 +443,7 @@ try {
         throw new Error(`Tab after the dismissal inserted ${JSON.stringify(after.slice(before.length))}`);
       }
       await page.keyboard.press("Control+z");
-      return { shown, before: before.slice(-60) };
+      return { shown, hideMs, before: before.slice(-60) };
     });
   }
   report.afterDismissNewText = await step("a new edit brings a new suggestion", async () => {

@@ -58,9 +58,23 @@ const ghosts = new GhostTracker();
 /** The steering in effect on the server we stopped, to re-apply on the next one (Restart Server). */
 let steeringToKeep: SteeringEntry[] | undefined;
 
-function itemCount(result: vscode.InlineCompletionItem[] | vscode.InlineCompletionList | null | undefined): number {
+type InlineResult = vscode.InlineCompletionItem[] | vscode.InlineCompletionList | null | undefined;
+
+function itemCount(result: InlineResult): number {
   if (!result) return 0;
   return Array.isArray(result) ? result.length : result.items.length;
+}
+
+/** A suggestion id as the server sends it (a number today; docs/protocol.md does not fix the type). */
+function idOf(value: unknown): string | undefined {
+  return typeof value === "string" || typeof value === "number" ? String(value) : undefined;
+}
+
+/** The suggestion id of the server's item (its `tinymorph.accepted` command carries [uri, id]). */
+function suggestionId(result: InlineResult): string | undefined {
+  if (!result) return undefined;
+  const item = Array.isArray(result) ? result[0] : result.items[0];
+  return idOf(item?.command?.arguments?.[1]);
 }
 
 function config(): vscode.WorkspaceConfiguration {
@@ -108,6 +122,17 @@ function refreshHints(document: vscode.TextDocument): void {
   provider?.onDidChangeInlayHints.fire();
 }
 
+/**
+ * `tinymorph.hintAtCursor`: the suggestion shows as an inlay hint at the cursor (while it streams,
+ * or in `inlayHint` display mode); Tab then accepts what it shows (package.json keybindings).
+ */
+let hintAtCursor = false;
+function setHintAtCursor(on: boolean): void {
+  if (on === hintAtCursor) return;
+  hintAtCursor = on;
+  void vscode.commands.executeCommand("setContext", "tinymorph.hintAtCursor", on);
+}
+
 function onSelectionChanged(e: vscode.TextEditorSelectionChangeEvent): void {
   const document = e.textEditor.document;
   const uri = document.uri.toString();
@@ -116,6 +141,14 @@ function onSelectionChanged(e: vscode.TextEditorSelectionChangeEvent): void {
   const before = lastCursor;
   lastCursor = cursor;
   if (!hints) return;
+  const ghostShownHere = ghosts.ghostServed(uri, document.version) && display() !== "inlayHint";
+  setHintAtCursor(
+    !!cursor &&
+      !ghostShownHere &&
+      display() !== "ghostText" &&
+      !ghosts.isDismissed(uri, document.version) &&
+      hints.some((h) => h.line === cursor.line && h.character === cursor.character),
+  );
   const ghostShown = ghosts.ghostServed(uri, document.version);
   if (cursorMoveChangesHints(display(), hints, before, cursor, ghostShown)) refreshHints(document);
   // Back on the suggestion's anchor: bring its ghost text back (VS Code dropped it when the cursor left).
@@ -138,8 +171,12 @@ function askAgainIfChanged(uri: string): void {
   const editor = vscode.window.activeTextEditor;
   if (!editor || editor.document.uri.toString() !== uri || !showsGhostText(display())) return;
   if (!ghosts.shouldAskAgain(uri, editor.document.version, cursorIn(editor.document))) return;
-  output.debug(`suggestion for v${editor.document.version} changed: asking for its ghost text again`);
-  void vscode.commands.executeCommand("editor.action.inlineSuggest.trigger");
+  output.debug(`suggestion for v${editor.document.version} finished: asking for its ghost text`);
+  // VS Code skips an explicit request for the position and version of an explicit one it already
+  // answered: clear its state first (nothing of this suggestion is shown as ghost text yet).
+  void vscode.commands
+    .executeCommand("editor.action.inlineSuggest.hide")
+    .then(() => vscode.commands.executeCommand("editor.action.inlineSuggest.trigger"));
 }
 
 function renderStatus(): void {
@@ -212,6 +249,7 @@ async function dismissSuggestion(): Promise<void> {
   const document = editor.document;
   const uri = document.uri.toString();
   ghosts.dismiss(uri, document.version);
+  setHintAtCursor(false);
   model.onSettled(uri);
   renderStatus();
   // VS Code keeps its ghost text (and Tab would insert it) until told to hide it.
@@ -272,6 +310,7 @@ function buildClient(): LanguageClient | undefined {
       didChange: (event, next) => {
         // Insertions start a suggestion on the server; deletions only cancel the one on its way.
         const uri = event.document.uri.toString();
+        setHintAtCursor(false);
         const typedAhead =
           event.contentChanges.length === 1 &&
           ghosts.typesAhead(uri, event.contentChanges[0].range.start, event.contentChanges[0].text);
@@ -303,25 +342,25 @@ function buildClient(): LanguageClient | undefined {
         const hints = ((await next(document, range, token)) ?? []).filter(() => !ghosts.isDismissed(uri, version));
         lastHints.set(uri, hints.map((h) => h.position));
         for (const h of hints) {
-          const data = (h as vscode.InlayHint & { data?: { id?: string; version?: number } }).data;
+          const data = (h as vscode.InlayHint & { data?: { id?: unknown } }).data;
+          const id = idOf(data?.id);
           const label = typeof h.label === "string" ? h.label : h.label.map((part) => part.value).join("");
-          ghosts.onHint(uri, version, data?.id, label, h.position);
-          // The first token exists: a waiting inline-completion request can ask again now.
-          waiter.finished(uri, version);
+          ghosts.onHint(uri, version, id, label, h.position);
           // A typed-ahead suggestion that already finished: nothing more is generated for this edit.
-          if (ghosts.isFinished(uri, data?.id)) settle(uri);
+          if (ghosts.isFinished(uri, id)) settle(uri);
           if (typeof h.label === "string") {
             const short = hintLabel(h.label);
             if (short !== h.label && !h.tooltip) h.tooltip = h.label;
             h.label = short;
           }
         }
-        askAgainIfChanged(uri);
         if (mode === "ghostText") return [];
         const cursor = cursorIn(document);
         lastCursor = cursor;
         const ghostShown = ghosts.ghostServed(uri, version);
-        return hints.filter((h) => showsHint(mode, h.position, cursor, ghostShown));
+        const shown = hints.filter((h) => showsHint(mode, h.position, cursor, ghostShown));
+        setHintAtCursor(shown.some((h) => cursor && h.position.isEqual(new vscode.Position(cursor.line, cursor.character))));
+        return shown;
       },
       provideInlineCompletionItems: async (document, position, context, token, next) => {
         if (!showsGhostText(display())) return null;
@@ -330,18 +369,31 @@ function buildClient(): LanguageClient | undefined {
         if (ghosts.isDismissed(uri, version)) return null;
         ghosts.requestStarted(uri, version);
         let served: string | undefined;
+        const onCancel = (cb: () => void) => token.onCancellationRequested(cb);
         try {
           let result = await next(document, position, context, token);
-          if (itemCount(result) === 0 && model.isPending(uri) && !token.isCancellationRequested) {
-            // Nothing yet: wait until the first token exists (a hint for this version) or the
-            // suggestion finished (see waiter.ts), then ask once more.
-            const done = await waiter.wait(uri, version, GHOST_WAIT_MS, (cb) => token.onCancellationRequested(cb));
-            if (done && !token.isCancellationRequested) {
-              ghosts.askedAgain(uri, version);
-              result = await next(document, position, context, token);
+          // VS Code keeps the ghost text it gets: hand it only the finished suggestion (ghost.ts).
+          // While it streams, the inlay hint at the cursor shows it.
+          for (let round = 0; round < 3 && !token.isCancellationRequested; round++) {
+            const id = suggestionId(result);
+            let done: boolean;
+            if (itemCount(result) === 0) {
+              if (!model.isPending(uri)) break;
+              done = await waiter.wait(uri, version, GHOST_WAIT_MS, onCancel);
+            } else if (id !== undefined && !ghosts.isFinished(uri, id)) {
+              done = await waiter.until(uri, () => ghosts.isFinished(uri, id), GHOST_WAIT_MS, onCancel);
+            } else {
+              break;
             }
+            if (!done || token.isCancellationRequested) {
+              result = null;
+              break;
+            }
+            ghosts.askedAgain(uri, version);
+            result = await next(document, position, context, token);
           }
-          if (ghosts.isDismissed(uri, version)) return null;
+          const id = suggestionId(result);
+          if (ghosts.isDismissed(uri, version) || (id !== undefined && !ghosts.isFinished(uri, id))) return null;
           const items = !result ? [] : Array.isArray(result) ? result : result.items;
           if (items.length > 0) {
             const text = items[0].insertText;
@@ -434,7 +486,7 @@ async function startClient(): Promise<void> {
     model.onMetrics(payload);
     renderStatus();
     if (payload.uri && typeof payload.version === "number") {
-      ghosts.onFinished(payload.uri, payload.version, payload.id, payload.text);
+      ghosts.onFinished(payload.uri, payload.version, idOf(payload.id), payload.text);
       waiter.finished(payload.uri, payload.version);
       askAgainIfChanged(payload.uri);
     }

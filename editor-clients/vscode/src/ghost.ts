@@ -3,11 +3,13 @@
 // The server streams a suggestion token by token; it tells us it changed by sending
 // `workspace/inlayHint/refresh` (we then see a new hint label) and `tinymorph/metrics` when it
 // finished. LSP has no "inline completion refresh", and VS Code keeps showing the ghost text it got
-// last, so an answer that came while the suggestion was still growing (" she") would stay on
-// screen (and be what Tab inserts) after the suggestion finished (" she was killed in the sea.").
-// This tracker records, per document version, what changed since the last inline-completion request
-// started, so the extension can ask again (`editor.action.inlineSuggest.trigger`) exactly when the
-// answer would differ; it also remembers dismissals, which last until the text changes.
+// last: an answer that came while the suggestion was still growing (" she") stayed on screen (and
+// was what Tab inserted) after the suggestion finished (" she was killed in the sea."). Asking
+// again does not help reliably: VS Code skips an explicit request for the same position and text
+// version as the explicit one it already answered. So the extension hands VS Code only finished
+// suggestions (the inlay hint at the cursor shows the text while it streams), and this tracker says
+// when a finished suggestion has not reached VS Code yet; it also remembers dismissals, which last
+// until the text changes.
 
 import type { Pos } from "./display";
 
@@ -71,10 +73,16 @@ export class GhostTracker {
       this.finishedIds.set(uri, ids);
     }
     const d = this.at(uri, version);
-    if (d.version !== version) return;
-    d.finishedId = id;
-    d.finishedText = text;
-    d.changes++;
+    if (d.version === version) {
+      d.finishedId = id;
+      d.finishedText = text;
+      d.changes++;
+    } else if (id !== undefined && d.hintId === id) {
+      // Typed ahead while it streamed: the same suggestion, now finished, for the newer version.
+      d.finishedId = id;
+      d.finishedText = undefined;
+      d.changes++;
+    }
   }
 
   /** An inline-completion request for `version` starts. */
@@ -139,15 +147,16 @@ export class GhostTracker {
 
   /**
    * Whether to ask VS Code for the ghost text again now: the suggestion for the document's current
-   * version changed since the last request started, no request is in flight (a new one would cancel
-   * it, and the server holds a request while tokens stream), the user did not dismiss it, and the
-   * cursor is where the suggestion is anchored (elsewhere an explicit request would start a new one).
+   * version finished since the last request started and VS Code does not have its whole text, no
+   * request is in flight (it will get the finished suggestion itself), the user did not dismiss it,
+   * and the cursor is where the suggestion is anchored (elsewhere an explicit request would start a
+   * new suggestion).
    */
   shouldAskAgain(uri: string, version: number, cursor: Pos | undefined): boolean {
     const d = this.current(uri, version);
     if (!d || d.dismissed || d.inFlight > 0 || d.changes <= d.askedAt) return false;
-    if (d.hintId === undefined && d.finishedId === undefined) return false;
-    if (d.finishedText !== undefined && d.served === d.finishedText && d.askedAt >= 0) return false;
+    if (d.finishedId === undefined) return false;
+    if (d.finishedText !== undefined && d.served === d.finishedText) return false;
     if (!cursor || !d.anchor) return false;
     return cursor.line === d.anchor.line && cursor.character === d.anchor.character;
   }

@@ -27,7 +27,8 @@ export interface StatusPayload {
 export interface MetricsPayload {
   uri?: string;
   version?: number;
-  id?: string;
+  /** The suggestion's id (a number from today's server). */
+  id?: string | number;
   ttftMs?: number;
   prefillMs?: number;
   queueMs?: number;

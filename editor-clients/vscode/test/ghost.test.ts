@@ -8,14 +8,14 @@ const at = (line: number, character: number) => ({ line, character });
 test("issue 12.1: a ghost text served while the suggestion streamed is asked again when it finishes", () => {
   const g = new GhostTracker();
   const anchor = at(0, 62);
-  // First token streamed: the hint shows " she"; VS Code's request gets the partial item.
+  // First token streamed: the hint shows " she"; a request got the partial item.
   g.onHint(uri, 3, "s1", " she", anchor);
   g.requestStarted(uri, 3);
   g.requestEnded(uri, 3, " she");
   assert.equal(g.shouldAskAgain(uri, 3, anchor), false, "nothing changed since that request");
-  // The suggestion grows and finishes: the served " she" is stale.
+  // It grows (the hint at the cursor shows that) and finishes: the served " she" is stale.
   g.onHint(uri, 3, "s1", " she was killed", anchor);
-  assert.equal(g.shouldAskAgain(uri, 3, anchor), true, "grown: ask again");
+  assert.equal(g.shouldAskAgain(uri, 3, anchor), false, "growing: the hint shows it, VS Code waits for the end");
   g.onFinished(uri, 3, "s1", " she was killed in the sea.");
   assert.equal(g.shouldAskAgain(uri, 3, anchor), true, "finished: ask again");
   g.requestStarted(uri, 3);
@@ -91,4 +91,13 @@ test("typing what a finished suggestion shows is typing ahead (nothing new is ge
   assert.equal(g.typesAhead(uri, at(0, 5), " and then the rain"), true, "all of it (Tab)");
   assert.equal(g.typesAhead(uri, at(0, 5), " but"), false, "other text");
   assert.equal(g.typesAhead(uri, at(0, 4), " and"), false, "elsewhere");
+});
+
+test("a suggestion typed ahead while it streamed is asked for when it finishes", () => {
+  const g = new GhostTracker();
+  g.onHint(uri, 1, "s1", " and", at(0, 5));
+  g.onHint(uri, 2, "s1", "nd", at(0, 6));
+  assert.equal(g.shouldAskAgain(uri, 2, at(0, 6)), false);
+  g.onFinished(uri, 1, "s1", " and then.");
+  assert.equal(g.shouldAskAgain(uri, 2, at(0, 6)), true);
 });

@@ -147,5 +147,16 @@ test("issue 12.3: Escape and Ctrl+Alt+Backspace dismiss through tinymorph", () =
   const esc = keys.find((k: { key: string }) => k.key === "escape");
   assert.ok(esc, "Escape is bound");
   assert.match(esc.when, /inlineSuggestionVisible/);
+  assert.match(esc.when, /tinymorph\.hintAtCursor/);
   assert.ok(keys.some((k: { key: string }) => k.key === "ctrl+alt+backspace"));
+});
+
+test("issue 12.1: Tab accepts the suggestion the hint at the cursor shows (while it streams)", () => {
+  const tab = manifest.contributes.keybindings.find(
+    (k: { key: string; command: string }) => k.key === "tab" && k.command === "tinymorph.acceptSuggestion",
+  );
+  assert.ok(tab, "Tab is bound for the hint at the cursor");
+  assert.match(tab.when, /tinymorph\.hintAtCursor/);
+  assert.match(tab.when, /!inlineSuggestionVisible/, "ghost text keeps VS Code's own Tab");
+  assert.match(tab.when, /!suggestWidgetVisible/);
 });
