@@ -274,13 +274,14 @@ try {
     .filter((d) => d && resolve(d) !== serverDir)
     .join(delimiter);
   report.serverOffPath = !!serverDir;
-  await step("start code-server", async () => {
+  /** Starts code-server on `onPort` (workspace trust off unless `trust`). */
+  const startCodeServer = async (onPort, folder, trust = false) => {
     codeServerProc = spawn(
       node24,
-      [codeServer, "--auth", "none", "--bind-addr", `127.0.0.1:${port}`, "--user-data-dir", userData,
+      [codeServer, "--auth", "none", "--bind-addr", `127.0.0.1:${onPort}`, "--user-data-dir", userData,
         "--extensions-dir", extensions, "--disable-telemetry", "--disable-update-check",
-        "--disable-workspace-trust", "--config", join(userData, "config.yaml"),
-        ...(process.env.TINYMORPH_E2E_LOG ? ["--log", process.env.TINYMORPH_E2E_LOG] : []), workspace],
+        ...(trust ? [] : ["--disable-workspace-trust"]), "--config", join(userData, "config.yaml"),
+        ...(process.env.TINYMORPH_E2E_LOG ? ["--log", process.env.TINYMORPH_E2E_LOG] : []), folder],
       // An unused loopback gallery: code-server never looks for a marketplace outside.
       { env: { ...process.env, PATH, EXTENSIONS_GALLERY: JSON.stringify({ serviceUrl: `http://127.0.0.1:${galleryPort}/` }) } },
     );
@@ -292,8 +293,9 @@ try {
       if (Date.now() > end || codeServerProc.exitCode !== null) throw new Error(`code-server did not start:\n${log}`);
       await new Promise((r) => setTimeout(r, 200));
     }
-    return `http://127.0.0.1:${port}/`;
-  });
+    return `http://127.0.0.1:${onPort}/`;
+  };
+  await step("start code-server", () => startCodeServer(port, workspace));
 
   browser = await chromium.launch({
     executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
@@ -519,6 +521,33 @@ try {
       return /tinymorph (ready|\d)/.test(text) ? text : undefined;
     }, 30000);
     return { off, on };
+  });
+
+  // Issue 12, VS Code 5: in Restricted Mode the extension says in the status bar why it is off
+  // (and starts no server). A second code-server with workspace trust on, an untrusted folder.
+  report.restricted = await step("Restricted Mode: status item says why tinymorph is off", async () => {
+    codeServerProc.kill();
+    await new Promise((r) => codeServerProc.once("exit", r));
+    writeFileSync(
+      join(userData, "User", "settings.json"),
+      JSON.stringify({ ...settings, "security.workspace.trust.enabled": true, "security.workspace.trust.startupPrompt": "never" }, null, 2),
+    );
+    const untrusted = join(work, "untrusted");
+    mkdirSync(untrusted, { recursive: true });
+    writeFileSync(join(untrusted, "notes.md"), "Some notes.\n");
+    const port2 = await freePort();
+    await startCodeServer(port2, untrusted, true);
+    await page.goto(`http://127.0.0.1:${port2}/?folder=${encodeURIComponent(untrusted)}`);
+    await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "notes.md" }).click({ timeout: 60000 });
+    const text = await waitFor("the Restricted Mode status item", async () => {
+      const t = await statusText().catch(() => "");
+      return /Restricted Mode/.test(t) ? t : undefined;
+    }, 60000);
+    const label = clean((await page.locator(".statusbar-item", { hasText: "tinymorph" }).first().getAttribute("aria-label")) ?? "");
+    await screenshot("restricted-mode");
+    if (!/trust/i.test(label)) throw new Error(`the status item does not say why: ${label}`);
+    const started = finishedSuggestions().length;
+    return { text, label: label.slice(0, 200), noNewSuggestions: started === finishedSuggestions().length };
   });
 } catch (err) {
   failed = true;
