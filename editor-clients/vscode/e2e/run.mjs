@@ -523,6 +523,33 @@ try {
     return { off, on };
   });
 
+  // Issue 12, VS Code 6 and 7: Restart Server keeps the steering (the new server has it) and shows
+  // no number of the old server; Show Server Status is a readable message.
+  report.restart = await step("restart keeps steering, drops old numbers", async () => {
+    const steeringBefore = report.steering.status;
+    await runCommand("tinymorph: Restart Server");
+    await waitFor("the restart to begin", async () => (/tinymorph (starting|loading)/.test(await statusText()) ? true : undefined), 30000);
+    const ready = await waitFor("ready after the restart", async () => {
+      const label = clean((await page.locator(".statusbar-item", { hasText: "tinymorph" }).first().getAttribute("aria-label")) ?? "");
+      return /tinymorph ready/.test(await statusText()) && /steering: (?!none)/.test(label) ? label : undefined;
+    });
+    if (!/last TTFT: –/.test(ready) || /tok\/s/.test(ready)) throw new Error(`old numbers after the restart: ${ready}`);
+    const steering = ready.match(/steering: [^,\n]*( [^\n]*)?/)?.[0] ?? "";
+    if (!steering.startsWith(steeringBefore)) throw new Error(`steering after the restart: ${steering}, before: ${steeringBefore}`);
+    await screenshot("after-restart");
+    // The new server itself has it: Show Server Status asks the server.
+    await runCommand("tinymorph: Show Server Status");
+    const dialog = page.locator(".monaco-dialog-box");
+    await dialog.waitFor({ timeout: 15000 });
+    const message = clean(await dialog.innerText());
+    await screenshot("server-status");
+    await page.keyboard.press("Escape");
+    if (!/tinymorph is ready/.test(message) || !message.includes(steeringBefore) || /[{}]/.test(message)) {
+      throw new Error(`Show Server Status: ${message}`);
+    }
+    return { ready: ready.slice(0, 200), status: message.slice(0, 300) };
+  });
+
   // Issue 12, VS Code 5: in Restricted Mode the extension says in the status bar why it is off
   // (and starts no server). A second code-server with workspace trust on, an untrusted folder.
   report.restricted = await step("Restricted Mode: status item says why tinymorph is off", async () => {
