@@ -192,6 +192,10 @@ def test_nvim_plugin_against_real_server(nvim_bin, nvim_tiny_model, nvim_tiny_sa
 
     # Attach: hints enabled, server ready.
     assert report["inlay_hints_enabled"] is True
+    # Issue 12 (Neovim 2, 5): the hint is drawn as TinymorphSuggestion; no statusline text elsewhere.
+    assert report["window_hint_highlight"] == "TinymorphSuggestion"
+    assert report["statusline_unattached"] == ""
+    assert report["unattached_window_ns"] in (-1, 0)
     assert report["status"]["state"] == "ready"
 
     # The hint is the model's continuation at the end of what was typed.
@@ -216,6 +220,10 @@ def test_nvim_plugin_against_real_server(nvim_bin, nvim_tiny_model, nvim_tiny_sa
     assert report["cursor"][0] == len(lines)
     assert report["cursor"][1] >= max(0, len(lines[-1].encode()) - 1)
 
+    # Issue 12 (Neovim 4): accepting prints nothing.
+    assert "Workspace edit" not in report["messages_after_accept"], report["messages_after_accept"]
+    assert report["messages_after_accept"].strip() == "", report["messages_after_accept"]
+
     # Steering through :Tinymorph steer changed the server's list, and clear emptied it.
     feature = report["steered_feature"]
     assert feature.startswith("tiny:")
@@ -234,3 +242,37 @@ def test_nvim_plugin_against_real_server(nvim_bin, nvim_tiny_model, nvim_tiny_sa
     assert "OK server executable" in report["health"]
     assert "OK running server" in report["health"], report["health"]
     assert all(s["ok"] for s in steps.values())
+
+
+def _run_lua(nvim: str, script: Path, workdir: Path, extra_env: dict, timeout: int = 120) -> tuple[dict, str]:
+    """Runs a headless Neovim script that writes a JSON report to $TINYMORPH_RESULT."""
+    result_file = workdir / "report.json"
+    env = dict(
+        os.environ,
+        TINYMORPH_PLUGIN_DIR=str(PLUGIN_DIR),
+        TINYMORPH_RESULT=str(result_file),
+        XDG_CONFIG_HOME=str(workdir / "config"),
+        XDG_STATE_HOME=str(workdir / "state"),
+        XDG_DATA_HOME=str(workdir / "data"),
+        **extra_env,
+    )
+    proc = subprocess.run(
+        [nvim, "--headless", "-u", "NONE", "-i", "NONE", "-c", f"luafile {script}"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert result_file.exists(), f"no report; nvim rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(result_file.read_text()), proc.stdout + proc.stderr
+
+
+def test_checkhealth_without_a_running_server(nvim_bin, nvim_tiny_model, tmp_path):
+    """Issue 12 (Neovim 1): the health check's own handshake answers the server's requests."""
+    script = ROOT / "tests" / "nvim" / "health_no_server.lua"
+    cmd = [_tinymorph(), "lsp", "--model", str(nvim_tiny_model)]
+    report, output = _run_lua(nvim_bin, script, tmp_path, {"TINYMORPH_CMD": json.dumps(cmd),
+                                                          "TINYMORPH_CONFIG_DIR": str(tmp_path / "tmcfg")})
+    assert report["clients_before"] == 0
+    assert report["checkhealth_ok"], report["checkhealth_error"]
+    assert "OK server responds to initialize" in report["health"], report["health"]
+    for text in (report["messages"], report["errmsg"], output):
+        assert "either a result or an error" not in text, text
+        assert "E5108" not in text and "Error executing" not in text, text

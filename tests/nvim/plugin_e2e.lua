@@ -33,7 +33,8 @@ end
 local function wait_for(what, fn, ms)
   local value, exited
   local ok = vim.wait(ms or timeout, function()
-    exited = require("tinymorph.state").get().server_state == "stopped"
+    local st = require("tinymorph.state").get()
+    exited = st.server_state == "stopped" or (st.server_state == "error" and st.message:find("exited") ~= nil)
     if exited then
       return true
     end
@@ -108,6 +109,14 @@ step("setup and attach", function()
   end)
   report.inlay_hints_enabled = vim.lsp.inlay_hint.is_enabled({ bufnr = buf })
   assert(report.inlay_hints_enabled, "inlay hints not enabled for the attached buffer")
+  -- The hint's highlight: this window draws LspInlayHint as TinymorphSuggestion.
+  local ns = vim.api.nvim_get_hl_ns({ winid = 0 })
+  report.window_hint_highlight = ns > 0 and vim.api.nvim_get_hl(ns, { name = "LspInlayHint" }).link or vim.NIL
+  -- A buffer the server is not attached to has no tinymorph statusline, and its window no namespace.
+  vim.cmd("new")
+  report.statusline_unattached = tinymorph.statusline()
+  report.unattached_window_ns = vim.api.nvim_get_hl_ns({ winid = 0 })
+  vim.cmd("close!")
 end)
 
 step("server ready", function()
@@ -151,11 +160,14 @@ step("accept the rest with :Tinymorph accept", function()
     local label = hint_label()
     return label and vim.trim((label:gsub("…$", ""))) ~= "" and label or nil
   end)
+  vim.cmd("messages clear")
   vim.cmd("Tinymorph accept")
   report.after_accept = wait_for("suggestion inserted", function()
     local now = buffer_text(buf)
     return now ~= before and now or nil
   end)
+  -- Accepting is quiet: nothing on the command line (Neovim's default handler printed "Workspace edit …").
+  report.messages_after_accept = vim.fn.execute("messages")
   report.cursor = vim.api.nvim_win_get_cursor(0)
   report.mode = vim.api.nvim_get_mode().mode
 end)

@@ -9,6 +9,8 @@ local function check(name, got, want)
   end
 end
 
+-- Everything runs inside xpcall: a Lua error fails the test at once instead of leaving Neovim waiting.
+local function main()
 -- config
 local config = require("tinymorph.config")
 local merged = config.merge({ cmd = "mytinymorph", filetypes = { "markdown" }, keymaps = { dismiss = false } })
@@ -59,10 +61,107 @@ check("unlabelled feature", commands.format_feature({ id = "default:4", topToken
 local lines = commands.compare_lines({ steered = "A\nB", unsteered = "C" }, {})
 check("compare has both", { lines[#lines - 4], lines[#lines] }, { "B", "C" })
 
--- setup registers the command even without a server running
-require("tinymorph").setup({ cmd = { "/nonexistent/tinymorph", "lsp" } })
+-- Issue 12 (Neovim 3): a wrong server path is said once, with the path tried; the statusline says error.
+local notes = {}
+local real_notify = vim.notify
+vim.notify = function(msg, level)
+  table.insert(notes, { msg = msg, level = level })
+end
+local wrong = "/home/me/tinymorph/.venv/bin/tinymorph"
+local tinymorph = require("tinymorph")
+tinymorph.setup({ cmd = { wrong, "lsp" } })
 check(":Tinymorph exists", vim.fn.exists(":Tinymorph"), 2)
+local dir = vim.fn.tempname()
+vim.fn.mkdir(dir, "p")
+vim.cmd("filetype on")
+vim.cmd.edit(dir .. "/a.md")
+local md = vim.api.nvim_get_current_buf()
+vim.cmd.edit(dir .. "/b.md")
+vim.wait(300)
+check("no client for a missing server", #vim.lsp.get_clients({ name = "tinymorph" }), 0)
+local about_path = vim.tbl_filter(function(n)
+  return n.msg:find(wrong, 1, true) ~= nil
+end, notes)
+check("one message names the path tried", #about_path, 1)
+check("and it is the only message", #notes, 1)
+check("it is an error", notes[1] and notes[1].level, vim.log.levels.ERROR)
+check("statusline in a buffer of the filetypes says error", tinymorph.statusline(md), "tinymorph error")
 
+-- Issue 12 (Neovim 5): no statusline text in buffers the server is not (and would not be) attached to.
+vim.cmd.enew()
+local scratch = vim.api.nvim_get_current_buf()
+check("statusline in an unrelated buffer", tinymorph.statusline(scratch), "")
+state.reset()
+state.on_status({ state = "ready" })
+check("statusline in a markdown buffer without the client", tinymorph.statusline(md), "")
+vim.notify = real_notify
+
+-- Issue 12 (Neovim 2): TinymorphSuggestion, linked in true-colour terminals, italic + grey in cterm ones.
+vim.o.termguicolors = false
+require("tinymorph.highlight").define()
+local hl = vim.api.nvim_get_hl(0, { name = "TinymorphSuggestion" })
+check("cterm italic", hl.cterm and hl.cterm.italic, true)
+check("cterm grey", type(hl.ctermfg) == "number" and hl.ctermfg ~= 0, true)
+vim.o.termguicolors = true
+vim.cmd("doautocmd OptionSet termguicolors")
+local linked = vim.api.nvim_get_hl(0, { name = "TinymorphSuggestion" })
+check("gui: linked", linked.link, "LspInlayHint")
+local ns = require("tinymorph.highlight").namespace
+check("hint group in tinymorph windows", vim.api.nvim_get_hl(ns, { name = "LspInlayHint" }).link, "TinymorphSuggestion")
+vim.o.termguicolors = false
+vim.cmd("doautocmd OptionSet termguicolors")
+check("back to cterm", vim.api.nvim_get_hl(0, { name = "TinymorphSuggestion" }).cterm, { italic = true })
+
+-- Issue 12 (Neovim 7): replies to textDocument/inlineCompletion for older text are dropped (0.12's
+-- built-in ghost text has no version check of its own).
+local guard = require("tinymorph.inline").guard_replies
+local gbuf = vim.api.nvim_create_buf(false, true)
+local calls = {}
+local fake = {
+  request = function(_, method, params, handler, bufnr)
+    table.insert(calls, { method = method, handler = handler, bufnr = bufnr })
+    return true, #calls
+  end,
+}
+guard(fake)
+local got = {}
+fake:request("textDocument/inlineCompletion", {}, function(err, result)
+  table.insert(got, result)
+end, gbuf)
+vim.api.nvim_buf_set_lines(gbuf, 0, -1, false, { "typed on" })
+calls[1].handler(nil, { items = { { insertText = "old" } } }, { bufnr = gbuf }, {})
+check("stale reply dropped", got[1], { items = {} })
+fake:request("textDocument/inlineCompletion", {}, function(err, result)
+  table.insert(got, result)
+end, gbuf)
+calls[2].handler(nil, { items = { { insertText = "fresh" } } }, { bufnr = gbuf }, {})
+check("current reply kept", got[2], { items = { { insertText = "fresh" } } })
+fake:request("textDocument/hover", {}, function(err, result)
+  table.insert(got, result)
+end, gbuf)
+vim.api.nvim_buf_set_lines(gbuf, 0, -1, false, { "more" })
+calls[3].handler(nil, "hover", {}, {})
+check("other methods untouched", got[3], "hover")
+
+-- Issue 12 (Neovim 6): :help tinymorph
+local docdir = vim.fn.tempname()
+vim.fn.mkdir(docdir .. "/doc", "p")
+vim.fn.writefile(vim.fn.readfile(vim.env.TINYMORPH_PLUGIN_DIR .. "/doc/tinymorph.txt"), docdir .. "/doc/tinymorph.txt")
+vim.cmd("helptags " .. docdir .. "/doc")
+vim.opt.rtp:prepend(docdir)
+for _, tag in ipairs({ "tinymorph", ":Tinymorph", "tinymorph-setup", "tinymorph-keys", "tinymorph-statusline",
+  "tinymorph-health", "TinymorphSuggestion", "tinymorph.statusline()" }) do
+  local found = pcall(vim.cmd.help, tag)
+  check(":help " .. tag, found and vim.fn.expand("%:t") or nil, "tinymorph.txt")
+  pcall(vim.cmd.helpclose)
+end
+
+end
+
+local ok, err = xpcall(main, debug.traceback)
+if not ok then
+  table.insert(failures, "error: " .. tostring(err))
+end
 if #failures > 0 then
   io.stderr:write(table.concat(failures, "\n") .. "\n")
   vim.cmd("cquit 1")

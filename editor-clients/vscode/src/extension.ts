@@ -1,7 +1,7 @@
 // VS Code entry point: starts `tinymorph lsp`, wires its notifications into the status bar and
 // registers the commands. Logic testable without VS Code lives in settings.ts, status.ts,
-// steering.ts, display.ts and waiter.ts (unit-tested under node); steeringUi.ts and progress.ts
-// hold the VS Code UI around them.
+// steering.ts, display.ts, ghost.ts and waiter.ts (unit-tested under node); steeringUi.ts and
+// progress.ts hold the VS Code UI around them.
 
 import * as fs from "fs";
 import * as os from "os";
@@ -11,13 +11,16 @@ import {
   InlayHintRequest,
   LanguageClient,
   LanguageClientOptions,
+  RevealOutputChannelOn,
   ServerOptions,
   State,
 } from "vscode-languageclient/node";
 import {
+  findServer,
   ServerKey,
   ServerSettings,
   resolveServerCommand,
+  serverNotFoundMessage,
   serverSettings,
   settingsChange,
   RESTART_KEYS,
@@ -25,8 +28,18 @@ import {
 } from "./settings";
 import { LoadProgressFeature } from "./progress";
 import { SuggestionWaiter } from "./waiter";
-import { cursorMoveChangesHints, DisplayMode, displayMode, Pos, showsGhostText, showsHint } from "./display";
-import { MetricsPayload, StatusModel, StatusPayload, statusView, SteeringEntry } from "./status";
+import { GhostTracker } from "./ghost";
+import {
+  cursorMoveChangesHints,
+  DisplayMode,
+  displayMode,
+  hintLabel,
+  Pos,
+  showsGhostText,
+  showsHint,
+} from "./display";
+import { MetricsPayload, StatusModel, StatusPayload, statusReport, statusView, SteeringEntry } from "./status";
+import { steeringToRestore } from "./steering";
 import { CompareView, pickFeature, editSteering } from "./steeringUi";
 
 const SECTION = "tinymorph";
@@ -39,14 +52,29 @@ const model = new StatusModel();
 let sentSettings: ServerSettings = {};
 
 const waiter = new SuggestionWaiter();
-/** Longest an inline-completion request waits for a suggestion still being generated. */
+/** Longest an inline-completion request waits for the first token of a suggestion on its way. */
 const GHOST_WAIT_MS = 60_000;
-// "uri@version" of the last inline-completion answer with an item, to avoid asking twice.
-let lastServedGhost = "";
+const ghosts = new GhostTracker();
+/** The steering in effect on the server we stopped, to re-apply on the next one (Restart Server). */
+let steeringToKeep: SteeringEntry[] | undefined;
 
-function itemCount(result: vscode.InlineCompletionItem[] | vscode.InlineCompletionList | null | undefined): number {
+type InlineResult = vscode.InlineCompletionItem[] | vscode.InlineCompletionList | null | undefined;
+
+function itemCount(result: InlineResult): number {
   if (!result) return 0;
   return Array.isArray(result) ? result.length : result.items.length;
+}
+
+/** A suggestion id as the server sends it (a number today; docs/protocol.md does not fix the type). */
+function idOf(value: unknown): string | undefined {
+  return typeof value === "string" || typeof value === "number" ? String(value) : undefined;
+}
+
+/** The suggestion id of the server's item (its `tinymorph.accepted` command carries [uri, id]). */
+function suggestionId(result: InlineResult): string | undefined {
+  if (!result) return undefined;
+  const item = Array.isArray(result) ? result[0] : result.items[0];
+  return idOf(item?.command?.arguments?.[1]);
 }
 
 function config(): vscode.WorkspaceConfiguration {
@@ -94,25 +122,68 @@ function refreshHints(document: vscode.TextDocument): void {
   provider?.onDidChangeInlayHints.fire();
 }
 
+/**
+ * `tinymorph.hintAtCursor`: the suggestion shows as an inlay hint at the cursor (while it streams,
+ * or in `inlayHint` display mode); Tab then accepts what it shows (package.json keybindings).
+ */
+let hintAtCursor = false;
+function setHintAtCursor(on: boolean): void {
+  if (on === hintAtCursor) return;
+  hintAtCursor = on;
+  void vscode.commands.executeCommand("setContext", "tinymorph.hintAtCursor", on);
+}
+
 function onSelectionChanged(e: vscode.TextEditorSelectionChangeEvent): void {
-  const uri = e.textEditor.document.uri.toString();
+  const document = e.textEditor.document;
+  const uri = document.uri.toString();
   const hints = lastHints.get(uri);
   const cursor = e.selections.length === 1 && e.selections[0].isEmpty ? e.selections[0].active : undefined;
   const before = lastCursor;
   lastCursor = cursor;
   if (!hints) return;
-  if (cursorMoveChangesHints(display(), hints, before, cursor)) refreshHints(e.textEditor.document);
+  const ghostShownHere = ghosts.ghostServed(uri, document.version) && display() !== "inlayHint";
+  setHintAtCursor(
+    !!cursor &&
+      !ghostShownHere &&
+      display() !== "ghostText" &&
+      !ghosts.isDismissed(uri, document.version) &&
+      hints.some((h) => h.line === cursor.line && h.character === cursor.character),
+  );
+  const ghostShown = ghosts.ghostServed(uri, document.version);
+  if (cursorMoveChangesHints(display(), hints, before, cursor, ghostShown)) refreshHints(document);
   // Back on the suggestion's anchor: bring its ghost text back (VS Code dropped it when the cursor left).
   const onAnchor = cursor && hints.some((h) => h.line === cursor.line && h.character === cursor.character);
-  if (onAnchor && showsGhostText(display()) && e.textEditor === vscode.window.activeTextEditor) {
+  if (
+    onAnchor &&
+    showsGhostText(display()) &&
+    e.textEditor === vscode.window.activeTextEditor &&
+    !ghosts.isDismissed(uri, document.version)
+  ) {
     void vscode.commands.executeCommand("editor.action.inlineSuggest.trigger");
   }
+}
+
+/**
+ * The suggestion for the active document changed since VS Code last asked for its ghost text
+ * (it grew, or finished): ask again, so the ghost text (and what Tab inserts) is the whole of it.
+ */
+function askAgainIfChanged(uri: string): void {
+  const editor = vscode.window.activeTextEditor;
+  if (!editor || editor.document.uri.toString() !== uri || !showsGhostText(display())) return;
+  if (!ghosts.shouldAskAgain(uri, editor.document.version, cursorIn(editor.document))) return;
+  output.debug(`suggestion for v${editor.document.version} finished: asking for its ghost text`);
+  // VS Code skips an explicit request for the position and version of an explicit one it already
+  // answered: clear its state first (nothing of this suggestion is shown as ghost text yet).
+  void vscode.commands
+    .executeCommand("editor.action.inlineSuggest.hide")
+    .then(() => vscode.commands.executeCommand("editor.action.inlineSuggest.trigger"));
 }
 
 function renderStatus(): void {
   const view = statusView(model);
   statusItem.text = view.text;
   statusItem.tooltip = view.tooltip;
+  statusItem.command = view.command ?? "tinymorph.showMenu";
   statusItem.backgroundColor =
     view.severity === "error"
       ? new vscode.ThemeColor("statusBarItem.errorBackground")
@@ -147,11 +218,14 @@ function updateActiveContext(): void {
   const editor = vscode.window.activeTextEditor;
   const active = !!editor && languages().includes(editor.document.languageId) && !!client?.isRunning();
   void vscode.commands.executeCommand("setContext", "tinymorph.active", active);
+  model.setActive(editor?.document.uri.toString());
+  renderStatus();
 }
 
 /**
- * "generating" means "waiting for the suggestion": it ends when one for the current version shows
- * up (the server kept a typed-ahead suggestion, or tokens started streaming), not only at metrics.
+ * "generating" lasts while the generation runs: it ends with its metrics, or when the suggestion
+ * for the current version turns out to be one that already finished (the server kept a typed-ahead
+ * suggestion), a dismissal or a deletion.
  */
 function settle(uri: string): void {
   if (!model.isPending(uri)) return;
@@ -159,7 +233,33 @@ function settle(uri: string): void {
   renderStatus();
 }
 
-function buildClient(): LanguageClient {
+function isExecutable(p: string): boolean {
+  try {
+    fs.accessSync(p, process.platform === "win32" ? fs.constants.F_OK : fs.constants.X_OK);
+    return fs.statSync(p).isFile();
+  } catch {
+    return false;
+  }
+}
+
+/** Dismisses what is shown for the active document (ghost text and hint) until its text changes. */
+async function dismissSuggestion(): Promise<void> {
+  const editor = vscode.window.activeTextEditor;
+  if (!editor) return;
+  const document = editor.document;
+  const uri = document.uri.toString();
+  ghosts.dismiss(uri, document.version);
+  setHintAtCursor(false);
+  model.onSettled(uri);
+  renderStatus();
+  // VS Code keeps its ghost text (and Tab would insert it) until told to hide it.
+  await vscode.commands.executeCommand("editor.action.inlineSuggest.hide");
+  refreshHints(document);
+  if (client?.isRunning()) await serverCommand("tinymorph.dismiss", [uri]);
+}
+
+/** The server from tinymorph.server.command, or undefined (after one message) when it is not there. */
+function buildClient(): LanguageClient | undefined {
   const cfg = config();
   const folder = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath;
   const resolved = resolveServerCommand(
@@ -178,8 +278,21 @@ function buildClient(): LanguageClient {
     },
   );
   const env = { ...process.env, ...cfg.get<Record<string, string>>("server.env", {}) };
+  const lookup = findServer(resolved.command, { PATH: env.PATH, PATHEXT: env.PATHEXT, platform: process.platform }, { isExecutable });
+  if (!lookup.found) {
+    const message = serverNotFoundMessage(lookup, cfg.get<string>("server.command", "tinymorph"));
+    model.onClientError(message);
+    renderStatus();
+    output.error(message);
+    void vscode.window.showErrorMessage(message, "Open Settings", "Show Log").then((choice) => {
+      if (choice === "Open Settings") void vscode.commands.executeCommand("workbench.action.openSettings", "tinymorph.server.command");
+      if (choice === "Show Log") output.show();
+    });
+    return undefined;
+  }
+  output.info(`starting ${lookup.found} ${resolved.args.join(" ")}`);
   // No `transport`: TransportKind.stdio would append "--stdio" to the arguments, which tinymorph refuses.
-  const executable = { command: resolved.command, args: resolved.args, options: { env } };
+  const executable = { command: lookup.found, args: resolved.args, options: { env } };
   const serverOptions: ServerOptions = { run: executable, debug: executable };
   sentSettings = currentServerSettings();
 
@@ -191,49 +304,116 @@ function buildClient(): LanguageClient {
     documentSelector: selector,
     initializationOptions: sentSettings,
     outputChannel: output,
+    // One failure = one message (ours): the client's own "couldn't create connection" toast repeats it.
+    revealOutputChannelOn: RevealOutputChannelOn.Never,
     middleware: {
       didChange: (event, next) => {
-        // Insertions start a suggestion on the server; deletions do not.
-        if (event.contentChanges.some((change) => change.text.length > 0)) {
-          model.onEdit(event.document.uri.toString());
-          renderStatus();
+        // Insertions start a suggestion on the server; deletions only cancel the one on its way.
+        const uri = event.document.uri.toString();
+        setHintAtCursor(false);
+        const typedAhead =
+          event.contentChanges.length === 1 &&
+          ghosts.typesAhead(uri, event.contentChanges[0].range.start, event.contentChanges[0].text);
+        if (typedAhead) {
+          // The server keeps the finished suggestion for the new text: nothing is generated.
+          model.onSettled(uri);
+        } else if (event.contentChanges.some((change) => change.text.length > 0)) {
+          model.onEdit(uri, Date.now(), event.document.version);
+        } else if (event.contentChanges.length > 0) {
+          model.onSettled(uri);
         }
+        renderStatus();
         return next(event);
       },
       didClose: (document, next) => {
-        model.onSettled(document.uri.toString());
-        lastHints.delete(document.uri.toString());
-        waiter.forget(document.uri.toString());
+        const uri = document.uri.toString();
+        model.onSettled(uri);
+        lastHints.delete(uri);
+        waiter.forget(uri);
+        ghosts.forget(uri);
         renderStatus();
         return next(document);
       },
-      // `tinymorph.display` picks the surfaces; see display.ts for why "both" hides the hint at the cursor.
+      // `tinymorph.display` picks the surfaces; see display.ts for when "both" hides the hint at the cursor.
       provideInlayHints: async (document, range, token, next) => {
         const mode = display();
+        const uri = document.uri.toString();
+        const version = document.version;
+        const hints = ((await next(document, range, token)) ?? []).filter(() => !ghosts.isDismissed(uri, version));
+        lastHints.set(uri, hints.map((h) => h.position));
+        for (const h of hints) {
+          const data = (h as vscode.InlayHint & { data?: { id?: unknown } }).data;
+          const id = idOf(data?.id);
+          const label = typeof h.label === "string" ? h.label : h.label.map((part) => part.value).join("");
+          ghosts.onHint(uri, version, id, label, h.position);
+          // A typed-ahead suggestion that already finished: nothing more is generated for this edit.
+          if (ghosts.isFinished(uri, id)) settle(uri);
+          if (typeof h.label === "string") {
+            const short = hintLabel(h.label);
+            if (short !== h.label && !h.tooltip) h.tooltip = h.label;
+            h.label = short;
+          }
+        }
         if (mode === "ghostText") return [];
-        const hints = (await next(document, range, token)) ?? [];
-        lastHints.set(document.uri.toString(), hints.map((h) => h.position));
-        // The server only returns a hint computed for the current version: nothing is pending any more.
-        if (hints.length > 0) settle(document.uri.toString());
         const cursor = cursorIn(document);
         lastCursor = cursor;
-        return hints.filter((h) => showsHint(mode, h.position, cursor));
+        const ghostShown = ghosts.ghostServed(uri, version);
+        const shown = hints.filter((h) => showsHint(mode, h.position, cursor, ghostShown));
+        setHintAtCursor(shown.some((h) => cursor && h.position.isEqual(new vscode.Position(cursor.line, cursor.character))));
+        return shown;
       },
       provideInlineCompletionItems: async (document, position, context, token, next) => {
         if (!showsGhostText(display())) return null;
-        let result = await next(document, position, context, token);
         const uri = document.uri.toString();
-        if (itemCount(result) === 0 && model.isPending(uri) && !token.isCancellationRequested) {
-          // Nothing yet: wait for this version's suggestion (see waiter.ts), then ask once more.
-          const done = await waiter.wait(uri, document.version, GHOST_WAIT_MS, (cb) => token.onCancellationRequested(cb));
-          if (done && !token.isCancellationRequested) result = await next(document, position, context, token);
+        const version = document.version;
+        if (ghosts.isDismissed(uri, version)) return null;
+        ghosts.requestStarted(uri, version);
+        let served: string | undefined;
+        const onCancel = (cb: () => void) => token.onCancellationRequested(cb);
+        try {
+          let result = await next(document, position, context, token);
+          // VS Code keeps the ghost text it gets: hand it only the finished suggestion (ghost.ts).
+          // While it streams, the inlay hint at the cursor shows it.
+          for (let round = 0; round < 3 && !token.isCancellationRequested; round++) {
+            const id = suggestionId(result);
+            let done: boolean;
+            if (itemCount(result) === 0) {
+              if (!model.isPending(uri)) break;
+              done = await waiter.wait(uri, version, GHOST_WAIT_MS, onCancel);
+            } else if (id !== undefined && !ghosts.isFinished(uri, id)) {
+              done = await waiter.until(uri, () => ghosts.isFinished(uri, id), GHOST_WAIT_MS, onCancel);
+            } else {
+              break;
+            }
+            if (!done || token.isCancellationRequested) {
+              result = null;
+              break;
+            }
+            ghosts.askedAgain(uri, version);
+            result = await next(document, position, context, token);
+          }
+          const id = suggestionId(result);
+          if (ghosts.isDismissed(uri, version) || (id !== undefined && !ghosts.isFinished(uri, id))) return null;
+          const items = !result ? [] : Array.isArray(result) ? result : result.items;
+          if (items.length > 0) {
+            const text = items[0].insertText;
+            served = typeof text === "string" ? text : text.value;
+          }
+          output.debug(`inline completion v${version} ${position.line}:${position.character}: ${items.length} item(s)`);
+          return result;
+        } finally {
+          ghosts.requestEnded(uri, version, served);
+          if (served) {
+            // VS Code has the ghost text now: the hint at the cursor would repeat it.
+            refreshHints(document);
+          }
+          setTimeout(() => askAgainIfChanged(uri), 0);
         }
-        if (itemCount(result) > 0) {
-          lastServedGhost = `${uri}@${document.version}`;
-          settle(uri);
-        }
-        output.debug(`inline completion v${document.version} ${position.line}:${position.character}: ${itemCount(result)} item(s)`);
-        return result;
+      },
+      executeCommand: (command, args, next) => {
+        // Tab accepted the ghost text: the server keeps that suggestion, nothing new is generated.
+        if (command === "tinymorph.accepted" && typeof args[0] === "string") settle(args[0]);
+        return next(command, args);
       },
       workspace: {
         // Servers that pull settings get the same object as initializationOptions.
@@ -243,6 +423,12 @@ function buildClient(): LanguageClient {
     },
   };
   const c = new LanguageClient("tinymorph", "tinymorph", serverOptions, clientOptions);
+  c.onDidChangeState((e) => {
+    if (e.newState === State.Running) {
+      // Every restart gets the steering that was in effect (see restoreSteering).
+      void restoreSteering();
+    }
+  });
   c.registerFeature(
     new LoadProgressFeature(c, (value) => {
       model.onProgress(value);
@@ -261,45 +447,61 @@ function buildClient(): LanguageClient {
 }
 
 /**
- * A suggestion finished but no inline-completion request was waiting for it (VS Code's request
- * had already timed out or been answered): ask VS Code to request the ghost text again.
+ * After Restart Server: the new process starts with the config file's steering; put back what was
+ * in effect on the old one (set with the steering commands, which live in the server's memory).
  */
-function askForGhostText(uri: string, version: number): void {
-  const editor = vscode.window.activeTextEditor;
-  if (!editor || !showsGhostText(display())) return;
-  if (editor.document.uri.toString() !== uri || editor.document.version !== version) return;
-  if (lastServedGhost === `${uri}@${version}`) return;
-  void vscode.commands.executeCommand("editor.action.inlineSuggest.trigger");
+async function restoreSteering(): Promise<void> {
+  const keep = steeringToKeep;
+  steeringToKeep = undefined;
+  if (!keep || !client) return;
+  const now = (await serverCommand<SteeringEntry[]>("tinymorph.steer.list")) ?? [];
+  const restore = steeringToRestore(keep, now);
+  if (!restore) return;
+  let list = await serverCommand<SteeringEntry[]>("tinymorph.steer.clear");
+  for (const e of restore) {
+    list = (await serverCommand<SteeringEntry[]>("tinymorph.steer.set", [e])) ?? list;
+  }
+  if (list) model.onStatus({ steering: list });
+  renderStatus();
+  output.info(`restored steering after restart: ${restore.length} feature(s)`);
 }
 
 async function startClient(): Promise<void> {
   model.onStarting();
   renderStatus();
-  client = buildClient();
-  client.onNotification("tinymorph/status", (payload: StatusPayload) => {
+  if (!vscode.workspace.isTrusted) {
+    model.onUntrusted();
+    renderStatus();
+    output.info("Restricted Mode: tinymorph stays off until the workspace is trusted");
+    return;
+  }
+  const c = buildClient();
+  if (!c) return;
+  client = c;
+  c.onNotification("tinymorph/status", (payload: StatusPayload) => {
     model.onStatus(payload);
     renderStatus();
   });
-  client.onNotification("tinymorph/metrics", (payload: MetricsPayload) => {
+  c.onNotification("tinymorph/metrics", (payload: MetricsPayload) => {
     model.onMetrics(payload);
     renderStatus();
     if (payload.uri && typeof payload.version === "number") {
-      const waited = waiter.waiting > 0;
+      ghosts.onFinished(payload.uri, payload.version, idOf(payload.id), payload.text);
       waiter.finished(payload.uri, payload.version);
-      if (!waited) askForGhostText(payload.uri, payload.version);
+      askAgainIfChanged(payload.uri);
     }
   });
   try {
-    await client.start();
+    await c.start();
   } catch (err) {
     const message = err instanceof Error ? err.message : String(err);
     model.onClientError(`could not start the server: ${message}`);
     renderStatus();
+    output.error(`could not start the server: ${message}`);
     const choice = await vscode.window.showErrorMessage(
-      `tinymorph: could not start "${config().get("server.command")}" (${message}). ` +
-        "Set up the server (scripts/setup.sh in the tinymorph sources) and point tinymorph.server.command at its .venv.",
-      "Open Settings",
+      `tinymorph: the server (${config().get("server.command")}) did not start: ${message}. See the log for its output.`,
       "Show Log",
+      "Open Settings",
     );
     if (choice === "Open Settings") void vscode.commands.executeCommand("workbench.action.openSettings", "tinymorph.server");
     if (choice === "Show Log") output.show();
@@ -315,6 +517,17 @@ async function startClient(): Promise<void> {
 async function stopClient(): Promise<void> {
   const c = client;
   client = undefined;
+  // Steering set through the commands lives in the server's memory: keep it for the next one (the
+  // server's own list when it still answers, else the last list it reported).
+  steeringToKeep = [...model.steering];
+  if (c?.isRunning()) {
+    try {
+      const list = await c.sendRequest(ExecuteCommandRequest.type, { command: "tinymorph.steer.list", arguments: [] });
+      if (Array.isArray(list)) steeringToKeep = list as SteeringEntry[];
+    } catch {
+      // keep the last reported list
+    }
+  }
   if (c) {
     try {
       await c.stop(3000);
@@ -384,14 +597,17 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   // Accept/dismiss go through the server so it can keep the rest of a partly accepted suggestion.
   const onDocument = (server: string) => async () => {
     const uri = activeUri();
-    if (uri) await serverCommand(server, [uri]);
+    if (!uri) return;
+    const result = await serverCommand<{ applied?: boolean }>(server, [uri]);
+    // The accepted text types ahead into the suggestion: the server generates nothing new for it.
+    if (result?.applied) settle(uri);
   };
   const steerList = async () => (await serverCommand<SteeringEntry[]>("tinymorph.steer.list")) ?? [];
   const commands: Record<string, (...args: unknown[]) => unknown> = {
     "tinymorph.acceptSuggestion": onDocument("tinymorph.accept"),
     "tinymorph.acceptNextWord": onDocument("tinymorph.acceptWord"),
     "tinymorph.acceptNextLine": onDocument("tinymorph.acceptLine"),
-    "tinymorph.dismissSuggestion": onDocument("tinymorph.dismiss"),
+    "tinymorph.dismissSuggestion": dismissSuggestion,
     "tinymorph.toggleSuggestions": async () => {
       const result = await serverCommand<{ enabled: boolean }>("tinymorph.toggle");
       if (result) vscode.window.setStatusBarMessage(`tinymorph: suggestions ${result.enabled ? "on" : "off"}`, 3000);
@@ -425,8 +641,14 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       if (!status) return;
       model.onStatus(status);
       renderStatus();
-      output.info(`status: ${JSON.stringify(status)}`);
-      output.show(true);
+      const report = statusReport(status, model);
+      for (const line of [report.summary, ...report.detail]) output.info(line);
+      const choice = await vscode.window.showInformationMessage(
+        report.summary,
+        { modal: true, detail: report.detail.join("\n") },
+        "Show Log",
+      );
+      if (choice === "Show Log") output.show();
     },
     "tinymorph.showLog": () => output.show(),
     "tinymorph.showMenu": showMenu,
@@ -442,8 +664,10 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.workspace.onDidChangeConfiguration((e) => void onConfigurationChanged(e)),
     vscode.window.onDidChangeActiveTextEditor(() => updateActiveContext()),
     vscode.window.onDidChangeTextEditorSelection(onSelectionChanged),
+    vscode.workspace.onDidGrantWorkspaceTrust(() => void startClient()),
   );
   renderStatus();
+  updateActiveContext();
   await startClient();
 }
 

@@ -134,3 +134,44 @@ export function resolveServerCommand(
 
 /** Settings that only matter to the client; changing them needs a server restart. */
 export const RESTART_KEYS = ["server.command", "server.args", "server.env", "languages"];
+
+/** Where the server executable was looked for, and what was found. */
+export interface ServerLookup {
+  /** The executable to spawn, when one was found. */
+  found?: string;
+  /** What was tried, for the one error message the user sees ("/x/bin/tinymorph" or "tinymorph on PATH"). */
+  tried: string;
+}
+
+/**
+ * Finds the resolved server command before spawning it, so that a wrong path gives one clear
+ * message naming the path tried instead of a spawn ENOENT (which vscode-languageclient reports
+ * with its own, second, toast). A name without a path separator is looked up on `PATH`.
+ */
+export function findServer(
+  command: string,
+  env: { PATH?: string; PATHEXT?: string; platform?: string },
+  fs: { isExecutable: (p: string) => boolean },
+): ServerLookup {
+  const win = env.platform === "win32";
+  const hasSeparator = win ? /[\\/]/.test(command) : command.includes("/");
+  if (hasSeparator) return { found: fs.isExecutable(command) ? command : undefined, tried: command };
+  const dirs = (env.PATH ?? "").split(win ? ";" : ":").filter((d) => d !== "");
+  const exts = win ? ["", ...(env.PATHEXT ?? ".EXE;.CMD;.BAT").split(";")] : [""];
+  for (const dir of dirs) {
+    for (const ext of exts) {
+      const candidate = `${dir.replace(/[\\/]+$/, "")}${win ? "\\" : "/"}${command}${ext}`;
+      if (fs.isExecutable(candidate)) return { found: candidate, tried: `${command} on PATH` };
+    }
+  }
+  return { tried: `${command} on PATH` };
+}
+
+/** The one message shown when the server executable is missing. */
+export function serverNotFoundMessage(lookup: ServerLookup, setting: string): string {
+  return (
+    `tinymorph: server not found: tried ${lookup.tried} (tinymorph.server.command = "${setting}"). ` +
+    "Set tinymorph.server.command to the tinymorph executable or its virtual environment folder " +
+    "(User settings; in a remote or code-server window, Remote settings work too)."
+  );
+}

@@ -2,7 +2,15 @@
 // `$/progress` and the client's own edits, and its rendering as status-bar text.
 // No `vscode` import: unit-tested under node.
 
-export type ServerState = "starting" | "loading" | "ready" | "generating" | "error" | "disabled" | "stopped";
+export type ServerState =
+  | "starting"
+  | "loading"
+  | "ready"
+  | "generating"
+  | "error"
+  | "disabled"
+  | "stopped"
+  | "untrusted";
 
 /** `tinymorph/status` notification / `tinymorph.status` result (docs/protocol.md). */
 export interface StatusPayload {
@@ -11,12 +19,16 @@ export interface StatusPayload {
   lastTtftMs?: number | null;
   message?: string;
   steering?: SteeringEntry[];
+  /** Counters for diagnostics (suggestions scheduled/finished/cancelled/failed/accepted). */
+  stats?: Record<string, number>;
 }
 
 /** `tinymorph/metrics` notification. */
 export interface MetricsPayload {
   uri?: string;
   version?: number;
+  /** The suggestion's id (a number from today's server). */
+  id?: string | number;
   ttftMs?: number;
   prefillMs?: number;
   queueMs?: number;
@@ -49,6 +61,8 @@ export interface StatusView {
   tooltip: string;
   /** "error" or "warning" selects the status bar background; undefined = normal. */
   severity?: "error" | "warning";
+  /** The command a click runs (undefined: the tinymorph menu). */
+  command?: string;
 }
 
 /** How long we show "generating" without hearing back before assuming the server dropped it. */
@@ -62,10 +76,12 @@ export class StatusModel {
   tokensPerSecond: number | null = null;
   progressPercent: number | null = null;
   steering: SteeringEntry[] = [];
-  /** uri → time (ms) of the edit we expect a suggestion for. */
-  private pending = new Map<string, number>();
+  /** uri → time (ms) and document version of the edit we expect a suggestion for. */
+  private pending = new Map<string, { since: number; version?: number }>();
   /** The server's own state, which "generating" overlays. */
   private serverState: ServerState = "starting";
+  /** The document in the active editor: "generating" is about it (undefined: any document). */
+  private activeUri: string | undefined;
 
   onStatus(payload: StatusPayload): void {
     const known: ServerState[] = ["loading", "ready", "error", "disabled"];
@@ -85,17 +101,26 @@ export class StatusModel {
     if (typeof m.ttftMs === "number") this.lastTtftMs = m.ttftMs;
     if (typeof m.tokensPerSecond === "number") this.tokensPerSecond = m.tokensPerSecond;
     if (Array.isArray(m.steering)) this.steering = m.steering;
-    if (m.uri) this.pending.delete(m.uri);
-    else this.pending.clear();
+    if (m.uri) {
+      // An older suggestion that finished just before the next edit does not end the wait for the new one.
+      const p = this.pending.get(m.uri);
+      if (p && (p.version === undefined || m.version === undefined || m.version >= p.version)) this.pending.delete(m.uri);
+    } else this.pending.clear();
     // A finished suggestion proves the model is loaded, even if we missed the status notification.
     if (this.serverState === "loading" || this.serverState === "starting") this.serverState = "ready";
     this.recompute(now);
   }
 
   /** The user edited a document the server suggests in: a suggestion is on its way. */
-  onEdit(uri: string, now = Date.now()): void {
+  onEdit(uri: string, now = Date.now(), version?: number): void {
     if (this.serverState === "disabled" || this.serverState === "error") return;
-    this.pending.set(uri, now);
+    this.pending.set(uri, { since: now, version });
+    this.recompute(now);
+  }
+
+  /** The editor shows `uri` (undefined: no editor); "generating" is shown for its generation. */
+  setActive(uri: string | undefined, now = Date.now()): void {
+    this.activeUri = uri;
     this.recompute(now);
   }
 
@@ -136,24 +161,38 @@ export class StatusModel {
     this.recompute(Date.now());
   }
 
+  /** A (re)started server: numbers measured by a previous server process no longer apply. */
   onStarting(): void {
     this.serverState = "starting";
     this.message = "";
+    this.lastTtftMs = null;
+    this.tokensPerSecond = null;
+    this.progressPercent = null;
+    this.pending.clear();
+    this.recompute(Date.now());
+  }
+
+  /** Restricted Mode: the extension does not start the server in an untrusted workspace. */
+  onUntrusted(): void {
+    this.serverState = "untrusted";
+    this.message = "";
+    this.pending.clear();
     this.recompute(Date.now());
   }
 
   /** Drops stale "generating" marks; call from a timer. Returns true when the state changed. */
   tick(now = Date.now()): boolean {
     const before = this.state;
-    for (const [uri, since] of this.pending) {
-      if (now - since > GENERATING_TIMEOUT_MS) this.pending.delete(uri);
+    for (const [uri, p] of this.pending) {
+      if (now - p.since > GENERATING_TIMEOUT_MS) this.pending.delete(uri);
     }
     this.recompute(now);
     return before !== this.state;
   }
 
   private recompute(_now: number): void {
-    this.state = this.serverState === "ready" && this.pending.size > 0 ? "generating" : this.serverState;
+    const waiting = this.activeUri === undefined ? this.pending.size > 0 : this.pending.has(this.activeUri);
+    this.state = this.serverState === "ready" && waiting ? "generating" : this.serverState;
   }
 }
 
@@ -180,7 +219,14 @@ const ICONS: Record<ServerState, string> = {
   error: "$(error)",
   disabled: "$(circle-slash)",
   stopped: "$(debug-stop)",
+  untrusted: "$(workspace-untrusted)",
 };
+
+/** Why the extension is off in Restricted Mode (status tooltip and README say the same). */
+export const RESTRICTED_MODE_REASON =
+  "tinymorph is off in Restricted Mode: it starts a local program (tinymorph.server.command) and the " +
+  "server reads this folder's tinymorph.toml, which can name models and SAEs to load. " +
+  "Trust this folder to turn tinymorph on.";
 
 /** Status bar text and tooltip for the model's current state. */
 export function statusView(s: StatusModel): StatusView {
@@ -193,8 +239,13 @@ export function statusView(s: StatusModel): StatusView {
       detail = s.progressPercent !== null ? `loading ${Math.round(s.progressPercent)}%` : "loading";
       break;
     case "ready":
+      detail = s.lastTtftMs !== null ? formatMs(s.lastTtftMs) : "ready";
+      break;
     case "generating":
-      detail = s.lastTtftMs !== null ? formatMs(s.lastTtftMs) : s.state;
+      detail = "generating";
+      break;
+    case "untrusted":
+      detail = "off (Restricted Mode)";
       break;
     case "error":
       detail = "error";
@@ -208,6 +259,14 @@ export function statusView(s: StatusModel): StatusView {
   }
   const steer = s.steering.length > 0 ? ` $(symbol-color)${s.steering.length}` : "";
   const text = `${ICONS[s.state]} tinymorph ${detail}${steer}`;
+  if (s.state === "untrusted") {
+    return {
+      text,
+      tooltip: `${RESTRICTED_MODE_REASON}\nclick to manage workspace trust`,
+      severity: "warning",
+      command: "workbench.trust.manage",
+    };
+  }
 
   const lines = [`tinymorph: ${s.state}`];
   if (s.model) lines.push(`model: ${s.model}`);
@@ -220,4 +279,25 @@ export function statusView(s: StatusModel): StatusView {
   lines.push("click for tinymorph actions");
   const severity = s.state === "error" ? "error" : s.state === "stopped" ? "warning" : undefined;
   return { text, tooltip: lines.join("\n"), severity };
+}
+
+/**
+ * Show Server Status: a one-line summary and readable detail lines (not the raw JSON object).
+ */
+export function statusReport(p: StatusPayload, s: StatusModel): { summary: string; detail: string[] } {
+  const state = p.state ?? s.state;
+  const summary = `tinymorph is ${state === "disabled" ? "off" : state}` + (p.model ? ` (${p.model})` : "");
+  const detail: string[] = [];
+  if (p.message) detail.push(p.message);
+  detail.push(`last time to first token: ${formatMs(p.lastTtftMs ?? s.lastTtftMs)}`);
+  if (s.tokensPerSecond !== null) detail.push(`speed: ${s.tokensPerSecond.toFixed(1)} tokens/s`);
+  const steering = Array.isArray(p.steering) ? p.steering : s.steering;
+  detail.push(steering.length > 0 ? `steering: ${steering.map(formatSteeringEntry).join(", ")}` : "steering: none");
+  if (p.stats && typeof p.stats === "object") {
+    const parts = Object.entries(p.stats)
+      .filter(([, n]) => typeof n === "number")
+      .map(([k, n]) => `${n} ${k}`);
+    if (parts.length > 0) detail.push(`suggestions: ${parts.join(", ")}`);
+  }
+  return { summary, detail };
 }

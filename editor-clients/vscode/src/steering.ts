@@ -127,3 +127,14 @@ export function compareDocument(result: CompareResult, steering: SteeringEntry[]
   }
   return lines.join("\n");
 }
+
+/**
+ * Steering to re-apply on a restarted server: the old server's list is what the user had in effect.
+ * The new server starts from the config file (tinymorph.toml), so only a difference needs work:
+ * then the list is cleared and every old entry set again, in order.
+ */
+export function steeringToRestore(before: SteeringEntry[], after: SteeringEntry[]): SteeringEntry[] | undefined {
+  const key = (e: SteeringEntry) => JSON.stringify([e.feature, e.strength, e.mode ?? "add", e.layer ?? null]);
+  const same = before.length === after.length && before.every((e, i) => key(e) === key(after[i]));
+  return same ? undefined : before;
+}

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { cursorMoveChangesHints, displayMode, showsGhostText, showsHint } from "../src/display";
+import { cursorMoveChangesHints, displayMode, HINT_MAX_CHARS, hintLabel, showsGhostText, showsHint } from "../src/display";
 
 const at = (line: number, character: number) => ({ line, character });
 
@@ -32,4 +32,26 @@ test("cursor moves re-ask for hints only when one appears or disappears", () => 
   assert.equal(cursorMoveChangesHints("both", hints, at(0, 10), at(0, 30)), true);
   assert.equal(cursorMoveChangesHints("inlayHint", hints, at(0, 30), at(0, 29)), false);
   assert.equal(cursorMoveChangesHints("both", [], at(0, 30), at(0, 29)), false);
+});
+
+test("issue 12.2: until VS Code has ghost text, the hint shows at the cursor too", () => {
+  assert.equal(showsHint("both", at(0, 30), at(0, 30), false), true);
+  assert.equal(showsHint("both", at(0, 30), at(0, 30), true), false);
+  assert.equal(showsHint("ghostText", at(0, 30), at(0, 30), false), false);
+});
+
+test("issue 12.8: inlay-hint labels are cut on purpose below VS Code's 43 characters", () => {
+  const long = " she was killed in the sea, and the children never saw her again after that day";
+  const clause = hintLabel(long);
+  assert.equal(clause, " she was killed in the sea,…");
+  const words = hintLabel(" the old lighthouse keeper had progressed to the final chapter of his story");
+  assert.ok(words.length <= HINT_MAX_CHARS, words);
+  assert.ok(words.endsWith("…"));
+  assert.equal(words, " the old lighthouse keeper had…");
+  assert.equal(hintLabel(" short."), " short.", "labels that fit stay whole");
+  assert.equal(hintLabel(" fits…"), " fits…", "the server's ellipsis stays");
+  assert.equal(hintLabel("x".repeat(60)).length, HINT_MAX_CHARS);
+  for (const label of [long, "↵" + long, " a, " + "b".repeat(50)]) {
+    assert.ok(hintLabel(label).length <= HINT_MAX_CHARS, hintLabel(label));
+  }
 });

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { formatMs, GENERATING_TIMEOUT_MS, StatusModel, statusView } from "../src/status";
+import { formatMs, GENERATING_TIMEOUT_MS, StatusModel, statusReport, statusView } from "../src/status";
 
 test("formatMs", () => {
   assert.equal(formatMs(84.6), "85 ms");
@@ -32,7 +32,7 @@ test("an edit shows generating until the metrics for that document arrive", () =
   m.onStatus({ state: "ready", lastTtftMs: 90 });
   m.onEdit("file:///a.md", 1000);
   assert.equal(m.state, "generating");
-  assert.equal(statusView(m).text, "$(sync~spin) tinymorph 90 ms");
+  assert.equal(statusView(m).text, "$(sync~spin) tinymorph generating");
   m.onMetrics({ uri: "file:///other.md", ttftMs: 50 }, 1100);
   assert.equal(m.state, "generating", "metrics for another document do not end this one");
   assert.equal(m.isPending("file:///a.md"), true);
@@ -79,4 +79,66 @@ test("steering count and entries appear in the status", () => {
   const view = statusView(m);
   assert.equal(view.text, "$(sparkle) tinymorph ready $(symbol-color)2");
   assert.match(view.tooltip, /steering: default:12 \+4 @L15, default:7 -2 clamp @L15/);
+});
+
+test("issue 12.2: generating (spinner) lasts while the active document's generation runs", () => {
+  const m = new StatusModel();
+  m.onStatus({ state: "ready", lastTtftMs: 2100 });
+  m.setActive("file:///a.md");
+  m.onEdit("file:///a.md", 1000, 7);
+  const view = statusView(m);
+  assert.equal(view.text, "$(sync~spin) tinymorph generating", "not 'ready' or the last TTFT while it runs");
+  m.onMetrics({ uri: "file:///a.md", version: 6, ttftMs: 50 }, 1100);
+  assert.equal(m.state, "generating", "an older suggestion finishing does not end the wait for this one");
+  m.onEdit("file:///b.md", 1200, 1);
+  m.onMetrics({ uri: "file:///a.md", version: 7, ttftMs: 60 }, 1300);
+  assert.equal(m.state, "ready", "another document's generation does not show in this editor");
+  m.setActive("file:///b.md");
+  assert.equal(m.state, "generating");
+});
+
+test("issue 12.6: a restarted server's status has no numbers of the old one", () => {
+  const m = new StatusModel();
+  m.onStatus({ state: "ready", steering: [{ feature: "default:3", strength: 4 }] });
+  m.onMetrics({ uri: "file:///a.md", ttftMs: 85, tokensPerSecond: 31.5 });
+  m.onStarting();
+  const view = statusView(m);
+  assert.doesNotMatch(view.tooltip, /31\.5|85 ms/);
+  assert.match(view.tooltip, /last TTFT: –/);
+  assert.equal(m.lastTtftMs, null);
+  assert.equal(m.tokensPerSecond, null);
+});
+
+test("issue 12.5: Restricted Mode shows why tinymorph is off and where to change it", () => {
+  const m = new StatusModel();
+  m.onUntrusted();
+  const view = statusView(m);
+  assert.equal(view.text, "$(workspace-untrusted) tinymorph off (Restricted Mode)");
+  assert.match(view.tooltip, /Restricted Mode/);
+  assert.match(view.tooltip, /trust/i);
+  assert.equal(view.command, "workbench.trust.manage");
+  m.onEdit("file:///a.md");
+  assert.equal(m.state, "untrusted");
+});
+
+test("issue 12.7: Show Server Status is readable lines, not JSON", () => {
+  const m = new StatusModel();
+  const report = statusReport(
+    {
+      state: "ready",
+      model: "SmolLM2-135M-Instruct",
+      lastTtftMs: 84.6,
+      message: "",
+      steering: [{ feature: "default:12", strength: 4, layer: 15, mode: "add" }],
+      stats: { scheduled: 5, finished: 3, cancelled: 2, failed: 0, accepted: 1 },
+    },
+    m,
+  );
+  assert.equal(report.summary, "tinymorph is ready (SmolLM2-135M-Instruct)");
+  assert.deepEqual(report.detail, [
+    "last time to first token: 85 ms",
+    "steering: default:12 +4 @L15",
+    "suggestions: 5 scheduled, 3 finished, 2 cancelled, 0 failed, 1 accepted",
+  ]);
+  for (const line of [report.summary, ...report.detail]) assert.doesNotMatch(line, /[{}"]/);
 });

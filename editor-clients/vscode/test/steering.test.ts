@@ -8,6 +8,7 @@ import {
   searchTitle,
   showToken,
   steeringItems,
+  steeringToRestore,
 } from "../src/steering";
 
 test("search title says when nothing matched", () => {
@@ -84,4 +85,15 @@ test("compare document holds both texts, fenced safely", () => {
   assert.match(doc, /The plan was simple\./);
   assert.doesNotMatch(doc, /identical/);
   assert.match(compareDocument({ steered: "x", unsteered: "x" }, [], ""), /identical/);
+});
+
+test("issue 12.6: a restarted server gets the steering that was in effect", () => {
+  const before = [
+    { feature: "default:12", strength: 4, mode: "add", layer: 15 },
+    { feature: "default:7", strength: -2, mode: "clamp", layer: 15 },
+  ];
+  assert.deepEqual(steeringToRestore(before, []), before, "an empty new server gets both back");
+  assert.equal(steeringToRestore(before, before.map((e) => ({ ...e }))), undefined, "same list: nothing to do");
+  assert.deepEqual(steeringToRestore(before, [before[0]]), before);
+  assert.deepEqual(steeringToRestore([], [before[0]]), [], "cleared before the restart: clear the config's");
 });

@@ -30,3 +30,19 @@ test("timeout and cancellation resolve false", async () => {
   assert.equal(await p, false);
   assert.equal(w.waiting, 0);
 });
+
+test("until: resolves when the condition holds after a finish, false when cancelled", async () => {
+  const w = new SuggestionWaiter();
+  let done = false;
+  const p = w.until("file:///a.md", () => done, 1000);
+  w.finished("file:///a.md", 1);
+  assert.equal(w.waiting, 1, "condition still false");
+  done = true;
+  w.finished("file:///a.md", 2);
+  assert.equal(await p, true);
+  let cancel: () => void = () => {};
+  const q = w.until("file:///a.md", () => false, 1000, (cb) => (cancel = cb));
+  cancel();
+  assert.equal(await q, false);
+  assert.equal(await w.until("file:///a.md", () => true, 10), true);
+});

@@ -18,6 +18,8 @@ M.defaults = {
   settings = {},
   -- Show the suggestion as an inlay hint in attached buffers (Neovim 0.11 has no ghost-text UI).
   inlay_hints = true,
+  -- Neovim 0.12+: also enable its built-in ghost text (vim.lsp.inline_completion) for tinymorph.
+  inline_completion = true,
   -- Extra environment for the server process.
   cmd_env = nil,
 }

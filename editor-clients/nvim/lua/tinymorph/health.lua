@@ -3,13 +3,33 @@ local M = {}
 
 local health = vim.health
 
+-- Answers what the server may ask during the handshake. Every request needs a result or an error:
+-- returning neither makes Neovim raise a Lua error (and a Press-ENTER prompt) in the middle of
+-- :checkhealth. The server asks `window/workDoneProgress/create` while it loads the model.
+local function answer_server_request(method, params)
+  if method == "workspace/configuration" then
+    local items = {}
+    for i = 1, #((params or {}).items or {}) do
+      items[i] = vim.NIL
+    end
+    return items, nil
+  end
+  if
+    method == "window/workDoneProgress/create"
+    or method == "workspace/inlayHint/refresh"
+    or method == "client/registerCapability"
+    or method == "client/unregisterCapability"
+  then
+    return vim.NIL, nil
+  end
+  return nil, vim.lsp.rpc.rpc_response_error(vim.lsp.protocol.ErrorCodes.MethodNotFound, method)
+end
+
 -- Starts the server briefly and performs the LSP initialize handshake; returns (result, error).
 local function handshake(cmd, timeout_ms)
   local ok, rpc = pcall(vim.lsp.rpc.start, cmd, {
     notification = function() end,
-    server_request = function()
-      return nil, nil
-    end,
+    server_request = answer_server_request,
     on_error = function() end,
     on_exit = function() end,
   })

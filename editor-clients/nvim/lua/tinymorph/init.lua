@@ -2,6 +2,8 @@
 -- and maps keys to the server's accept commands (the server answers with workspace/applyEdit).
 local config = require("tinymorph.config")
 local state = require("tinymorph.state")
+local highlight = require("tinymorph.highlight")
+local inline = require("tinymorph.inline")
 
 local M = {}
 
@@ -13,6 +15,8 @@ local augroup = vim.api.nvim_create_augroup("tinymorph", { clear = true })
 local accepting = {}
 -- Buffers we watch for edits (nvim_buf_attach), until the client detaches.
 local attached = {}
+-- Problems with the server process are said once (not once per buffer or per retry).
+local said = {}
 
 local has_011 = vim.fn.has("nvim-0.11") == 1
 
@@ -38,6 +42,14 @@ end
 
 local function notify(msg, level)
   vim.notify("tinymorph: " .. msg, level or vim.log.levels.INFO)
+end
+
+local function notify_once(key, msg, level)
+  if said[key] then
+    return
+  end
+  said[key] = true
+  notify(msg, level)
 end
 
 --- Runs a server command (workspace/executeCommand); `callback(result)` on success,
@@ -190,15 +202,21 @@ local function make_handlers()
       state.on_metrics(result)
       refresh_statusline()
     end,
-    ["workspace/applyEdit"] = function(err, params, ctx, cfg)
-      local response = vim.lsp.handlers["workspace/applyEdit"](err, params, ctx, cfg)
+    -- Applies the accept's edit quietly: Neovim's default handler prints "Workspace edit <label>"
+    -- on the command line for every accept.
+    ["workspace/applyEdit"] = function(_, params, ctx)
+      if type(params) ~= "table" or type(params.edit) ~= "table" then
+        return nil, vim.lsp.rpc.rpc_response_error(vim.lsp.protocol.ErrorCodes.InvalidParams, "no edit")
+      end
       local client = vim.lsp.get_client_by_id(ctx.client_id)
-      for bufnr in pairs(accepting) do
-        if params and params.edit and response and response.applied ~= false then
-          follow_edit(bufnr, params.edit, client and client.offset_encoding or "utf-16")
+      local encoding = client and client.offset_encoding or "utf-16"
+      local ok, failure = pcall(vim.lsp.util.apply_workspace_edit, params.edit, encoding)
+      if ok then
+        for bufnr in pairs(accepting) do
+          follow_edit(bufnr, params.edit, encoding)
         end
       end
-      return response
+      return { applied = ok, failureReason = (not ok) and tostring(failure) or nil }
     end,
   }
 end
@@ -225,10 +243,21 @@ local function map_keys(bufnr)
   end
 end
 
-local function on_attach(bufnr)
+local function show_highlight(bufnr)
+  for _, win in ipairs(vim.fn.win_findbuf(bufnr)) do
+    highlight.apply(win, true)
+  end
+end
+
+local function on_attach(bufnr, client)
   if M.options.inlay_hints and vim.lsp.inlay_hint then
     vim.lsp.inlay_hint.enable(true, { bufnr = bufnr })
   end
+  -- Neovim 0.12+: its built-in ghost text, with replies for older text dropped (inline.lua).
+  if M.options.inline_completion and client then
+    inline.enable(client, bufnr)
+  end
+  show_highlight(bufnr)
   map_keys(bufnr)
   if attached[bufnr] then
     return
@@ -263,9 +292,16 @@ local function lsp_config()
     init_options = vim.deepcopy(opts.settings),
     settings = { tinymorph = vim.deepcopy(opts.settings) },
     handlers = make_handlers(),
-    on_exit = function()
+    on_exit = function(code, signal)
       vim.schedule(function()
-        state.on_stopped()
+        if code ~= 0 and signal == 0 then
+          local message = string.format("the server exited with code %d (%s); see :checkhealth tinymorph and %s",
+            code, table.concat(opts.cmd, " "), vim.lsp.get_log_path())
+          state.on_client_error(message)
+          notify_once("exit", message, vim.log.levels.ERROR)
+        else
+          state.on_stopped()
+        end
         refresh_statusline()
       end)
     end,
@@ -290,10 +326,28 @@ end
 -- Public API
 ---------------------------------------------------------------------------
 
+--- Whether the server command can run; says once (with the path tried) when it cannot.
+local function check_server()
+  local program = M.options.cmd[1]
+  if program and vim.fn.executable(program) == 1 then
+    return true
+  end
+  local message = string.format(
+    "server not found: tried %s%s. Set cmd = { '/path/to/venv/bin/tinymorph', 'lsp' } (or the venv folder) in setup{}; see :help tinymorph-setup",
+    tostring(program),
+    (program and not program:find("/", 1, true)) and " on $PATH" or ""
+  )
+  state.on_client_error(message)
+  notify_once("not-found:" .. tostring(program), message, vim.log.levels.ERROR)
+  return false
+end
+
 function M.setup(opts)
   M.options = config.merge(opts)
   state.reset()
+  said = {}
   vim.api.nvim_clear_autocmds({ group = augroup })
+  highlight.setup(augroup)
 
   if vim.fn.has("nvim-0.10") ~= 1 then
     notify("needs Neovim 0.10 or newer (inlay hints)", vim.log.levels.ERROR)
@@ -305,7 +359,7 @@ function M.setup(opts)
     callback = function(ev)
       local client = vim.lsp.get_client_by_id(ev.data.client_id)
       if client and client.name == M.name then
-        on_attach(ev.buf)
+        on_attach(ev.buf, client)
       end
     end,
   })
@@ -352,21 +406,49 @@ function M.setup(opts)
     end,
   })
 
+  -- The suggestion's highlight follows the buffer a window shows.
+  vim.api.nvim_create_autocmd("BufWinEnter", {
+    group = augroup,
+    callback = function(ev)
+      highlight.apply(vim.api.nvim_get_current_win(), M.client_attached(ev.buf))
+    end,
+  })
+
+  require("tinymorph.commands").register()
+  if not check_server() then
+    return
+  end
   if has_011 and vim.lsp.config and vim.lsp.enable then
     vim.lsp.config(M.name, lsp_config())
     vim.lsp.enable(M.name)
   else
     start_on_filetype()
   end
-  require("tinymorph.commands").register()
 end
 
---- Statusline component: "tinymorph ready 85ms", "tinymorph loading 42%", ...
-function M.statusline()
+--- Whether the tinymorph client is attached to `bufnr`.
+function M.client_attached(bufnr)
+  return #vim.lsp.get_clients({ name = M.name, bufnr = bufnr }) > 0
+end
+
+--- Statusline component: "tinymorph ready 85ms", "tinymorph loading 42%", ... for buffers the
+--- server is attached to; "tinymorph error" in buffers of `filetypes` when the server could not
+--- start; empty everywhere else.
+function M.statusline(bufnr)
   if not M.options then
     return ""
   end
-  return state.statusline()
+  -- Statusline plugins may call this with their own arguments (lualine passes its component).
+  if type(bufnr) ~= "number" or bufnr == 0 then
+    bufnr = vim.api.nvim_get_current_buf()
+  end
+  if M.client_attached(bufnr) then
+    return state.statusline()
+  end
+  if state.get().server_state == "error" and vim.tbl_contains(M.options.filetypes, vim.bo[bufnr].filetype) then
+    return "tinymorph error"
+  end
+  return ""
 end
 
 --- Turns suggestions on/off (`on` = nil toggles).

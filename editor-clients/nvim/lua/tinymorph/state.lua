@@ -121,6 +121,13 @@ function M.on_progress(value)
   end
 end
 
+--- The client could not start the server (or it exited): the statusline says "error".
+function M.on_client_error(message)
+  s.server_state = "error"
+  s.message = message or ""
+  s.pending = {}
+end
+
 function M.on_stopped()
   s.server_state = "stopped"
   s.pending = {}
