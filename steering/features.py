@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ import torch
 from .labels import load_labels
 from .library import FeatureLibrary
 from .steering import SteeringError, parse_feature_ref
-from .vectors import encode_texts, layer_activations
+from .vectors import drop_sinks, encode_texts, layer_activations
 
 FIELD_WEIGHTS = {"top_act_tokens": 3.0, "top_tokens": 2.0, "contexts": 1.0}
 WORD_RE = re.compile(r"[a-z0-9]+")
@@ -107,14 +107,155 @@ def library_labels(library: FeatureLibrary, names: Sequence[str] | None = None) 
     return out
 
 
+QUERY_TEMPLATES = ("{q}", "I want to write about {q}.", "This is a story about {q}.", "Let me tell you about {q}:")
+NEUTRAL_WORD = "something"
+WEIGHTS = {"activation": 1.0, "output": 0.3, "label": 0.5}  # measured: firing on the query ranks best
+
+
+@dataclass
+class _Unembed:
+    """What the model says when a direction is added: the final norm weight, the unembedding, and
+    the mean/covariance of its rows (so a direction's logit z-scores over the vocabulary are cheap)."""
+
+    norm_w: torch.Tensor
+    rows: Callable[[torch.Tensor], torch.Tensor]  # token ids -> unembedding rows [n, d]
+    mean: torch.Tensor  # [d]
+    cov: torch.Tensor  # [d, d]
+    neighbours: Callable[[list[int], int], list[int]]
+
+
+_UNEMBED: dict[int, _Unembed] = {}
+
+
+def _unembed(model) -> _Unembed:
+    """Cached per model: works for the engine's `LlamaModel` (int8 or not) and a transformers model."""
+    key = id(model)
+    if key not in _UNEMBED:
+        head = model.lm_head
+        if hasattr(head, "scales"):  # int8 rows + per-row scales
+            full = head.weight.float() * head.scales.float()[:, None]
+        else:
+            full = head.weight.detach().float()
+        norm = getattr(model, "norm", None) or model.model.norm
+        unit = full / full.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+        def neighbours(ids: list[int], k: int) -> list[int]:
+            sims = unit[ids] @ unit.T
+            return sims.topk(k, dim=-1).indices.flatten().tolist()
+
+        mean = full.mean(0)
+        centered = full - mean
+        _UNEMBED[key] = _Unembed(norm.weight.detach().float(), lambda ids: full[ids], mean,
+                                 centered.T @ centered / full.shape[0], neighbours)
+    return _UNEMBED[key]
+
+
+def _query_tokens(tokenizer, query: str, vocab_text: Callable[[int], str]) -> list[int]:
+    """First token of each content word of the query (as ' word', 'word', ' Word')."""
+    out = []
+    for w in words(query):
+        if w in _STOP and len(words(query)) > 1:
+            continue
+        for form in (f" {w}", w, f" {w.capitalize()}"):
+            ids = tokenizer(form, add_special_tokens=False)["input_ids"]
+            if ids and ids[0] not in out:
+                out.append(ids[0])
+    return out
+
+
+_STOP = frozenset("a an the of and or to in on about with for more less very some".split())
+
+
+def output_scores(sae, model, tokenizer, query: str) -> torch.Tensor | None:
+    """How strongly each feature's direction promotes the query's words and their nearest tokens
+    (mean z-score of their logits among all tokens) → [d_sae]."""
+    ids = _query_tokens(tokenizer, query, lambda i: tokenizer.decode([i]))
+    if not ids:
+        return None
+    ue = _unembed(model)
+    related = list(dict.fromkeys(ids + ue.neighbours(ids, 6)))
+    dirs = sae.directions * ue.norm_w  # [F, d]: what the final norm does to an added direction
+    logits = dirs @ ue.rows(torch.tensor(related)).T  # [F, R]
+    mu = dirs @ ue.mean
+    sd = ((dirs @ ue.cov) * dirs).sum(-1).clamp_min(1e-9).sqrt()
+    z = (logits - mu[:, None]) / sd[:, None]
+    weights = torch.tensor([2.0 if t in ids else 1.0 for t in related])
+    return (z * weights).sum(-1) / weights.sum()
+
+
+@torch.no_grad()
+def activation_scores(sae, model, tokenizer, query: str) -> torch.Tensor:
+    """How much more each feature fires when the query is read (in a few short sentences) than when
+    a neutral word stands in its place, relative to the feature's max activation → [d_sae]."""
+    def mean_code(word: str) -> torch.Tensor:
+        texts = [t.format(q=word) for t in QUERY_TEMPLATES]
+        total = torch.zeros(sae.d_sae)
+        for ids in encode_texts(tokenizer, texts):
+            acts = drop_sinks(layer_activations(model, ids, sae.layer)[1:])
+            total += sae.encode(acts).max(0).values
+        return total / len(texts)
+
+    return (mean_code(query) - mean_code(NEUTRAL_WORD)) / sae.max_act.clamp_min(1e-6)
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    top = float(x.max()) if x.numel() else 0.0
+    return x.clamp_min(0) / top if top > 0 else torch.zeros_like(x)
+
+
 def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=None) -> list[dict]:
-    """Protocol shape (`tinymorph.features.search`): id, label, topTokens, maxActivation, score."""
-    index = FeatureIndex(library_labels(library))
-    return [
-        {"id": ref, "label": info.get("label", ""), "topTokens": info.get("top_tokens", [])[:8],
-         "maxActivation": info.get("max_act", 0.0), "score": round(score, 3)}
-        for ref, score, info in index.search(query, limit)
-    ]
+    """Protocol shape (`tinymorph.features.search`): id, label, topTokens, maxActivation, score.
+
+    With a model (an `Engine`, or anything with `.model` and `.tokenizer`) features are ranked by
+    three signals: what adding the feature makes the model say (its output effect on the query's
+    words and their neighbours), how much it fires when the query is read, and its label's words.
+    Without one, by label words alone. Dead and positional features never appear.
+    """
+    labels_by_sae = library_labels(library)
+    index = FeatureIndex(labels_by_sae)
+    lexical = {ref: score for ref, score, _ in index.search(query, limit=400)}
+    net = getattr(model, "model", None)
+    tokenizer = getattr(model, "tokenizer", None)
+    results = []
+    for name, labels in labels_by_sae.items():
+        sae = library.sae(name)
+        feats = labels.get("features", [])
+        n = sae.d_sae
+        usable = torch.tensor([sae.usable(i) and bool(feats[i].get("max_act", 0.0)) if i < len(feats) else False
+                               for i in range(n)])
+        lex = torch.zeros(n)
+        for ref, score in lexical.items():
+            src, _, idx = ref.rpartition(":")
+            if src == name:
+                lex[int(idx)] = score
+        total = WEIGHTS["label"] * _normalized(lex)
+        signals: dict[str, torch.Tensor] = {}
+        if net is not None and tokenizer is not None and words(query):
+            try:
+                out = output_scores(sae, net, tokenizer, query)
+                act = activation_scores(sae, net, tokenizer, query)
+            except (RuntimeError, ValueError, IndexError):  # a model the SAE does not fit: labels only
+                out, act = None, None
+            if out is not None:
+                signals["output"] = out
+                total = total + WEIGHTS["output"] * _normalized(out * usable)
+            if act is not None:
+                signals["activation"] = act
+                total = total + WEIGHTS["activation"] * _normalized(act * usable)
+        total = torch.where(usable, total, torch.zeros_like(total))
+        for i in total.topk(min(limit, n)).indices.tolist():
+            if float(total[i]) <= 0:
+                continue
+            info = feats[i] if i < len(feats) else {}
+            results.append({
+                "id": f"{name}:{i}", "label": info.get("label", ""), "phrase": info.get("phrase", ""),
+                "promotes": info.get("promotes", []), "topTokens": info.get("top_tokens", [])[:8],
+                "maxActivation": info.get("max_act", 0.0), "density": info.get("density", 0.0),
+                "score": round(float(total[i]), 3),
+                **{k: round(float(v[i]), 3) for k, v in signals.items()},
+            })
+    results.sort(key=lambda r: -r["score"])
+    return results[:limit]
 
 
 def show_feature(library: FeatureLibrary, ref: str) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -84,6 +85,91 @@ def make_label(top_acts: list[str], promoted: list[str]) -> str:
     return f"on {acts} → {prom}"
 
 
+# -- labels people read ---------------------------------------------------------------------------
+
+WORD_RE = re.compile(r"[A-Za-z][A-Za-z'-]*[A-Za-z]|[A-Za-z]")
+STOPWORDS = frozenset("""a an the and or but of to in on at by for with from as is are was were be been being it its
+this that these those he she they we you i me my your his her their our them him us not no so if then than
+do does did have has had will would shall should can could may might must there here what which who whom
+whose when where why how all any some such only own same too very just also into out up down over under
+again further once about against between through during before after above below off s t""".split())
+POSITIONAL_DENSITY = 0.3  # a feature on for more than this share of tokens tracks form, not meaning
+POSITIONAL_MAX_FACTOR = 6.0  # max activation this many times the median: it rides the attention sink
+
+
+def _marked_word(text: str) -> tuple[str, list[str]]:
+    """The whole word containing the «marked» token, and the whole words near it."""
+    i, j = text.find("«"), text.find("»")
+    if i < 0 or j < i:
+        return "", []
+    left, mid, right = text[:i], text[i + 1:j], text[j + 1:]
+    lw = "" if mid[:1].isspace() else re.search(r"[A-Za-z'-]*$", left).group(0)
+    rw = re.match(r"^[A-Za-z'-]*", right).group(0)
+    word = re.sub(r"[^A-Za-z'-]", "", lw + mid.strip() + rw) if mid.strip() else ""
+    near = WORD_RE.findall(left[-40:].replace("⏎", " ")) + WORD_RE.findall(right[:30].replace("⏎", " "))
+    return word.strip("'-"), near
+
+
+def readable_labels(features: list[dict]) -> list[dict]:
+    """Per feature: `phrase` (up to three whole words that distinguish its top contexts, by lift
+    over all features' contexts), `promotes` (whole words its direction pushes the model to say),
+    and `dead` / `positional` flags. Works from the evidence `compute_labels` stores."""
+    import math
+    from statistics import median
+
+    per_feature: list[Counter] = []
+    background: Counter = Counter()
+    for f in features:
+        counts: Counter = Counter()
+        for c in f.get("contexts") or []:
+            word, near = _marked_word(c["text"] if isinstance(c, dict) else str(c))
+            if word and word.lower() not in STOPWORDS and len(word) > 1:
+                counts[word.lower()] += 3
+            for w in near:
+                if w.lower() not in STOPWORDS and len(w) > 2:
+                    counts[w.lower()] += 1
+        per_feature.append(counts)
+        background.update(set(counts))
+    n = max(1, len(features))
+    live = [f.get("max_act", 0.0) for f in features if f.get("max_act", 0.0) > 0]
+    med = median(live) if live else 0.0
+    out = []
+    for f, counts in zip(features, per_feature, strict=True):
+        lift = {w: c * math.log(n / (1 + background[w])) for w, c in counts.items() if c >= 2}
+        words = [w for w, _ in sorted(lift.items(), key=lambda kv: -kv[1])[:3]]
+        promotes = []
+        for t in f.get("top_tokens") or []:
+            w = t.strip()
+            whole = t.startswith(" ") or (t[:1].isupper() and len(w) > 3)  # not a word fragment
+            known = w.lower() in background  # seen as a whole word in some feature's contexts
+            if whole and known and len(w) >= 3 and w.isalpha() and w.lower() not in STOPWORDS \
+                    and w.lower() not in promotes:
+                promotes.append(w.lower())
+        dead = not f.get("max_act", 0.0)
+        positional = (not dead) and (f.get("density", 0.0) > POSITIONAL_DENSITY
+                                     or (med > 0 and f.get("max_act", 0.0) > POSITIONAL_MAX_FACTOR * med))
+        out.append({"phrase": ", ".join(words), "promotes": promotes[:6], "dead": dead, "positional": positional})
+    return out
+
+
+def add_readable_labels(labels: dict) -> dict:
+    """Add `phrase`/`promotes`/`dead`/`positional` to every feature and a readable `label`."""
+    extra = readable_labels(labels["features"])
+    for f, e in zip(labels["features"], extra, strict=True):
+        f.update(e)
+        if e["dead"]:
+            f["label"] = "dead (never active on the labelling corpus)"
+        elif e["positional"]:
+            f["label"] = "positional (fires on a text's form, not its meaning)"
+        else:
+            phrase = e["phrase"] or ", ".join(w.strip() for w in f.get("top_act_tokens", [])[:3])
+            prom = ", ".join(e["promotes"][:3])
+            f["label"] = f"{phrase}" + (f" → says {prom}" if prom else "") + f" ({f.get('density', 0.0):.2%} of tokens)"
+    labels["positional"] = [bool(f["positional"]) for f in labels["features"]]
+    labels["n_dead"] = sum(bool(f["dead"]) for f in labels["features"])
+    return labels
+
+
 @torch.no_grad()
 def compute_labels(sae: LoadedSAE, hf_model, tokenizer, rows: Sequence[Sequence[int]], batch_size: int = 8,
                    progress: Callable[[int, int], None] | None = None) -> dict:
@@ -93,10 +179,12 @@ def compute_labels(sae: LoadedSAE, hf_model, tokenizer, rows: Sequence[Sequence[
     fires = torch.zeros(n_feat, dtype=torch.long)
     feats_all, vals_all, where_all = [], [], []
     n_tokens = 0
+    norms: list[torch.Tensor] = []
     ctx = len(rows[0])
     for b in range(0, len(rows), batch_size):
         batch = torch.tensor([list(r) for r in rows[b : b + batch_size]])
         acts = batch_activations(hf_model, batch, sae.layer)[:, 1:]  # drop the BOS sink
+        norms.append(acts.reshape(-1, sae.d_in).norm(dim=-1))
         mags = sae.encode(acts.reshape(-1, sae.d_in))  # [N, F]
         nz = mags.nonzero(as_tuple=False)
         vals = mags[nz[:, 0], nz[:, 1]]
@@ -119,6 +207,7 @@ def compute_labels(sae: LoadedSAE, hf_model, tokenizer, rows: Sequence[Sequence[
     feats, vals, where = feats[order], vals[order], where[order]
     counts = torch.bincount(feats.long(), minlength=n_feat).tolist()
 
+    resid_norm = round(float(torch.cat(norms).median()), 3) if norms else None
     norm_w, unembed = unembed_parts(hf_model)
     promoted, suppressed = promoted_tokens(sae.directions, norm_w, unembed, tokenizer)
 
@@ -148,14 +237,15 @@ def compute_labels(sae: LoadedSAE, hf_model, tokenizer, rows: Sequence[Sequence[
             "bottom_tokens": suppressed[f],
             "contexts": contexts,
         })
-    return {
+    return add_readable_labels({
         "sae": sae.name,
         "layer": sae.layer,
         "n_tokens": n_tokens,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "max_act": [round(float(x), 4) for x in max_act],
+        "resid_norm": resid_norm,
         "features": features,
-    }
+    })
 
 
 def save_labels(labels: dict, sae_dir: str | os.PathLike) -> Path:
