@@ -775,7 +775,7 @@ def _library(ls: TinymorphServer):
     engine = ls.runtime.engine
     if engine is not None:
         try:
-            from ..steering.steering import default_resolver
+            from ..steering.library import default_resolver
 
             if engine._resolver is None:  # noqa: SLF001 - the engine creates it lazily on first steer
                 engine.set_steering_resolver(default_resolver(engine))

@@ -261,9 +261,18 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
 def show_feature(library: FeatureLibrary, ref: str) -> dict:
     """Everything known about one feature or vector (`tinymorph.features.show`)."""
     source, key = parse_feature_ref(ref)
+    if source == "concept":
+        from .concepts import split_sign
+
+        vec = library.concept(key)
+        core, sign = split_sign(key)
+        return {"id": ref, "kind": "concept", "description": core, "sign": sign, "layers": sorted(vec.directions),
+                "addFraction": vec.add_fraction, "examples": vec.meta.get("examples", []),
+                "features": concept_features(library, vec.directions, sign)}
     if source == "vector":
         vec = library.vector(key)
-        return {"id": ref, "kind": "vector", "layer": vec.layer, "scale": vec.scale, **vec.meta}
+        return {"id": ref, "kind": "vector", "layer": vec.layer, "scale": vec.scale, **vec.meta,
+                "features": concept_features(library, {vec.layer: vec.direction}, 1.0)}
     sae = library.sae(source)
     index = int(key)
     if not 0 <= index < sae.d_sae:
@@ -273,6 +282,27 @@ def show_feature(library: FeatureLibrary, ref: str) -> dict:
     info.pop("id", None)
     return {"id": ref, "kind": "sae", "sae": source, "layer": sae.layer, "index": index,
             "maxActivation": sae.max_activation(index), "labelled": labels is not None, **info}
+
+
+def concept_features(library: FeatureLibrary, directions: dict[int, torch.Tensor], sign: float,
+                     limit: int = 8) -> list[dict]:
+    """The SAE features a direction is made of: its cosine with every usable decoder direction (the
+    direction at the layer nearest each SAE's own), best first."""
+    out = []
+    for name, labels in library_labels(library).items():
+        sae = library.sae(name)
+        layer = min(directions, key=lambda layer: abs(layer - sae.layer))
+        if abs(layer - sae.layer) > 3:
+            continue
+        cos = sae.directions @ (sign * directions[layer].float())
+        usable = torch.tensor([sae.usable(i) for i in range(sae.d_sae)])
+        cos = torch.where(usable, cos, torch.full_like(cos, -2.0))
+        feats = labels.get("features", [])
+        for i in cos.topk(min(limit, sae.d_sae)).indices.tolist():
+            info = feats[i] if i < len(feats) else {}
+            out.append({"id": f"{name}:{i}", "cosine": round(float(cos[i]), 3), "label": info.get("label", "")})
+    out.sort(key=lambda f: -f["cosine"])
+    return out[:limit]
 
 
 @torch.no_grad()

@@ -13,15 +13,19 @@ def register(sub) -> None:
     p = sub.add_parser("features", help="search, inspect and discover steerable SAE features")
     s = p.add_subparsers(dest="features_command", metavar="ACTION")
 
-    q = s.add_parser("search", help="rank features by how well their labels match TEXT")
+    q = s.add_parser("search", help="features for a concept: how they fire on TEXT, what they make the model say, "
+                                    "their labels")
     q.add_argument("text", nargs="+")
     q.add_argument("--limit", type=int, default=10)
+    q.add_argument("--labels-only", action="store_true", help="rank by label words only (no model needed)")
     q.add_argument("--json", action="store_true")
+    add_model_options(q)
     q.set_defaults(func=run_search)
 
     sh = s.add_parser("show", help="everything known about one feature (e.g. default:123)")
-    sh.add_argument("id")
+    sh.add_argument("id", help="<sae>:<index>, vector:<name>, or a description (shows the SAE features it is made of)")
     sh.add_argument("--json", action="store_true")
+    add_model_options(sh)
     sh.set_defaults(func=run_show)
 
     ex = s.add_parser("from-examples", help="features most active on --positive relative to --negative")
@@ -48,7 +52,11 @@ def run_search(args: argparse.Namespace) -> int:
 
     if args.limit < 1:
         raise UserError("--limit must be at least 1")
-    results = search_features(library(), " ".join(args.text), args.limit)
+    lib = library()
+    lib.sae_names  # noqa: B018 - a broken config fails before the model loads
+    engine = None if args.labels_only else load_engine(args)
+    query = " ".join(args.text)
+    results = search_features(lib, query, args.limit, model=engine)
     if args.json:
         print(json.dumps(results, ensure_ascii=False))
         return 0
@@ -56,14 +64,22 @@ def run_search(args: argparse.Namespace) -> int:
         print("no matching features (try other words, or `tinymorph sae label` for unlabelled SAEs)")
         return 1
     for r in results:
-        print(f"{r['id']:>14}  {r['score']:6.2f}  max {r['maxActivation']:7.2f}  {r['label']}")
+        print(f"{r['id']:>14}  {r['score']:5.2f}  {r['label']}")
+    print(f"\nor steer by the description itself: tinymorph steer add {json.dumps(query)}")
     return 0
 
 
 def run_show(args: argparse.Namespace) -> int:
     from ...steering.features import show_feature
+    from ...steering.steering import parse_feature_ref
 
-    info = show_feature(library(), args.id)
+    lib = library()
+    if parse_feature_ref(args.id)[0] == "concept":  # a description: needs the model to build it
+        from ...steering.library import default_resolver
+
+        resolver = default_resolver(load_engine(args))
+        lib = resolver.library
+    info = show_feature(lib, args.id)
     if args.json:
         print(json.dumps(info, ensure_ascii=False, indent=2))
         return 0
@@ -76,6 +92,10 @@ def run_show(args: argparse.Namespace) -> int:
             print(f"  {key}: {', '.join(repr(t) for t in info[key])}")
     for c in info.get("contexts", []):
         print(f"  [{c['act']:6.2f}] {c['text']}")
+    for f in info.get("features", []):
+        print(f"  {f['id']:>14}  cos {f['cosine']:+.2f}  {f['label']}")
+    for t in info.get("examples", []):
+        print(f"  example: {t[:100]!r}")
     return 0
 
 

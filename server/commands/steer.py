@@ -23,11 +23,16 @@ def register(sub) -> None:
     s.add_parser("list", help="the steering in effect").set_defaults(func=run_list)
     s.add_parser("show", help="the effective config and the files it comes from").set_defaults(func=run_show)
 
-    a = s.add_parser("add", help="steer a feature (replaces an entry for the same feature)")
-    a.add_argument("feature", help="<sae>:<index> (e.g. default:123) or vector:<name>")
-    a.add_argument("--strength", type=float, default=1.0, help="1 = the feature's max activation (default 1)")
+    a = s.add_parser("add", help="steer by a description (\"about gardening\", \"more formal\", \"less hedging\"), "
+                                 "a feature or a vector (replaces an entry for the same one)")
+    a.add_argument("feature", help="a description, <sae>:<index> (e.g. default:123) or vector:<name>")
+    a.add_argument("--strength", type=float, default=1.0,
+                   help="1 = the calibrated push: noticeable and fluent (default 1; negative = less of it)")
     a.add_argument("--mode", choices=["add", "clamp", "ablate"], default="add")
     a.add_argument("--layer", type=int, default=None, help="layer to edit (default: the feature's own)")
+    a.add_argument("--no-calibrate", action="store_true",
+                   help="skip loading the model to calibrate strength 1 (features and vectors)")
+    add_model_options(a)
     a.set_defaults(func=run_add)
 
     st = s.add_parser("set", help="change an existing entry")
@@ -43,7 +48,7 @@ def register(sub) -> None:
     s.add_parser("clear", help="remove all steering").set_defaults(func=run_clear)
 
     c = s.add_parser("compare", help="steered vs unsteered continuation of a text, side by side")
-    c.add_argument("file", nargs="?", default=None, help="text file (default: --text or stdin)")
+    c.add_argument("file", nargs="?", default=None, help="text file, or - for stdin (default: --text or stdin)")
     c.add_argument("--text", default=None)
     c.add_argument("--max-tokens", type=int, default=32)
     c.add_argument("--feature", action="append", default=None, metavar="ID=STRENGTH",
@@ -52,6 +57,17 @@ def register(sub) -> None:
     c.add_argument("--quiet", action="store_true")
     add_model_options(c)
     c.set_defaults(func=run_compare)
+
+    ev = s.add_parser("eval", help="concept hit rate, perplexity, repetition and speed cost of every steering "
+                                   "method on the shipped concept set")
+    ev.add_argument("--quick", action="store_true", help="6 prompts, 3 strengths, 32 tokens (a few minutes)")
+    ev.add_argument("--concepts", default=None, help="comma-separated concept names (default: all)")
+    ev.add_argument("--methods", default=None,
+                    help="comma-separated: unsteered,prompting,search,described,examples (default: all)")
+    ev.add_argument("--strengths", default=None, help="comma-separated strengths (default 0.5,1,2 with --quick)")
+    ev.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for steer-eval.json/.png")
+    add_model_options(ev)
+    ev.set_defaults(func=run_eval)
     p.set_defaults(func=lambda _a: (p.print_help(), 2)[1])
 
 
@@ -97,13 +113,59 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from ...steering.config import set_steer_entry
-    from ...steering.steering import SteeringEntry
+    import time
 
-    entry = SteeringEntry(feature=args.feature, strength=args.strength, mode=args.mode, layer=args.layer)
-    _check_feature(args, args.feature)
-    _print_entries(set_steer_entry(_target(args), entry))
+    from ...steering.config import set_steer_entry
+    from ...steering.steering import SteeringEntry, SteeringError, parse_feature_ref, validate_entry
+
+    entry = SteeringEntry(feature=" ".join(args.feature.split()), strength=args.strength, mode=args.mode,
+                          layer=args.layer)
+    validate_entry(entry)
+    source = parse_feature_ref(entry.feature)[0]
+    target = _target(args)
+    if source == "concept" or not args.no_calibrate:
+        from ...steering.features import show_feature
+        from ...steering.library import default_resolver
+
+        engine = load_engine(args)
+        library = default_resolver(engine, _config(args)).library
+        started = time.perf_counter()
+        try:
+            if source == "concept":
+                info = show_feature(library, entry.feature)
+                took = time.perf_counter() - started
+                print(f"concept {info['description']!r}: built and calibrated in {took:.1f} s "
+                      f"(layers {', '.join(map(str, info['layers']))}; strength 1 = {info['addFraction']:.2f} "
+                      "of the residual norm)")
+                if info["features"]:
+                    print("made of (cosine with SAE features):")
+                    for f in info["features"][:5]:
+                        print(f"  {f['id']:>14}  {f['cosine']:+.2f}  {f['label']}")
+            elif args.mode == "add":
+                fraction = calibrate_reference(engine, library, entry.feature)
+                print(f"{entry.feature}: strength 1 = {fraction:.2f} of the residual norm "
+                      f"(calibrated in {time.perf_counter() - started:.1f} s)")
+            else:
+                library.handles(entry.feature)
+        except SteeringError as exc:
+            raise UserError(str(exc)) from None
+    else:
+        _check_feature(args, entry.feature)
+    _print_entries(set_steer_entry(target, entry))
     return 0
+
+
+def calibrate_reference(engine, library, ref: str) -> float:
+    """Calibrate `add` strength 1 of a feature or vector and remember it (see steering/calibration.py)."""
+    from ...steering.calibration import calibrate
+    from ...steering.library import ADD_FRACTION
+
+    handle = library.handle(ref)
+    push = ADD_FRACTION * handle.add_scale / library.add_fraction(ref, handle.layer)
+    cal = calibrate(engine, {handle.layer: push * handle.direction}, handle.layer, handle.direction)
+    fraction = ADD_FRACTION * cal.multiplier
+    library.calibrations.set(library.model_key, ref, handle.layer, fraction)
+    return fraction
 
 
 def run_set(args: argparse.Namespace) -> int:
@@ -166,7 +228,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     if args.text is not None:
         text = args.text
-    elif args.file is not None:
+    elif args.file is not None and args.file != "-":
         path = Path(args.file)
         if not path.is_file():
             raise UserError(f"{args.file}: no such file")
@@ -180,10 +242,9 @@ def run_compare(args: argparse.Namespace) -> int:
     if plan.is_empty():
         raise UserError("no steering configured: add some with `tinymorph steer add` or pass --feature")
     engine = load_engine(args)
-    from ...steering.steering import resolve_plan
+    from ...steering.library import default_resolver
 
-    library = _library(cfg)
-    engine.set_steering_resolver(lambda p: resolve_plan(p, library, engine.info.d_model, engine.info.layers))
+    engine.set_steering_resolver(default_resolver(engine, cfg))
     opts = GenerationOptions(max_tokens=args.max_tokens, stop="paragraph")
     plain = engine.complete(CompletionRequest(text=text, doc_id="compare", options=opts)).text
     request = CompletionRequest(text=text, doc_id="compare", options=opts, steering=plan)
@@ -196,7 +257,30 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _library(cfg):
-    from ...steering.config import library_from_config
+def run_eval(args: argparse.Namespace) -> int:
+    from ...steering import steer_eval
+    from ...steering.library import default_resolver
 
-    return library_from_config(cfg)
+    def csv(value):
+        return [x.strip() for x in value.split(",") if x.strip()] if value else None
+
+    try:
+        strengths = [float(x) for x in csv(args.strengths)] if args.strengths else None
+    except ValueError:
+        raise UserError(f"--strengths {args.strengths!r}: give numbers separated by commas") from None
+    known = {c.name for c in steer_eval.load_eval_set().concepts}
+    unknown = set(csv(args.concepts) or []) - known
+    if unknown:
+        raise UserError(f"unknown concepts: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    engine = load_engine(args)
+    resolver = default_resolver(engine, _config(args))
+    engine.set_steering_resolver(resolver)
+    report = steer_eval.run_eval(engine, resolver.library, quick=args.quick, strengths=strengths,
+                                 methods=csv(args.methods), concepts=csv(args.concepts),
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "steer-eval.json").write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
+    steer_eval.plot(report, args.out / "steer-eval.png")
+    print(report.table())
+    print(f"\n{args.out / 'steer-eval.json'}, {args.out / 'steer-eval.png'} ({report.seconds:.0f} s)")
+    return 0
