@@ -422,6 +422,25 @@ async def test_cancel_request_is_honoured(client: LanguageClient):
     await asyncio.sleep(0.1)
 
 
+async def test_inline_completion_is_never_answered_for_older_text(client: LanguageClient):
+    """A client that does not check versions (Neovim 0.12's inline completion) must never get a
+    suggestion for text the user no longer has: an edit while the request waits empties the answer."""
+    uri = "file:///tmp/inline-stale.md"
+    open_doc(client, uri, "Slow")
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"debounceMs": 800}))
+    await asyncio.sleep(0.1)
+    edit(client, uri, 0, 4, " and")
+    request = asyncio.ensure_future(client.text_document_inline_completion_async(types.InlineCompletionParams(
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
+        text_document=types.TextDocumentIdentifier(uri), position=types.Position(0, 8))))
+    await asyncio.sleep(0.2)
+    edit(client, uri, 0, 8, " steady")  # the user typed on while the request waited
+    result = await asyncio.wait_for(request, 10)
+    assert not result.items
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"debounceMs": 30}))
+    await asyncio.sleep(0.1)
+
+
 async def test_bad_input_never_kills_the_server(client: LanguageClient):
     unknown = types.TextDocumentIdentifier("file:///tmp/never-opened.md")
     assert not await client.text_document_inlay_hint_async(types.InlayHintParams(unknown, WHOLE))
