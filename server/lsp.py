@@ -263,8 +263,12 @@ def _overrides(args: Any) -> dict[str, Any]:
             "threads": getattr(args, "threads", None)}
 
 
-def serve(args: Any, runtime: Runtime | None = None, token: str | None = None) -> int:
-    """Run the server on stdio or TCP (used by `tinymorph lsp`)."""
+def serve(args: Any, runtime: Runtime | None = None, token: str | None = None, http_url: str | None = None) -> int:
+    """Run the server on stdio or TCP (used by `tinymorph lsp`).
+
+    With an HTTP API in the process (`http_url`), an editor's `exit` (or its end of stdin) ends
+    only the LSP session: the HTTP API goes on until the process is stopped.
+    """
     runtime = runtime or Runtime()
     if getattr(args, "tcp", None):
         host, _, port = args.tcp.rpartition(":")
@@ -273,8 +277,17 @@ def serve(args: Any, runtime: Runtime | None = None, token: str | None = None) -
         except KeyboardInterrupt:
             pass
         return 0
-    server = build_server(runtime, _overrides(args))
+    server = build_server(runtime, _overrides(args), owns_process=http_url is None)
     serve_stdio(server)
+    if http_url is not None:
+        print(f"[tinymorph] the editor left; the HTTP API stays on {http_url} (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
+        try:
+            import threading
+
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
     return 0
 
 

@@ -29,6 +29,7 @@ from typing import Any
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
+from ..steering.config import Config
 from ..steering.engine import CompletionRequest
 from ..steering.generate import Completion, GenerationOptions, TokenEvent
 from ..steering.steering import SteeringPlan
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 0.1  # at most one workspace/inlayHint/refresh per 100 ms (plus a trailing one)
 CONFIG_POLL_S = 1.0  # how often the config files' stat fingerprint is compared
 FOCUS_HOLD_S = 0.5  # an edit elsewhere takes the focus only after the focused document was quiet this long
+BACKGROUND_MAX_TOKENS = 8  # a background document's one job is cheap: a short suggestion
 _sessions = itertools.count(1)
 
 
@@ -81,6 +83,7 @@ class TinymorphServer(LanguageServer):
         self.config_values: dict[str, Any] = {}  # settings from tinymorph.toml (last good file)
         self.settings = Settings()
         self.workspace_config = WorkspaceConfig()
+        self.config: Config | None = None  # the last config that loaded
         self.config_error: str | None = None
         self.steering_error: str | None = None
         self._config_fp: tuple | None = None
@@ -157,7 +160,7 @@ class TinymorphServer(LanguageServer):
             "maxTokens": cfg.completion.max_tokens, "stop": cfg.completion.stop,
             "debounceMs": cfg.completion.debounce_ms, "contextTokens": cfg.completion.context_tokens,
         }
-        self._library = cfg
+        self.config = cfg
         if self.runtime.engine is not None:
             self._use_library()
         plan = cfg.plan()
@@ -169,13 +172,17 @@ class TinymorphServer(LanguageServer):
         self.settings_changed(changed)
         return changed
 
-    _library: Any = None
-
     def _use_library(self) -> None:
+        """Resolve features with the SAEs this workspace's config names."""
         from ..steering.config import library_from_config
 
-        if self._library is not None:
-            self.runtime.use_feature_library(library_from_config(self._library))
+        if self.config is None:
+            return
+        specs = self.config.sae_specs()
+        current = self.runtime.feature_library()
+        if current is not None and getattr(current, "_specs", None) == {"default": "default", **specs}:
+            return  # same SAEs: keep the loaded ones
+        self.runtime.use_feature_library(library_from_config(self.config))
 
     def settings_changed(self, changed: set[str]) -> None:
         if "enabled" in changed:
@@ -490,7 +497,10 @@ class TinymorphServer(LanguageServer):
         s = Suggestion(doc.uri, doc.version, cursor, context, steering=plan.describe())
         self.suggestions[doc.uri] = s
         self.wanted.discard(doc.uri)
-        options = GenerationOptions(max_tokens=self.settings.maxTokens, stop=self.settings.stop,
+        max_tokens = self.settings.maxTokens
+        if priority != PRIORITY_EDITOR:
+            max_tokens = min(max_tokens, BACKGROUND_MAX_TOKENS)
+        options = GenerationOptions(max_tokens=max_tokens, stop=self.settings.stop,
                                     temperature=self.settings.temperature)
         loop = self.loop
         assert loop is not None

@@ -734,10 +734,10 @@ class RawServer:
         self.proc = proc
 
     @classmethod
-    async def start(cls) -> RawServer:
+    async def start(cls, *args: str, stderr=asyncio.subprocess.DEVNULL) -> RawServer:
         proc = await asyncio.create_subprocess_exec(
-            TINYMORPH, "lsp", "--model", "/nonexistent/model", env=SERVER_ENV,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            TINYMORPH, "lsp", *(args or ("--model", "/nonexistent/model")), env=SERVER_ENV,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr)
         return cls(proc)
 
     def send_raw(self, data: bytes) -> None:
@@ -912,6 +912,31 @@ async def test_tcp_sessions_are_separate_and_http_outlives_editors(tiny_model_di
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_stdio_exit_leaves_the_http_api_running(tiny_model_dir):
+    import httpx
+
+    server = await RawServer.start("--http", "127.0.0.1:0", "--model", str(tiny_model_dir),
+                                   stderr=asyncio.subprocess.PIPE)
+    try:
+        url = (await _read_addresses(server.proc, ("http",)))["http"]
+        server.send(INIT)
+        await server.receive()
+        server.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+        server.send({"jsonrpc": "2.0", "id": 2, "method": "shutdown"})
+        assert (await server.receive())["id"] == 2
+        server.send({"jsonrpc": "2.0", "method": "exit"})
+        server.proc.stdin.close()
+        await asyncio.sleep(1.0)
+        assert server.proc.returncode is None
+        deadline = time.monotonic() + TIMEOUT
+        async with httpx.AsyncClient(base_url=url) as http:
+            while (await http.get("/healthz")).status_code != 200:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+    finally:
+        await server.close()
 
 
 async def test_tcp_beyond_loopback_needs_a_token(tiny_model_dir):

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import Runtime
 
     runtime = Runtime()
+    http_url = None
     if args.http:
         try:
             from ..http_api import start_http_server
@@ -92,5 +93,6 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise UserError(f"--http {args.http}: {exc}") from None
         print(f"[tinymorph] HTTP API on {handle.url}", file=sys.stderr, flush=True)
+        http_url = handle.url
         runtime.load(_startup_settings(args))  # HTTP clients must not wait for an editor
-    return serve(args, runtime, token=token)
+    return serve(args, runtime, token=token, http_url=http_url)
