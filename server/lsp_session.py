@@ -536,7 +536,12 @@ class TinymorphServer(LanguageServer):
                 self.steering_failed(str(error))
                 self.set_plan(SteeringPlan())
                 return
-            self.log(f"suggestion failed: {error}", types.MessageType.Error)
+            text = f"suggestion failed: {error}"
+            if text not in self._shown:  # once per distinct failure, not once per keystroke
+                self._shown.add(text)
+                self.log(text, types.MessageType.Error)
+            else:
+                log.debug(text)
             self.refresh_hints()
             return
         if completion.stop_reason == "cancelled":
