@@ -108,6 +108,14 @@ def build_server(runtime: Runtime | None = None, overrides: dict[str, Any] | Non
         ls._config_task = asyncio.ensure_future(ls.watch_config())  # noqa: SLF001
         await ls.load_model()
 
+    @server.feature(types.WORKSPACE_DID_CHANGE_WORKSPACE_FOLDERS)
+    def did_change_workspace_folders(ls: TinymorphServer, params: types.DidChangeWorkspaceFoldersParams) -> None:
+        removed = {_fs_path(f.uri) for f in params.event.removed}
+        roots = [r for r in ls.workspace_config.roots if r not in removed]
+        roots += [p for f in params.event.added if (p := _fs_path(f.uri)) and p not in roots]
+        ls.workspace_config.roots = roots
+        ls.settings_changed(ls.reload_config(force=True))
+
     @server.feature(types.WORKSPACE_DID_CHANGE_WATCHED_FILES)
     def did_change_watched_files(ls: TinymorphServer, _params: types.DidChangeWatchedFilesParams) -> None:
         ls.reload_config(force=True)

@@ -724,6 +724,19 @@ async def test_bad_steer_entry_is_reported_once_and_suggestions_go_on(ws_client:
     st = await wait_status(ws_client, lambda s: s["steeringError"] is None and s["steering"][0]["feature"] == "mine:5")
 
 
+async def test_workspace_folders_can_change(ws_client: LanguageClient, workspace: Path, tmp_path: Path):
+    """A folder added in front with its own tinymorph.toml: its config takes over (it comes first)."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tinymorph.toml").write_text(f'[[sae]]\nname = "mine"\npath = "{workspace / "sae"}"\n\n'
+                                         '[[steer]]\nfeature = "mine:6"\nstrength = 0.5\n')
+    ws_client.workspace_did_change_workspace_folders(types.DidChangeWorkspaceFoldersParams(
+        event=types.WorkspaceFoldersChangeEvent(
+            added=[types.WorkspaceFolder(uri=other.as_uri(), name="other")],
+            removed=[types.WorkspaceFolder(uri=workspace.as_uri(), name="ws")])))
+    await wait_status(ws_client, lambda s: [e["feature"] for e in s["steering"]] == ["mine:6"])
+
+
 # -- JSON-RPC strictness (issue 11 item 9), raw bytes on the server's stdin ------------------------------
 
 
