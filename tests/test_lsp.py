@@ -957,7 +957,12 @@ async def test_tcp_beyond_loopback_needs_a_token(tiny_model_dir):
     refused = await asyncio.create_subprocess_exec(
         TINYMORPH, "lsp", "--tcp", "0.0.0.0:0", env=env, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    _, err = await asyncio.wait_for(refused.communicate(), 60)
+    try:
+        _, err = await asyncio.wait_for(refused.communicate(), 60)
+    finally:  # a server that did not refuse must not outlive the test
+        if refused.returncode is None:
+            refused.kill()
+            await refused.wait()
     assert refused.returncode != 0 and b"token" in err
     proc = await asyncio.create_subprocess_exec(
         TINYMORPH, "lsp", "--tcp", "127.0.0.1:0", "--token", "s3cret", "--model", str(tiny_model_dir),
