@@ -82,6 +82,32 @@ class Runtime:
         self._loader.start()
         return self._loader
 
+    def check_plan(self, plan: SteeringPlan) -> None:
+        """Resolve `plan` with the loaded engine's resolver (raises ValueError/SteeringError if it
+        cannot be applied): the same check every generation makes, done once, up front."""
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError("the model is not loaded yet")
+        engine.resolve(plan)
+
+    def use_feature_library(self, library) -> None:
+        """Resolve feature references with `library` (the SAEs of the workspace's config) from now on.
+
+        Why here: an editor's workspace config names its own `[[sae]]`s; the engine's default
+        resolver only knows the process's working directory.
+        """
+        engine = self.engine
+        if engine is None:
+            return
+        from ..steering.library import default_resolver
+
+        engine.set_steering_resolver(default_resolver(engine, library=library))
+
+    def feature_library(self):
+        """The library steering resolves features with (set by `use_feature_library`), if any."""
+        engine = self.engine
+        return getattr(getattr(engine, "_resolver", None), "library", None) if engine is not None else None
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         if self._loader is not None:
             self._loader.join(timeout)

@@ -3,8 +3,11 @@
 Why a single worker stepping generators: two CPU cores are best spent on one forward pass at a
 time, and stepping lets the scheduler (1) cancel between any two tokens, (2) let editor work
 pre-empt HTTP batch work (lower `priority` number runs first), (3) share the engine fairly among
-equal-priority jobs (round robin per token), and (4) keep "latest wins" per document: submitting a
-job with the `replace` key of a running one cancels the old one.
+equal-priority jobs (round robin per token), (4) keep "latest wins" per document: submitting a
+job with the `replace` key of a running one cancels the old one, and (5) never starve waiting work:
+after `SHARE_EVERY` steps of better-priority jobs while others wait, one step goes to a waiting
+job (round robin among them), so HTTP clients get at least one token per `SHARE_EVERY` editor
+tokens however fast someone types (docs/protocol.md, "Sharing the model").
 
 Callbacks run on the worker thread; protocol layers hop back to their own loop themselves.
 """
@@ -20,8 +23,10 @@ from dataclasses import dataclass, field
 from ..steering.engine import CompletionRequest, Engine
 from ..steering.generate import CancelToken, Completion, Timings, TokenEvent
 
-PRIORITY_EDITOR = 0
+PRIORITY_EDITOR = 0  # the document the user types in
+PRIORITY_BACKGROUND = 5  # other open documents (one job each, when the editor shows them)
 PRIORITY_HTTP = 10
+SHARE_EVERY = 4  # waiting lower-priority work gets >= 1 step per this many better-priority steps
 
 OnToken = Callable[["Job", TokenEvent], None]
 OnDone = Callable[["Job", Completion | None, BaseException | None], None]
@@ -67,6 +72,8 @@ class Scheduler:
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._rr = 0
+        self._rr_low = 0
+        self._since_share = 0
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="tinymorph-engine", daemon=True)
         self._thread.start()
@@ -114,8 +121,15 @@ class Scheduler:
 
     # -- worker -----------------------------------------------------------------------------
     def _pick(self) -> int:
-        """Index of the next job to step: best priority, round robin among equals."""
+        """Index of the next job to step: best priority, round robin among equals, except that every
+        `SHARE_EVERY`-th step while worse-priority jobs wait goes to one of them (round robin)."""
         best = min(job.priority for job, _ in self._jobs)
+        waiting = [i for i, (job, _) in enumerate(self._jobs) if job.priority > best]
+        if waiting and self._since_share >= SHARE_EVERY:
+            self._since_share = 0
+            self._rr_low = (self._rr_low + 1) % len(waiting)
+            return waiting[self._rr_low]
+        self._since_share = self._since_share + 1 if waiting else 0
         candidates = [i for i, (job, _) in enumerate(self._jobs) if job.priority == best]
         self._rr = (self._rr + 1) % len(candidates)
         return candidates[self._rr]

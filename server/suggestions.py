@@ -6,9 +6,10 @@ get right (and to test) as plain functions over strings. `server/lsp.py` only mo
 the protocol, the scheduler and these functions.
 
 Vocabulary: a suggestion is computed for one document *version*; its *anchor* is the cursor
-offset it continues from (`before` is the text up to it, `after` the text following it then).
-When the user later types exactly the start of the suggestion at the anchor, the suggestion stays
-valid for the new version: the typed part is *typed ahead* and the *rest* is what remains to show.
+offset it continues from. When the user later types exactly the start of the suggestion at the
+anchor, the suggestion stays valid for the new version: the typed part is *typed ahead* and the
+*rest* is what remains to show. Validity is followed edit by edit (`Suggestion.track`), never by
+comparing whole texts, so a keystroke in a 10 MB document costs what it costs in a small one.
 """
 
 from __future__ import annotations
@@ -26,52 +27,67 @@ _ids = itertools.count(1)
 
 @dataclass
 class Suggestion:
-    """A continuation (possibly still streaming) computed for one version of one document."""
+    """A continuation (possibly still streaming) computed for one version of one document.
+
+    It follows the document's edits one at a time (`track`), so checking it costs what the edit
+    costs, not what the document costs: typing the next characters of the suggestion at its cursor
+    (or deleting what was typed of it) keeps it; any other edit leaves it behind for good.
+    """
 
     uri: str
     version: int
-    before: str
-    after: str
+    anchor: int  # offset the suggestion continues from
+    context: str = ""  # the text before the anchor that went to the engine (a window, not the document)
     text: str = ""
     done: bool = False
     completion: Completion | None = None
     steering: list[dict] = field(default_factory=list)
     id: int = field(default_factory=lambda: next(_ids))
+    typed: str = ""  # typed ahead since `version`
+    seen: int | None = None  # the document version `typed` is up to date with; None: left behind
+
+    def __post_init__(self) -> None:
+        if self.seen is None:
+            self.seen = self.version
 
     @property
-    def anchor(self) -> int:
-        return len(self.before)
+    def cursor(self) -> int:
+        return self.anchor + len(self.typed)
 
-    def typed_since(self, current: str) -> str | None:
-        """Text inserted at the anchor since this suggestion's version, if that is the only change
-        and it matches the start of the suggestion; None otherwise."""
-        if len(current) < len(self.before) + len(self.after):
-            return None
-        if not (current.startswith(self.before) and current.endswith(self.after)):
-            return None
-        typed = current[len(self.before): len(current) - len(self.after)]
-        return typed if self.text.startswith(typed) else None
+    def track(self, start: int, end: int, inserted: str) -> bool:
+        """Follow one edit ([start, end) of the previous text became `inserted`); False, and left
+        behind for good, unless it types the next part of the suggestion or deletes typed text."""
+        cursor = self.cursor
+        if self.seen is not None:
+            if start == end == cursor and inserted and self.text[len(self.typed):].startswith(inserted):
+                self.typed += inserted
+                return True
+            if not inserted and end == cursor and self.anchor <= start < end:
+                self.typed = self.typed[: start - self.anchor]
+                return True
+        self.seen = None
+        return False
 
-    def view(self, current: str, version: int) -> View | None:
-        """What to show for the document's current text and version, or None if nothing is valid."""
-        if version == self.version:
-            typed = ""
-        else:
-            typed = self.typed_since(current)
-            if typed is None:
-                return None
-        rest = self.text[len(typed):]
+    def follow(self, version: int) -> None:
+        """The edits of `version` were all tracked."""
+        if self.seen is not None:
+            self.seen = version
+
+    def view(self, version: int) -> View | None:
+        """What to show for the document's current version, or None if nothing is valid."""
+        if self.seen != version:
+            return None
+        rest = self.text[len(self.typed):]
         if not rest:
             return None
-        return View(self, typed, rest)
+        return View(self, self.typed, rest)
 
-    def keeps_after_edit(self, current: str) -> bool:
-        """Whether an edit leaves this suggestion useful: the user typed (part of) it and either
-        something is left to show or the model is still producing more."""
-        typed = self.typed_since(current)
-        if typed is None:
+    def keeps_after_edit(self) -> bool:
+        """Whether the tracked edits leave this suggestion useful: something is left to show or
+        the model is still producing more."""
+        if self.seen is None:
             return False
-        return not self.done or len(typed) < len(self.text)
+        return not self.done or len(self.typed) < len(self.text)
 
 
 @dataclass(frozen=True)

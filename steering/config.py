@@ -289,19 +289,56 @@ def library_from_config(cfg: Config | None):
 
 
 # -- writing --------------------------------------------------------------------------------------
+# Steering edits rewrite the user's file with tomlkit, which keeps comments, key order and layout;
+# only the [[steer]] entries change. A temporary file carries the writer's pid in its name, so a
+# writer that was killed mid-write leaves nothing behind for long: the next write removes the
+# leftovers of writers that are gone.
 
 
-def write_toml_atomic(path: str | os.PathLike, data: dict[str, Any]) -> Path:
-    """Validate `data`, write it to a temp file, re-read and re-validate it, then rename over `path`."""
-    import tomli_w
+def _tmp_path(target: Path, pid: int | None = None) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid() if pid is None else pid}.tmp")
 
-    target = Path(path)
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(target: str | os.PathLike) -> list[Path]:
+    """Delete `.NAME.<pid>.tmp` files next to `target` whose writer process no longer exists."""
+    target = Path(target)
+    removed = []
+    for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+        pid_text = tmp.name[len(target.name) + 2: -len(".tmp")]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
+def _write_text_atomic(target: Path, text: str) -> Path:
+    """Validate `text` as a config, write it beside `target`, fsync, rename over `target`."""
+    import tomllib as _tomllib
+
+    try:
+        data = _tomllib.loads(text)
+    except _tomllib.TOMLDecodeError as exc:  # pragma: no cover - we produced it
+        raise ConfigError(f"{target}: refusing to write invalid TOML: {exc}") from None
     parse_sections(data, str(target), target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    remove_stale_temp_files(target)
+    tmp = _tmp_path(target)
     try:
-        with open(tmp, "wb") as f:
-            tomli_w.dump(data, f)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         parse_sections(read_toml(tmp), str(target), target.parent)
@@ -312,6 +349,15 @@ def write_toml_atomic(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     return target
 
 
+def write_toml_atomic(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Validate `data`, write it to a temp file, re-read and re-validate it, then rename over `path`."""
+    import tomlkit
+
+    target = Path(path)
+    parse_sections(data, str(target), target.parent)
+    return _write_text_atomic(target, tomlkit.dumps(data))
+
+
 def edit_target(start: str | os.PathLike | None = None, project: str | os.PathLike | None = None) -> Path:
     """Which file steering edits go to: the project file in effect, else the user's file."""
     if project is not None:
@@ -320,60 +366,116 @@ def edit_target(start: str | os.PathLike | None = None, project: str | os.PathLi
     return found if found is not None else user_config_path()
 
 
-def _steer_list(data: dict[str, Any]) -> list[dict[str, Any]]:
-    steer = data.get("steer", [])
-    return list(steer) if isinstance(steer, list) else []
+def _document(target: Path):
+    """The file as a tomlkit document (comments kept); a file that does not parse is never touched."""
+    import tomlkit
+
+    read_toml(target)  # raises ConfigError for a broken file
+    try:
+        text = target.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return tomlkit.document()
+    return tomlkit.parse(text)
+
+
+def _steer_tables(doc) -> list:
+    """The document's [[steer]] entries as editable tomlkit tables (an inline `steer = []` becomes
+    an array of tables)."""
+    import tomlkit
+    from tomlkit.items import AoT
+
+    steer = doc.get("steer")
+    if isinstance(steer, AoT):
+        return steer
+    existing = [dict(t) for t in steer] if isinstance(steer, list) else []
+    if "steer" in doc:
+        del doc["steer"]
+    aot = tomlkit.aot()
+    for item in existing:
+        aot.append(_steer_table(item))
+    doc.append("steer", aot)
+    return doc["steer"]
+
+
+def _steer_table(values: dict[str, Any]):
+    import tomlkit
+
+    table = tomlkit.table()
+    for key in ("feature", "mode", "strength", "layer"):
+        if values.get(key) is not None:
+            table[key] = values[key]
+    return table
+
+
+def _save(target: Path, doc) -> list[SteeringEntry]:
+    import tomlkit
+
+    text = tomlkit.dumps(doc)
+    _write_text_atomic(target, text)
+    return parse_sections(tomllib.loads(text), str(target)).get("steer", [])
+
+
+def _index_of(tables, feature: str) -> int | None:
+    for i, t in enumerate(tables):
+        if t.get("feature") == feature:
+            return i
+    return None
 
 
 def set_steer_entry(path: str | os.PathLike, entry: SteeringEntry) -> list[SteeringEntry]:
     """Add `entry` to the file's [[steer]] list, or replace the one for the same feature."""
     validate_entry(entry)
     target = Path(path)
-    data = read_toml(target)  # raises on a broken file: it is never overwritten
-    steer = _steer_list(data)
+    doc = _document(target)
+    tables = _steer_tables(doc)
     new = entry.to_dict()
-    for i, old in enumerate(steer):
-        if isinstance(old, dict) and old.get("feature") == entry.feature:
-            steer[i] = new
-            break
+    i = _index_of(tables, entry.feature)
+    if i is None:
+        tables.append(_steer_table(new))
     else:
-        steer.append(new)
-    data["steer"] = steer
-    write_toml_atomic(target, data)
-    return parse_sections(data, str(target)).get("steer", [])
+        table = tables[i]
+        for key in ("mode", "strength", "layer"):
+            if new.get(key) is None:
+                table.pop(key, None)
+            else:
+                table[key] = new[key]
+    return _save(target, doc)
 
 
 def update_steer_entry(path: str | os.PathLike, feature: str, **changes: Any) -> list[SteeringEntry]:
     """Change fields (strength/mode/layer) of an existing entry."""
     target = Path(path)
-    data = read_toml(target)
-    steer = _steer_list(data)
-    for i, old in enumerate(steer):
-        if isinstance(old, dict) and old.get("feature") == feature:
-            merged = {**old, **{k: v for k, v in changes.items() if v is not None}}
-            steer[i] = entry_from_dict(merged, f"{target}: {feature}").to_dict()
-            break
-    else:
+    doc = _document(target)
+    tables = _steer_tables(doc)
+    i = _index_of(tables, feature)
+    if i is None:
         raise ConfigError(f"{feature} is not steered in {target}")
-    data["steer"] = steer
-    write_toml_atomic(target, data)
-    return parse_sections(data, str(target)).get("steer", [])
+    merged = {**dict(tables[i]), **{k: v for k, v in changes.items() if v is not None}}
+    entry = entry_from_dict(merged, f"{target}: {feature}").to_dict()
+    for key in ("mode", "strength", "layer"):
+        if entry.get(key) is not None:
+            tables[i][key] = entry[key]
+    return _save(target, doc)
 
 
 def remove_steer_entry(path: str | os.PathLike, feature: str) -> list[SteeringEntry]:
     target = Path(path)
-    data = read_toml(target)
-    steer = _steer_list(data)
-    kept = [s for s in steer if not (isinstance(s, dict) and s.get("feature") == feature)]
-    if len(kept) == len(steer):
+    doc = _document(target)
+    tables = _steer_tables(doc)
+    i = _index_of(tables, feature)
+    if i is None:
         raise ConfigError(f"{feature} is not steered in {target}")
-    data["steer"] = kept
-    write_toml_atomic(target, data)
-    return parse_sections(data, str(target)).get("steer", [])
+    del tables[i]
+    return _save(target, doc)
 
 
 def clear_steering(path: str | os.PathLike) -> None:
+    """No steering from this file: `steer = []` (in a project file this also hides the user's list)."""
+    import tomlkit
+
     target = Path(path)
-    data = read_toml(target)
-    data["steer"] = []
-    write_toml_atomic(target, data)
+    doc = _document(target)
+    if "steer" in doc:
+        del doc["steer"]
+    doc["steer"] = tomlkit.array()
+    _save(target, doc)

@@ -48,6 +48,11 @@ class FeatureLibrary:
     def sae_names(self) -> list[str]:
         return list(self._specs)
 
+    @property
+    def specs(self) -> dict[str, str]:
+        """SAE name -> where it comes from (as configured)."""
+        return dict(self._specs)
+
     def sae(self, name: str):
         """The `LoadedSAE` called `name` (as configured in `[[sae]]`, or "default")."""
         from .sae import SAEError, load_sae
@@ -159,21 +164,25 @@ def _projection(direction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tenso
     return read
 
 
-def default_resolver(engine, config=None) -> Callable[[SteeringPlan], ResolvedPlan | None]:
-    """The engine's plan resolver over a `FeatureLibrary` from `config` (default: the user's config).
+def default_resolver(engine, config=None, library: FeatureLibrary | None = None
+                     ) -> Callable[[SteeringPlan], ResolvedPlan | None]:
+    """The engine's plan resolver over `library` (default: one from `config`, default: the user's).
 
-    The library gets the engine's model so descriptions become concept vectors.
+    The library gets the engine's model so descriptions become concept vectors, and the user's
+    calibrations so strength 1 is each direction's calibrated push.
     """
     from .calibration import CalibrationStore
     from .config import library_from_config, load_config
 
-    if config is None:
-        try:
-            config = load_config()
-        except Exception:  # noqa: BLE001 - a broken config must not stop completions; use the defaults
-            config = None
-    library = library_from_config(config)
-    library.calibrations = CalibrationStore()
+    if library is None:
+        if config is None:
+            try:
+                config = load_config()
+            except Exception:  # noqa: BLE001 - a broken config must not stop completions; use the defaults
+                config = None
+        library = library_from_config(config)
+    if library.calibrations is None:
+        library.calibrations = CalibrationStore()
     d_model, n_layers = int(engine.info.d_model), int(engine.info.layers)
     library.attach_engine(engine)
 

@@ -169,3 +169,40 @@ def test_atomic_write_validates_before_replacing(tmp_path: Path) -> None:
         write_toml_atomic(path, {"completion": {"max_tokens": -1}})
     assert path.read_text() == "[completion]\nmax_tokens = 5\n"
     assert parse_sections({"steer": []}, "x") == {"steer": []}
+
+
+def test_steer_edits_keep_comments_and_layout(tmp_path: Path) -> None:
+    """Steering edits rewrite only [[steer]]: the user's comments and other tables survive."""
+    path = tmp_path / "tinymorph.toml"
+    path.write_text("# my project\n[completion]\nmax_tokens = 30  # keep it short\n\n"
+                    "[[steer]]\n# gardening, found with features.search\nfeature = \"default:5\"\nstrength = 0.5\n")
+    set_steer_entry(path, SteeringEntry("default:5", 2.0, "clamp"))
+    set_steer_entry(path, SteeringEntry("default:7", 1.0))
+    text = path.read_text()
+    assert "# my project" in text and "max_tokens = 30  # keep it short" in text
+    assert "# gardening, found with features.search" in text
+    remove_steer_entry(path, "default:7")
+    clear_steering(path)
+    text = path.read_text()
+    assert "# my project" in text and "# keep it short" in text
+    assert load_config(project=path, use_user=False).steer == []
+
+
+def test_a_killed_writer_leaves_no_temp_file_behind(tmp_path: Path) -> None:
+    """A `steer set` killed mid-write leaves `.tinymorph.toml.<pid>.tmp`; the next write removes it
+    (its writer is gone), and never removes the temp file of a writer that is still running."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "tinymorph.toml"
+    path.write_text("[completion]\nmax_tokens = 12\n")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    leftover = tmp_path / f".tinymorph.toml.{dead.stdout.strip()}.tmp"
+    leftover.write_text("[completion]\nmax_tok")  # what a SIGKILL mid-write leaves
+    alive = tmp_path / f".tinymorph.toml.{os.getppid()}.tmp"
+    alive.write_text("")
+    set_steer_entry(path, SteeringEntry("default:5", 1.0))
+    assert not leftover.exists()
+    assert alive.exists()
+    assert [e.feature for e in load_config(project=path, use_user=False).steer] == ["default:5"]

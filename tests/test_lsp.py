@@ -146,6 +146,13 @@ async def raw_request(client: LanguageClient, method: str, params) -> types.Resp
 WHOLE = types.Range(types.Position(0, 0), types.Position(100000, 0))
 
 
+async def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.05)
+
+
 async def hints(client: LanguageClient, uri: str, rng: types.Range = WHOLE) -> list[types.InlayHint]:
     return list(await client.text_document_inlay_hint_async(
         types.InlayHintParams(text_document=types.TextDocumentIdentifier(uri), range=rng)) or [])
@@ -415,6 +422,25 @@ async def test_cancel_request_is_honoured(client: LanguageClient):
     await asyncio.sleep(0.1)
 
 
+async def test_inline_completion_is_never_answered_for_older_text(client: LanguageClient):
+    """A client that does not check versions (Neovim 0.12's inline completion) must never get a
+    suggestion for text the user no longer has: an edit while the request waits empties the answer."""
+    uri = "file:///tmp/inline-stale.md"
+    open_doc(client, uri, "Slow")
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"debounceMs": 800}))
+    await asyncio.sleep(0.1)
+    edit(client, uri, 0, 4, " and")
+    request = asyncio.ensure_future(client.text_document_inline_completion_async(types.InlineCompletionParams(
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
+        text_document=types.TextDocumentIdentifier(uri), position=types.Position(0, 8))))
+    await asyncio.sleep(0.2)
+    edit(client, uri, 0, 8, " steady")  # the user typed on while the request waited
+    result = await asyncio.wait_for(request, 10)
+    assert not result.items
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"debounceMs": 30}))
+    await asyncio.sleep(0.1)
+
+
 async def test_bad_input_never_kills_the_server(client: LanguageClient):
     unknown = types.TextDocumentIdentifier("file:///tmp/never-opened.md")
     assert not await client.text_document_inlay_hint_async(types.InlayHintParams(unknown, WHOLE))
@@ -440,6 +466,12 @@ async def test_bad_input_never_kills_the_server(client: LanguageClient):
         assert error is not None and error.code == -32602, (method, error)
     client.protocol._send_data({"jsonrpc": "2.0", "method": types.TEXT_DOCUMENT_DID_CHANGE,  # bad notification
                                 "params": {"textDocument": {"uri": uri}, "contentChanges": 7}})
+    # the server lost track of bad.md's text: it says so once and waits for the whole text again
+    await wait_for(lambda: any("could not be applied" in m.message for m in client.messages))
+    client.text_document_did_change(types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=_versions[uri] + 10),
+        content_changes=[types.TextDocumentContentChangeWholeDocument(text="short!")]))
+    _versions[uri] += 10
     with pytest.raises(JsonRpcInvalidParams):
         await command(client, "tinymorph.accept", 42)
     with pytest.raises(JsonRpcInvalidParams):
@@ -470,12 +502,20 @@ async def test_surrogate_pairs_and_crlf(client: LanguageClient):
 
 
 async def test_huge_document(client: LanguageClient):
+    """A 10 MB document: keystrokes cost what they cost in a small one (no whole-text copy or
+    re-split per edit; only the context window goes to the engine)."""
     uri = "file:///tmp/huge.md"
     line = "All work and no play makes Jack a dull boy. " * 4 + "\n"
-    text = line * (2_000_000 // len(line))
+    text = line * (10_000_000 // len(line))
     open_doc(client, uri, text)
     n = text.count("\n")
+    await command(client, "tinymorph.status")  # the open is processed
     started = time.monotonic()
+    for i, ch in enumerate("And so it went on"):  # typed mid-document, then at the end
+        edit(client, uri, n // 2, i, ch)
+    await command(client, "tinymorph.status")  # answered after all 17 edits were applied
+    typing_s = time.monotonic() - started
+    assert typing_s < 2.0, f"17 keystrokes in a 10 MB document took {typing_s:.2f} s of server time"
     version = edit(client, uri, n, 0, "And so")
     hint = await wait_hint(client, uri, version)
     assert hint.position == types.Position(n, 6)
@@ -554,3 +594,390 @@ async def test_real_default_model_continues_english(real: LanguageClient):
     words = [w for w in metrics["text"].split() if w.isalpha()]
     assert words and hint.label.strip(), metrics
     print(f"real model: {metrics['text']!r} ttft {metrics['ttftMs']} ms, {metrics['tokensPerSecond']} tok/s")
+
+
+# -- config from the workspace, reloaded; bad steering falls back (issue 11 items 1-3) -------------------
+
+
+def make_tiny_sae(folder: Path, d_in: int = 64, d_sae: int = 32, layer: int = 1) -> Path:
+    """A random sae-lens TopK SAE that fits the tiny Llama's residual stream."""
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(0)
+    cfg = TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=4)
+    cfg.metadata.hook_name = f"model.layers.{layer}"
+    sae = TopKSAE(cfg)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+    sae.save_model(str(folder))
+    return folder
+
+
+WORKSPACE_TOML = """# the writer's own notes: must survive steering edits
+[[sae]]
+name = "mine"
+path = "{sae}"
+
+[completion]
+max_tokens = 3  # short on purpose
+stop = "none"
+
+[[steer]]
+feature = "mine:3"
+strength = {strength}
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("workspace")
+    make_tiny_sae(folder / "sae")
+    (folder / "tinymorph.toml").write_text(WORKSPACE_TOML.format(sae="sae", strength=0.5))
+    return folder
+
+
+@pytest_lsp.fixture(scope="module", config=ClientServerConfig(server_command=[TINYMORPH, "lsp"], server_env=SERVER_ENV))
+async def ws_client(lsp_client: LanguageClient, tiny_model_dir, workspace: Path):
+    """A server started outside the workspace (the test's cwd), told the workspace at initialize."""
+    rec = Recorder(lsp_client)
+    lsp_client.recorder = rec  # type: ignore[attr-defined]
+    await lsp_client.initialize_session(types.InitializeParams(
+        capabilities=capabilities(), initialization_options={"model": str(tiny_model_dir), "debounceMs": 30},
+        workspace_folders=[types.WorkspaceFolder(uri=workspace.as_uri(), name="ws")]))
+    await wait_ready(lsp_client)
+    yield
+    await lsp_client.shutdown_session()
+
+
+async def wait_status(client: LanguageClient, check, timeout: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = await command(client, "tinymorph.status")
+        if check(st):
+            return st
+        assert time.monotonic() < deadline, st
+        await asyncio.sleep(0.1)
+
+
+async def test_workspace_config_is_used_wherever_the_server_started(ws_client: LanguageClient, workspace: Path):
+    assert Path.cwd() != workspace
+    # the workspace's [[sae]] resolves: its [[steer]] entry is in effect
+    st = await wait_status(ws_client, lambda s: s["steering"])
+    assert [e["feature"] for e in st["steering"]] == ["mine:3"] and st["steeringError"] is None
+    # steer.set and features.show know the workspace's SAE too
+    assert [e["feature"] for e in await command(ws_client, "tinymorph.steer.set",
+                                                {"feature": "mine:4", "strength": 1.0})] == ["mine:3", "mine:4"]
+    try:
+        await command(ws_client, "tinymorph.features.show", "mine:4")
+    except JsonRpcException as exc:  # no labels for a random SAE is fine; not knowing "mine" is not
+        assert "unknown SAE" not in str(exc)
+    # the change went to the workspace's file, comments and all
+    text = (workspace / "tinymorph.toml").read_text()
+    assert "mine:4" in text and "# the writer's own notes" in text and "# short on purpose" in text
+    assert not list(workspace.glob(".*.tmp"))
+    # and the [completion] values apply: 3 tokens, no stop rule
+    uri = "file:///tmp/ws.md"
+    version, metrics = await typed_suggestion(ws_client, uri, "The garden was")
+    assert metrics["tokensGenerated"] == 3 and [e["feature"] for e in metrics["steering"]] == ["mine:3", "mine:4"]
+
+
+async def test_config_edits_are_picked_up_and_a_broken_file_changes_nothing(ws_client: LanguageClient,
+                                                                            workspace: Path):
+    path = workspace / "tinymorph.toml"
+    path.write_text(WORKSPACE_TOML.format(sae="sae", strength=0.25))
+    st = await wait_status(ws_client, lambda s: [e["strength"] for e in s["steering"]] == [0.25], timeout=8)
+    shown = len(ws_client.messages)
+    path.write_text("[completion\nmax_tokens = ")  # half-way through an edit
+    client_settings = types.DidChangeConfigurationParams(settings={"tinymorph": {}})
+    ws_client.workspace_did_change_configuration(client_settings)  # a forced reload
+    st = await wait_status(ws_client, lambda s: s["configError"])
+    assert "not valid TOML" in st["configError"] and [e["strength"] for e in st["steering"]] == [0.25]
+    await asyncio.sleep(2.5)  # polled again meanwhile: reported once, not once per poll
+    assert len([m for m in ws_client.messages[shown:] if "config ignored" in m.message]) == 1
+    _, metrics = await typed_suggestion(ws_client, "file:///tmp/ws-broken.md", "Still")
+    assert metrics["tokensGenerated"] == 3  # the last good [completion] values, not the defaults
+    path.write_text(WORKSPACE_TOML.format(sae="sae", strength=0.5))
+    ws_client.workspace_did_change_watched_files(types.DidChangeWatchedFilesParams(
+        changes=[types.FileEvent(uri=path.as_uri(), type=types.FileChangeType.Changed)]))
+    await wait_status(ws_client, lambda s: s["configError"] is None and [e["strength"] for e in s["steering"]] == [0.5])
+
+
+async def test_bad_steer_entry_is_reported_once_and_suggestions_go_on(ws_client: LanguageClient, workspace: Path):
+    path = workspace / "tinymorph.toml"
+    shown = len(ws_client.messages)
+    path.write_text(WORKSPACE_TOML.format(sae="sae", strength=0.5).replace("mine:3", "mine:999"))
+    st = await wait_status(ws_client, lambda s: s["steeringError"])
+    assert "mine:999" in st["steeringError"] and st["message"].startswith("steering error:")
+    assert st["state"] == "ready" and [e["feature"] for e in st["steering"]] == ["mine:3"]  # last good plan
+    uri = "file:///tmp/ws-steer.md"
+    open_doc(ws_client, uri, "Once")
+    for i in range(3):  # keystrokes keep getting suggestions (made with the last good plan)
+        version = edit(ws_client, uri, 0, 4 + i, "!")
+        metrics = await wait_done(ws_client, uri, version)
+        assert [e["feature"] for e in metrics["steering"]] == ["mine:3"]
+    errors = [m for m in ws_client.messages[shown:] if "steering error" in m.message]
+    assert len(errors) == 1 and errors[0].type == types.MessageType.Error, ws_client.messages[shown:]
+    # fixing the file recovers without a restart
+    path.write_text(WORKSPACE_TOML.format(sae="sae", strength=0.5).replace("mine:3", "mine:5"))
+    st = await wait_status(ws_client, lambda s: s["steeringError"] is None and s["steering"][0]["feature"] == "mine:5")
+
+
+async def test_workspace_folders_can_change(ws_client: LanguageClient, workspace: Path, tmp_path: Path):
+    """A folder added in front with its own tinymorph.toml: its config takes over (it comes first)."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tinymorph.toml").write_text(f'[[sae]]\nname = "mine"\npath = "{workspace / "sae"}"\n\n'
+                                         '[[steer]]\nfeature = "mine:6"\nstrength = 0.5\n')
+    ws_client.workspace_did_change_workspace_folders(types.DidChangeWorkspaceFoldersParams(
+        event=types.WorkspaceFoldersChangeEvent(
+            added=[types.WorkspaceFolder(uri=other.as_uri(), name="other")],
+            removed=[types.WorkspaceFolder(uri=workspace.as_uri(), name="ws")])))
+    await wait_status(ws_client, lambda s: [e["feature"] for e in s["steering"]] == ["mine:6"])
+
+
+# -- JSON-RPC strictness (issue 11 item 9), raw bytes on the server's stdin ------------------------------
+
+
+class RawServer:
+    """A server subprocess spoken to in raw bytes, to send what no well-behaved client would."""
+
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, *args: str, stderr=asyncio.subprocess.DEVNULL) -> RawServer:
+        proc = await asyncio.create_subprocess_exec(
+            TINYMORPH, "lsp", *(args or ("--model", "/nonexistent/model")), env=SERVER_ENV,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr)
+        return cls(proc)
+
+    def send_raw(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+
+    def send(self, message) -> None:
+        import json
+
+        body = json.dumps(message).encode()
+        self.send_raw(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    async def receive(self, timeout: float = 20.0) -> dict:
+        """The next message that is not a notification or a request from the server."""
+        import json
+
+        while True:
+            length = None
+            while True:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+                assert line, "server closed its output"
+                if line == b"\r\n":
+                    break
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            message = json.loads(await asyncio.wait_for(self.proc.stdout.readexactly(length), timeout))
+            if "method" not in message:
+                return message
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+
+
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "processId": None}}
+
+
+async def test_json_rpc_errors_are_answered_and_the_server_never_goes_deaf():
+    server = await RawServer.start()
+    try:
+        server.send({"jsonrpc": "2.0", "id": 0, "method": "textDocument/hover", "params": {
+            "textDocument": {"uri": "file:///x"}, "position": {"line": 0, "character": 0}}})
+        assert (await server.receive())["error"]["code"] == -32002  # before initialize
+        server.send(INIT)
+        assert "capabilities" in (await server.receive())["result"]
+        server.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+        status = {"jsonrpc": "2.0", "method": "workspace/executeCommand",
+                  "params": {"command": "tinymorph.status", "arguments": []}}
+        # a frame without Content-Length, then a good request: an error, and the good one is answered
+        server.send_raw(b'Content-Type: application/json\r\n\r\n{"jsonrpc": "2.0", "id": 2, "method": "x"}')
+        server.send({**status, "id": 3})
+        answers = [await server.receive(), await server.receive()]
+        assert answers[0]["error"]["code"] == -32700 and answers[0]["id"] is None
+        assert answers[1]["id"] == 3 and "state" in answers[1]["result"]
+        # a Content-Length that is too short
+        body = b'{"jsonrpc": "2.0", "id": 4, "method": "workspace/executeCommand", "params": {}}'
+        server.send_raw(b"Content-Length: 20\r\n\r\n" + body)
+        server.send({**status, "id": 5})
+        answers = [await server.receive(), await server.receive()]
+        assert answers[0]["error"]["code"] == -32700 and answers[1]["id"] == 5
+        # not JSON; not a request; an id that is an object; params that are a string
+        server.send_raw(b"Content-Length: 9\r\n\r\n{not json")
+        assert (await server.receive())["error"]["code"] == -32700
+        server.send({"id": 6, "method": "workspace/executeCommand"})
+        answer = await server.receive()
+        assert answer["id"] == 6 and answer["error"]["code"] == -32600 and "jsonrpc" in answer["error"]["message"]
+        server.send({"jsonrpc": "2.0", "id": {"n": 7}, "method": "workspace/executeCommand", "params": {}})
+        answer = await server.receive()
+        assert answer["error"]["code"] == -32600 and answer["id"] is None
+        server.send({"jsonrpc": "2.0", "id": 8, "method": "textDocument/hover", "params": "everything"})
+        assert (await server.receive())["error"]["code"] == -32602
+        # after shutdown: -32600 for requests
+        server.send({"jsonrpc": "2.0", "id": 9, "method": "shutdown"})
+        assert (await server.receive())["id"] == 9
+        server.send({**status, "id": 10})
+        answer = await server.receive()
+        assert answer["id"] == 10 and answer["error"]["code"] == -32600
+        server.send({"jsonrpc": "2.0", "method": "exit"})
+        assert await asyncio.wait_for(server.proc.wait(), 10) == 0
+    finally:
+        await server.close()
+
+
+# -- lone surrogates (issue 11 item 8) --------------------------------------------------------------------
+
+
+async def test_lone_surrogates_are_applied_without_error_popups(client: LanguageClient):
+    uri = "file:///tmp/surrogate.md"
+    open_doc(client, uri, "abc")
+    shown = len(client.messages)
+    _versions[uri] += 1
+    # what a client sends for a JS string with a lone surrogate: "\ud800" in the JSON
+    client.protocol._send_data({"jsonrpc": "2.0", "method": types.TEXT_DOCUMENT_DID_CHANGE, "params": {
+        "textDocument": {"uri": uri, "version": _versions[uri]},
+        "contentChanges": [{"range": {"start": {"line": 0, "character": 3}, "end": {"line": 0, "character": 3}},
+                            "text": " \ud800"}]}})
+    for i in range(3):  # keystrokes after it: applied where the client has them
+        version = edit(client, uri, 0, 5 + i, "x")
+    hint = await wait_hint(client, uri, version)
+    assert hint.position == types.Position(0, 8)  # "abc " + 1 unit for the lone surrogate + "xxx"
+    assert client.messages[shown:] == []  # no error popups
+
+
+# -- TCP: one session per editor, token beyond loopback, HTTP lives on (issue 11 item 4, issue 12) --------
+
+
+async def _read_addresses(proc: asyncio.subprocess.Process, want: tuple[str, ...]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    while set(found) != set(want):
+        line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+        assert line, "server exited"
+        for key, marker in (("http", "HTTP API on "), ("tcp", "LSP on tcp://")):
+            if marker in line:
+                found[key] = line.split(marker)[1].strip()
+    return found
+
+
+async def tcp_client(port: int, recorder: bool = True) -> LanguageClient:
+    c = LanguageClient()
+    if recorder:
+        c.recorder = Recorder(c)  # type: ignore[attr-defined]
+    await c.start_tcp("127.0.0.1", port)
+    return c
+
+
+async def test_tcp_sessions_are_separate_and_http_outlives_editors(tiny_model_dir):
+    import httpx
+
+    proc = await asyncio.create_subprocess_exec(
+        TINYMORPH, "lsp", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--model", str(tiny_model_dir),
+        env=SERVER_ENV, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        addrs = await _read_addresses(proc, ("http", "tcp"))
+        port = int(addrs["tcp"].rsplit(":", 1)[1])
+        # with --http the model loads at start: the API is ready before any editor connects
+        deadline = time.monotonic() + TIMEOUT
+        async with httpx.AsyncClient(base_url=addrs["http"]) as http:
+            while (await http.get("/healthz")).status_code != 200:
+                assert time.monotonic() < deadline, "HTTP API never became ready without an editor"
+                await asyncio.sleep(0.2)
+        a, b = await tcp_client(port), await tcp_client(port)
+        for c in (a, b):
+            await c.initialize_session(types.InitializeParams(
+                capabilities=capabilities(), initialization_options={"debounceMs": 10, "maxTokens": 4},
+                root_uri=Path(ISOLATED).as_uri()))
+        uri = "file:///tmp/shared-name.md"
+        for c, text in ((a, "Alpha text"), (b, "Bravo text is longer")):
+            c.text_document_did_open(types.DidOpenTextDocumentParams(
+                types.TextDocumentItem(uri=uri, language_id="markdown", version=1, text=text)))
+        for c, col in ((a, 10), (b, 20)):
+            c.text_document_did_change(types.DidChangeTextDocumentParams(
+                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
+                content_changes=[types.TextDocumentContentChangePartial(
+                    range=types.Range(types.Position(0, col), types.Position(0, col)), text="!")]))
+        ha, hb = await wait_hint(a, uri, 2), await wait_hint(b, uri, 2)
+        assert ha.position == types.Position(0, 11) and hb.position == types.Position(0, 21)  # each its own text
+        assert all(m["uri"] == uri for m in a.recorder.metrics + b.recorder.metrics)
+        # B leaves (shutdown + exit): A, a newcomer and the HTTP API go on
+        await b.shutdown_session()
+        c = await tcp_client(port)
+        await c.initialize_session(types.InitializeParams(capabilities=capabilities(),
+                                                          root_uri=Path(ISOLATED).as_uri()))
+        assert (await command(c, "tinymorph.status"))["state"] == "ready"
+        assert (await command(a, "tinymorph.status"))["state"] == "ready"
+        await a.shutdown_session()
+        await c.shutdown_session()
+        await asyncio.sleep(0.3)
+        assert proc.returncode is None
+        async with httpx.AsyncClient(base_url=addrs["http"]) as http:
+            assert (await http.get("/healthz")).status_code == 200
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_stdio_exit_leaves_the_http_api_running(tiny_model_dir):
+    import httpx
+
+    server = await RawServer.start("--http", "127.0.0.1:0", "--model", str(tiny_model_dir),
+                                   stderr=asyncio.subprocess.PIPE)
+    try:
+        url = (await _read_addresses(server.proc, ("http",)))["http"]
+        server.send(INIT)
+        await server.receive()
+        server.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+        server.send({"jsonrpc": "2.0", "id": 2, "method": "shutdown"})
+        assert (await server.receive())["id"] == 2
+        server.send({"jsonrpc": "2.0", "method": "exit"})
+        server.proc.stdin.close()
+        await asyncio.sleep(1.0)
+        assert server.proc.returncode is None
+        deadline = time.monotonic() + TIMEOUT
+        async with httpx.AsyncClient(base_url=url) as http:
+            while (await http.get("/healthz")).status_code != 200:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+    finally:
+        await server.close()
+
+
+async def test_tcp_beyond_loopback_needs_a_token(tiny_model_dir):
+    env = {k: v for k, v in SERVER_ENV.items() if k != "TINYMORPH_TOKEN"}
+    refused = await asyncio.create_subprocess_exec(
+        TINYMORPH, "lsp", "--tcp", "0.0.0.0:0", env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(refused.communicate(), 60)
+    finally:  # a server that did not refuse must not outlive the test
+        if refused.returncode is None:
+            refused.kill()
+            await refused.wait()
+    assert refused.returncode != 0 and b"token" in err
+    proc = await asyncio.create_subprocess_exec(
+        TINYMORPH, "lsp", "--tcp", "127.0.0.1:0", "--token", "s3cret", "--model", str(tiny_model_dir),
+        env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        port = int((await _read_addresses(proc, ("tcp",)))["tcp"].rsplit(":", 1)[1])
+        stranger = await tcp_client(port, recorder=False)
+        with pytest.raises(JsonRpcException, match="token"):
+            await stranger.initialize_session(types.InitializeParams(capabilities=capabilities()))
+        friend = await tcp_client(port)
+        await friend.initialize_session(types.InitializeParams(
+            capabilities=capabilities(), initialization_options={"token": "s3cret"}))
+        assert (await command(friend, "tinymorph.status"))["state"] in ("loading", "ready")
+        await friend.shutdown_session()
+    finally:
+        proc.kill()
+        await proc.wait()
