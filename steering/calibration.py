@@ -6,9 +6,9 @@ direction we try a few pushes on held-out neutral prompts, continue each greedil
 - presence: how far the continuation, read back by the *unsteered* model, lies along the
   direction at the steered layer (no lexicon needed, so it works for any description);
 - fluency: perplexity of the continuation under the unsteered model, and repeated 3-grams.
-The chosen push is the one with the most presence among those whose perplexity stays within
-`MAX_PPL_RATIO` of unsteered and whose repetition is not above unsteered's (+ a small margin); it
-becomes "strength 1" for that direction. Results are stored per model/reference under the user's
+The chosen push is the strongest one that still raises presence, keeps perplexity within
+`MAX_PPL_RATIO` of unsteered and repetition at most unsteered's (+ a small margin); presence grows
+with the push, so that is the most concept the fluency budget allows. It becomes "strength 1". Results are stored per model/reference under the user's
 cache dir (`CalibrationStore`) or in a concept vector's metadata.
 """
 
@@ -27,12 +27,18 @@ import torch
 from .batch import BatchRunner
 from .steering import LayerEdit
 
-GRID = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # multiples of the default push that are tried
-MAX_PPL_RATIO = 1.45  # on the calibration prompts (measured: they run ~10 % above the eval prompts)
-REP_MARGIN = 0.03
+GRID = (0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0)  # multiples of the default push that are tried
+MAX_PPL_RATIO = 1.5  # the fluency budget: perplexity under the unsteered model at most 1.5x unsteered
+REP_MARGIN = 0.05  # the eval target: repetition at most unsteered + 0.05
 TOKENS = 24
-CALIBRATION_PROMPTS = ["Yesterday afternoon I", "The plan for next week is simple:", "He put down his cup and",
-                       "We arrived a few minutes early, so"]
+CALIBRATION_PROMPTS = [  # held out from the eval's prompts; full sentences, as in a real document
+    "Yesterday afternoon I finally had some time to myself, so I",
+    "The plan for next week is simple: first we finish the report, and then",
+    "He put down his cup, looked at the clock on the wall and",
+    "We arrived a few minutes early, so we sat in the car and",
+    "When I think back on that summer, what I remember most is",
+    "The email from my manager came in just before lunch. It said that",
+]
 
 
 @dataclass
@@ -69,8 +75,9 @@ def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int, read_dir
         }
     base = stats[0.0]
     ok = [s for m, s in stats.items() if m > 0 and s["ppl"] <= MAX_PPL_RATIO * base["ppl"]
-          and s["rep3"] <= base["rep3"] + REP_MARGIN]
-    best = max(ok, key=lambda s: s["presence"]) if ok else stats[min(grid)]
+          and s["rep3"] <= base["rep3"] + REP_MARGIN and s["presence"] > base["presence"]]
+    # presence grows with the push (on 6 prompts it is noisy step to step): the strongest fluent push
+    best = max(ok, key=lambda s: s["multiplier"]) if ok else stats[min(grid)]
     table = [{**s, "ppl_ratio": s["ppl"] / base["ppl"]} for s in stats.values()]
     return Calibration(best["multiplier"], table)
 

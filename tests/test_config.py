@@ -97,7 +97,7 @@ def test_user_only_and_defaults(dirs: tuple[Path, Path], tmp_path: Path) -> None
     ("[[steer]]\nfeature = 'default:1'\nstrength = 'loud'\n", "must be a number"),
     ("[[steer]]\nfeature = 'default:1'\nstrength = 99\n", "out of range"),
     ("[[steer]]\nfeature = 'default:1'\nmode = 'boost'\n", "mode must be one of"),
-    ("[[steer]]\nfeature = 'default1'\n", "bad feature id"),
+    ("[[steer]]\nfeature = 'default:1x'\n", "bad feature id"),
     ("[[steer]]\nfeature = 'default:1'\n[[steer]]\nfeature = 'default:1'\n", "more than once"),
     ("[[sae]]\nname = 'x'\n", "needs both name and path"),
     ("[[sae]]\nname = 'vector'\npath = 'p'\n", "cannot be used"),

@@ -14,8 +14,9 @@ from test_sae import make_sae
 
 from tinymorph.steering.features import FeatureIndex, rank_by_examples, search_features, show_feature
 from tinymorph.steering.labels import compute_labels, make_label, save_labels, snippet
+from tinymorph.steering.library import FeatureLibrary
 from tinymorph.steering.sae import load_sae
-from tinymorph.steering.steering import FeatureLibrary, SteeringError
+from tinymorph.steering.steering import SteeringError
 from tinymorph.steering.vectors import (
     VectorError,
     load_vector,

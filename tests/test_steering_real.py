@@ -6,14 +6,17 @@ marked slow; they still run in CI.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from tinymorph.steering.engine import CompletionRequest, Engine
 from tinymorph.steering.features import search_features, show_feature
 from tinymorph.steering.generate import GenerationOptions
+from tinymorph.steering.library import FeatureLibrary, default_resolver
 from tinymorph.steering.sae import load_sae, validate_for_model
-from tinymorph.steering.steering import FeatureLibrary, SteeringEntry, SteeringPlan, resolve_plan
+from tinymorph.steering.steering import SteeringEntry, SteeringPlan
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +29,7 @@ PROMPTS = [
     "Once upon a time, in a small village,",
 ]
 # Features with clear labels in the shipped SAE (see `tinymorph features show default:ID`).
-# id -> strength (1 = the feature's max activation on the labelling corpus)
+# id -> strength (1 = half the layer's typical residual norm along the feature's direction)
 EVIDENCE_FEATURES = {
     4490: 2.0,  # fires on 'why', 'Why', 'because' → promotes 'why', 'Why' (measured: 1% → 19% of tokens)
 }
@@ -34,14 +37,20 @@ MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def library() -> FeatureLibrary:
-    return FeatureLibrary()
+def library(tmp_path_factory) -> FeatureLibrary:
+    from tinymorph.steering.calibration import CalibrationStore
+
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TINYMORPH_CACHE_DIR", str(cache))  # concept vectors and calibrations of this test only
+    yield FeatureLibrary(calibrations=CalibrationStore(cache / "calibrations.json"))
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
 def engine(library: FeatureLibrary) -> Engine:
     eng = Engine.load("default", dtype="float32")
-    eng.set_steering_resolver(lambda plan: resolve_plan(plan, library, eng.info.d_model, eng.info.layers))
+    eng.set_steering_resolver(default_resolver(eng, library=library))
     return eng
 
 
@@ -106,6 +115,33 @@ def test_ablate_and_clamp_change_less_than_add(engine: Engine) -> None:
     assert not torch.equal(outs["add"], plain)
     diff = {m: float((o.softmax(-1) - plain.softmax(-1)).abs().sum()) for m, o in outs.items()}
     assert diff["ablate"] < diff["add"]
+
+
+SEA = re.compile(r"\b(sea|ocean|wave|waves|ship|ships|sail\w*|boat\w*|shore|beach|tide|harbou?r|sailor\w*|"
+                 r"fish\w*|water|coast\w*|island\w*|storm\w*)\b", re.IGNORECASE)
+
+
+def test_described_concept_puts_the_concept_in_the_text(engine: Engine, library: FeatureLibrary) -> None:
+    """`steer add "about the sea"`: no examples, no feature ids; the continuations turn to the sea,
+    the vector is cached on disk, and "less about the sea" pushes the other way."""
+    plain = [complete(engine, p) for p in PROMPTS]
+    before = sum(bool(SEA.search(t)) for t in plain)
+    hits = {}
+    for strength in (1.0, 2.0):
+        plan = SteeringPlan((SteeringEntry("about the sea", strength),))
+        steered = [complete(engine, p, plan) for p in PROMPTS]
+        hits[strength] = sum(bool(SEA.search(t)) for t in steered)
+    assert hits[1.0] >= before and hits[2.0] >= before + 2, (before, hits, plain, steered)
+    from tinymorph.steering.concepts import concept_path, load_concept
+
+    path = concept_path(library.model_key, "about the sea", library.concept_layers)
+    cached = load_concept(path)
+    assert cached.add_fraction is not None and sorted(cached.directions) == library.concept_layers
+    more, less = library.handles("about the sea"), library.handles("less about the sea")
+    for a, b in zip(more, less, strict=True):
+        assert torch.allclose(a.direction, -b.direction) and a.add_scale == b.add_scale
+    info = show_feature(library, "about the sea")
+    assert info["kind"] == "concept" and info["features"], info
 
 
 def test_search_finds_labelled_features(library: FeatureLibrary) -> None:
