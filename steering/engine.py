@@ -29,6 +29,8 @@ from .prefix_cache import PrefixCache
 from .steering import SteeringHooks, SteeringPlan
 from .tokenizer import load_fast_tokenizer
 
+DRAFT_TOKENS = 3  # prompt-lookup draft tokens checked per decode pass (0: no speculative decoding)
+
 
 @dataclass
 class CompletionRequest:
@@ -68,6 +70,7 @@ class Engine:
         self.context = context or ContextPolicy()
         self.caches = PrefixCache(cache_budget_mb * 2**20, lambda: model.new_cache(256))
         self.hooks = SteeringHooks(model.layers)
+        self.draft_tokens = DRAFT_TOKENS
         self._lock = threading.RLock()
         self._resolver: Callable[[SteeringPlan], object] | None = None
         self._vocab_text: list[str] | None = None
@@ -158,13 +161,14 @@ class Engine:
             with self._lock, self.hooks.active(resolved):
                 return self.model(chunk, cache, n_logits)
 
-        healing = None
-        if heal:
-            healing = Healing(ids[-1], heal, heal_mask, lambda n: cache.truncate(cache.length - n))
+        def rewind(n: int) -> None:
+            cache.truncate(cache.length - n)
 
+        healing = Healing(ids[-1], heal, heal_mask, rewind) if heal else None
         completion = yield from generate(
             step, ids[reused:], decode=self.detokenize, options=request.options, eos_ids=self.eos_ids,
             timings=timings, history=ids, healing=healing, cancel=cancel, max_new=max(room, 1),
+            rewind=rewind, max_draft=self.draft_tokens,
         )
         completion.steering = plan.describe()
         self.caches.enforce_budget(keep=key)

@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--keystrokes", type=int, default=None, help="simulated keystrokes per size (default 30)")
     p.add_argument("--no-baselines", action="store_true", help="skip the transformers baseline")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even if installed")
+    p.add_argument("--contention", action="store_true",
+                   help="also measure the largest size and decode beside a CPU-bound process")
     p.add_argument("--text", type=Path, default=None, help="benchmark text (default: shipped prose sample)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json and bench.png")
     p.add_argument("--quiet", action="store_true")
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.keystrokes = args.keystrokes
     cfg.baselines = not args.no_baselines
     cfg.llama_cpp = not args.no_llama_cpp
+    cfg.contention = args.contention
     cfg.text_path = args.text
     engine = load_engine(args)
     result = run_bench(engine, cfg, log=(lambda s: None) if args.quiet else print)
