@@ -27,6 +27,7 @@ from .generate import CancelToken, Completion, GenerationOptions, Healing, Timin
 from .llama import LlamaModel, load_llama, quantize_int8
 from .prefix_cache import PrefixCache
 from .steering import SteeringHooks, SteeringPlan
+from .threads import ThreadPolicy
 from .tokenizer import load_fast_tokenizer
 
 DRAFT_TOKENS = 3  # prompt-lookup draft tokens checked per decode pass (0: no speculative decoding)
@@ -71,6 +72,7 @@ class Engine:
         self.caches = PrefixCache(cache_budget_mb * 2**20, lambda: model.new_cache(256))
         self.hooks = SteeringHooks(model.layers)
         self.draft_tokens = DRAFT_TOKENS
+        self.threads = ThreadPolicy(torch.get_num_threads())
         self._lock = threading.RLock()
         self._resolver: Callable[[SteeringPlan], object] | None = None
         self._vocab_text: list[str] | None = None
@@ -156,9 +158,11 @@ class Engine:
             cache, reused = self.caches.checkout(key, ids, min_new=2 if heal else 1)
         timings.tokens_reused = reused
         room = self.model.cfg.max_positions - len(ids)
+        self.threads.update()  # fewer threads while other processes keep cores busy
 
         def step(chunk: list[int], n_logits: int) -> torch.Tensor:
             with self._lock, self.hooks.active(resolved):
+                self.threads.apply()
                 return self.model(chunk, cache, n_logits)
 
         def rewind(n: int) -> None:
