@@ -270,3 +270,19 @@ def test_bench_columns_and_contention(tiny_model_dir):
         assert any("llama.cpp: not installed" in line for line in logged)
     table = format_table(result)
     assert "+busy" in table and "bandwidth achieved" in table
+
+
+def test_decode_attention_matches_sdpa():
+    """The one-token attention path equals SDPA on strided cache slices (fp32 1e-5; bf16 2e-2 on
+    outputs of magnitude ~1, a few bf16 ulps: both keep the scores in fp32)."""
+    import torch.nn.functional as F
+
+    from tinymorph.steering.llama import decode_attention
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        cache = torch.randn(2, 1, 3, 1024, 64, dtype=dtype)  # [layers, batch, kv heads, capacity, dim]
+        keys, values = cache[0, :, :, :700], cache[1, :, :, :700]
+        q = torch.randn(1, 9, 1, 64, dtype=dtype)
+        reference = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+        assert (decode_attention(q, keys, values).float() - reference.float()).abs().max().item() < tol
