@@ -208,6 +208,8 @@ def _latency_rows(engine: Engine, worker: LlamaCppWorker | None, corpus: TextAtT
                    "keystroke_gb_s": weight_bytes / (p50 / 1000) / 1e9}
             if backend == "tinymorph":
                 row["keystroke_new_tokens"] = [min(new_tokens), max(new_tokens)]
+                row["threads_last"] = engine.threads.threads  # what the thread policy chose last
+                row["others_busy_cores"] = round(engine.threads.others_busy, 2)
             log(f"{backend:<12} {load:<10} {n:5d} tokens: cold {row['cold_ttft_ms']:7.1f} ms  keystroke p50 "
                 f"{p50:6.1f} ms p95 {row['keystroke_p95_ms']:6.1f} ms ({row['keystroke_gb_s']:.2f} GB/s)")
             rows.append(row)
@@ -336,6 +338,8 @@ def run_bench(engine: Engine, cfg: BenchConfig, log: Callable[[str], None] = pri
     worker = None
     if cfg.llama_cpp:
         worker = LlamaCppWorker.start(threads, max(cfg.sizes) + cfg.keystrokes * 4 + 256, log)
+    if worker is not None:  # its turns between ours are not load from other processes
+        engine.threads.own_pids = (worker.proc.pid,)
     try:
         result.rows += _latency_rows(engine, worker, corpus, cfg.sizes, cfg, log)
         result.decode = _decode_rates(engine, worker, corpus, cfg)
@@ -352,6 +356,7 @@ def run_bench(engine: Engine, cfg: BenchConfig, log: Callable[[str], None] = pri
     finally:
         if worker is not None:
             worker.close()
+            engine.threads.own_pids = ()
     if cfg.steering:
         result.steering = _steering_overhead(engine, corpus, cfg, log)
     if cfg.baselines:

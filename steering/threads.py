@@ -21,17 +21,27 @@ import torch
 SAMPLE_EVERY_S = 0.25  # /proc/stat counts in 10 ms ticks: shorter windows are mostly rounding
 
 
-def _busy_ticks() -> tuple[int, int] | None:
-    """(CPU ticks all processes spent busy, ticks this process spent), or None without /proc."""
+def _process_ticks(pid: int | str) -> int:
+    """CPU ticks (user + system) process `pid` has spent; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _busy_ticks(own_pids: tuple[int, ...] = ()) -> tuple[int, int] | None:
+    """(CPU ticks all processes spent busy, ticks this process and `own_pids` spent), or None
+    without /proc."""
     try:
         with open("/proc/stat") as fh:
             fields = [int(x) for x in fh.readline().split()[1:]]
-        with open("/proc/self/stat") as fh:
-            own = fh.read().rsplit(")", 1)[1].split()
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])  # utime + stime
+    own = _process_ticks("self") + sum(_process_ticks(pid) for pid in own_pids)
+    return user + nice + system + irq + softirq + steal, own
 
 
 class ThreadPolicy:
@@ -43,6 +53,7 @@ class ThreadPolicy:
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.others_busy = 0.0  # cores' worth of CPU used by other processes in the last window
         self._tick_s = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+        self.own_pids: tuple[int, ...] = ()  # helper processes whose load is ours, not others'
         self._last = (time.monotonic(), _busy_ticks())
         self.threads = self.max_threads
 
@@ -50,7 +61,7 @@ class ThreadPolicy:
         """Re-measure the others' load (at most every SAMPLE_EVERY_S) and return the thread count."""
         if not self.adaptive or self.max_threads == 1:
             return self.max_threads
-        now, ticks = time.monotonic(), _busy_ticks()
+        now, ticks = time.monotonic(), _busy_ticks(self.own_pids)
         then, before = self._last
         if ticks is None or before is None:
             return self.max_threads
