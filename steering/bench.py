@@ -254,23 +254,23 @@ def _steering_overhead(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, l
     direction = torch.randn(engine.model.cfg.dim)
     resolved = {layer: LayerEdit(add=direction / direction.norm() * 4.0)}
     n = min(1024, max(cfg.sizes))
-    results = {}
-    for label, plan in (("unsteered", None), ("steered", resolved)):
-        colds, tps = [], []
-        for _ in range(max(2, cfg.cold_repeats)):
+    plans = (("unsteered", None), ("steered", resolved))
+    colds: dict[str, list[float]] = {label: [] for label, _ in plans}
+    tps: dict[str, list[float]] = {label: [] for label, _ in plans}
+    for _ in range(max(3, cfg.cold_repeats)):
+        for label, plan in plans:  # alternating, so both see the same machine
             cache = engine.model.new_cache(2048)
-            ids = corpus.ids[:n]
             with engine.hooks.active(plan):
                 t0 = time.perf_counter()
-                logits = engine.model(ids, cache)
-                colds.append((time.perf_counter() - t0) * 1000)
+                logits = engine.model(corpus.ids[:n], cache)
+                colds[label].append((time.perf_counter() - t0) * 1000)
                 token = int(logits.argmax())
                 t0 = time.perf_counter()
                 for _ in range(cfg.decode_tokens):
                     token = int(engine.model([token], cache).argmax())
-                tps.append(cfg.decode_tokens / (time.perf_counter() - t0))
-        results[label] = {"prefill_ms": statistics.median(colds), "prefill_tokens": n,
-                          "decode_tokens_per_s": statistics.median(tps)}
+                tps[label].append(cfg.decode_tokens / (time.perf_counter() - t0))
+    results = {label: {"prefill_ms": statistics.median(colds[label]), "prefill_tokens": n,
+                       "decode_tokens_per_s": statistics.median(tps[label])} for label, _ in plans}
     un, st = results["unsteered"], results["steered"]
     results["prefill_overhead_pct"] = 100 * (st["prefill_ms"] / un["prefill_ms"] - 1)
     results["decode_overhead_pct"] = 100 * (un["decode_tokens_per_s"] / st["decode_tokens_per_s"] - 1)

@@ -286,3 +286,35 @@ def test_decode_attention_matches_sdpa():
         q = torch.randn(1, 9, 1, 64, dtype=dtype)
         reference = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
         assert (decode_attention(q, keys, values).float() - reference.float()).abs().max().item() < tol
+
+
+def test_steering_applies_on_the_fast_decode_paths(tiny_model_dir, monkeypatch):
+    """Steering hooks edit every decode step on the one-token attention path and on speculative
+    multi-token passes: the steered tokens equal the SDPA one-token reference (fp32, exact) and
+    differ from the unsteered ones."""
+    import tinymorph.steering.llama as llama
+    from tinymorph.steering.steering import LayerEdit
+
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    model = engine.model
+    torch.manual_seed(1)
+    plan = {1: LayerEdit(add=torch.randn(model.cfg.dim) * 8)}
+    prompt = engine.tokenize(PROSE * 2)[:600]  # past DECODE_ATTENTION_MIN_KEYS
+
+    def greedy(plan, n=12, draft=()):
+        cache = model.new_cache(700)
+        with engine.hooks.active(plan):
+            token = int(model(prompt, cache).argmax())
+            out = [token]
+            for _ in range(n):
+                logits = model([token, *draft], cache, 1 + len(draft))
+                token = int((logits[0] if draft else logits).argmax())
+                cache.truncate(cache.length - len(draft))
+                out.append(token)
+        return out
+
+    fast = greedy(plan)
+    with_drafts = greedy(plan, draft=(11, 12))  # multi-token passes whose extra tokens are dropped
+    monkeypatch.setattr(llama, "DECODE_ATTENTION_MIN_KEYS", 10**9)
+    assert fast == greedy(plan) == with_drafts
+    assert fast != greedy(None)
