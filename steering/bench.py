@@ -42,7 +42,7 @@ class BenchConfig:
     baselines: bool = True
     llama_cpp: bool = True
     steering: bool = True
-    contention: bool = False  # repeat the largest size and decode beside a CPU-bound process
+    contention: bool = True  # repeat the largest size and decode beside a CPU-bound process
     text_path: Path | None = None
 
     @classmethod
