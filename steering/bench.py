@@ -3,17 +3,23 @@
 Everything is measured in one run on the same text so the columns compare:
 - tinymorph: the engine (plain model, prefix KV cache, window policy off so sizes are exact);
 - transformers: `model.generate` on the same weights and dtype, no reuse between requests;
-- llama.cpp: the same GGUF through `llama_cpp`, only if it is importable (never required).
+- llama.cpp: the same GGUF through `llama_cpp`, only if it is importable (never required), in a
+  worker process; its requests alternate with tinymorph's on the same token ids and thread count,
+  so the ratios hold even on a machine whose load changes during the run.
 "Bandwidth achieved" = bytes of weights read per forward pass x forward passes per second; it shows
-how far decode is from the machine's memory bandwidth.
+how far decode and keystrokes are from the machine's memory bandwidth. `contention` repeats the
+largest size and decode beside one CPU-bound process.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +42,7 @@ class BenchConfig:
     baselines: bool = True
     llama_cpp: bool = True
     steering: bool = True
+    contention: bool = True  # repeat the largest size and decode beside a CPU-bound process
     text_path: Path | None = None
 
     @classmethod
@@ -51,6 +58,7 @@ class BenchResult:
     decode: dict = field(default_factory=dict)  # backend -> tokens/s and bandwidth
     steering: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
+    contention: dict = field(default_factory=dict)  # decode rates beside a CPU-bound process
 
     def to_dict(self) -> dict:
         return self.__dict__
@@ -98,41 +106,146 @@ class TextAtTokens:
         return [base + ahead[: k + 1] for k in range(keystrokes)]
 
 
-def _engine_rows(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, log) -> list[dict]:
+class LlamaCppWorker:
+    """The llama.cpp column: a `bench_llamacpp` worker process driven one request at a time."""
+
+    def __init__(self, proc: subprocess.Popen, model_bytes: int):
+        self.proc = proc
+        self.model_bytes = model_bytes
+
+    @classmethod
+    def start(cls, threads: int, n_ctx: int, log) -> LlamaCppWorker | None:
+        """None (and a log line saying why) when llama-cpp-python is missing or does not start."""
+        if importlib.util.find_spec("llama_cpp") is None:
+            log("llama.cpp: not installed (pip install 'tinymorph[llamacpp]' adds it as a column; see README)")
+            return None
+        from .model import default_gguf_path
+
+        args = [sys.executable, "-m", "tinymorph.steering.bench_llamacpp", str(default_gguf_path()),
+                "--threads", str(threads), "--n-ctx", str(n_ctx)]
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        worker = cls(proc, 0)
+        try:
+            worker.model_bytes = worker._answer()["model_bytes"]
+        except RuntimeError as exc:
+            log(f"llama.cpp: skipped ({exc})")
+            return None
+        return worker
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=30)
+            raise RuntimeError(f"worker exited with status {self.proc.returncode}: "
+                               f"{self.proc.stderr.read().strip()[-300:]}")
+        return json.loads(line)
+
+    def ask(self, **msg) -> dict:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Competitor:
+    """One CPU-bound process beside the bench (`--contention`): what a build or a browser tab does."""
+
+    def __enter__(self) -> Competitor:
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _tinymorph_first_token(engine: Engine, text: str, doc: str = "bench") -> tuple[float, int]:
+    res = engine.complete(CompletionRequest(text, doc, GenerationOptions(max_tokens=1, stop="none")))
+    return res.timings.ttft_ms, res.timings.tokens_prefilled
+
+
+def _latency_rows(engine: Engine, worker: LlamaCppWorker | None, corpus: TextAtTokens, sizes: tuple[int, ...],
+                  cfg: BenchConfig, log, load: str = "quiet") -> list[dict]:
+    """Cold TTFT and keystroke latency per size; tinymorph and llama.cpp alternate request by request
+    on the same token ids, so both see the same machine."""
     rows = []
-    for n in cfg.sizes:
+    for n in sizes:
         prefix = corpus.prefix(n)
-        colds = []
+        prefix_ids = engine.tokenize(prefix)
+        colds: dict[str, list[float]] = {"tinymorph": [], "llama.cpp": []}
+        keys: dict[str, list[float]] = {"tinymorph": [], "llama.cpp": []}
+        new_tokens = []
         for _ in range(cfg.cold_repeats):
             engine.forget("bench")
-            res = engine.complete(CompletionRequest(prefix, "bench", GenerationOptions(max_tokens=1, stop="none")))
-            colds.append(res.timings.ttft_ms)
-        keys, new_tokens = [], []
+            colds["tinymorph"].append(_tinymorph_first_token(engine, prefix)[0])
+            if worker is not None:
+                colds["llama.cpp"].append(worker.ask(op="cold", ids=prefix_ids)["ms"])
         for text in corpus.typing(n, cfg.keystrokes):
-            res = engine.complete(CompletionRequest(text, "bench", GenerationOptions(max_tokens=1, stop="none")))
-            keys.append(res.timings.ttft_ms)
-            new_tokens.append(res.timings.tokens_prefilled)
-        row = {"backend": "tinymorph", "tokens": n, "cold_ttft_ms": statistics.median(colds),
-               "keystroke_p50_ms": percentile(keys, 0.5), "keystroke_p95_ms": percentile(keys, 0.95),
-               "keystroke_new_tokens": [min(new_tokens), max(new_tokens)]}
-        log(f"tinymorph     {n:5d} tokens: cold {row['cold_ttft_ms']:7.1f} ms  keystroke p50 "
-            f"{row['keystroke_p50_ms']:6.1f} ms p95 {row['keystroke_p95_ms']:6.1f} ms")
-        rows.append(row)
+            ms, prefilled = _tinymorph_first_token(engine, text)
+            keys["tinymorph"].append(ms)
+            new_tokens.append(prefilled)
+            if worker is not None:
+                keys["llama.cpp"].append(worker.ask(op="first_token", ids=engine.tokenize(text))["ms"])
+        for backend, weight_bytes in (("tinymorph", engine.info.weight_bytes),
+                                      ("llama.cpp", worker.model_bytes if worker else 0)):
+            if not keys[backend]:
+                continue
+            p50 = percentile(keys[backend], 0.5)
+            row = {"backend": backend, "tokens": n, "load": load, "cold_ttft_ms": statistics.median(colds[backend]),
+                   "keystroke_p50_ms": p50, "keystroke_p95_ms": percentile(keys[backend], 0.95),
+                   # a keystroke forward reads every weight once: how close it comes to memory bandwidth
+                   "keystroke_gb_s": weight_bytes / (p50 / 1000) / 1e9}
+            if backend == "tinymorph":
+                row["keystroke_new_tokens"] = [min(new_tokens), max(new_tokens)]
+                row["threads_last"] = engine.threads.threads  # what the thread policy chose last
+                row["others_busy_cores"] = round(engine.threads.others_busy, 2)
+            log(f"{backend:<12} {load:<10} {n:5d} tokens: cold {row['cold_ttft_ms']:7.1f} ms  keystroke p50 "
+                f"{p50:6.1f} ms p95 {row['keystroke_p95_ms']:6.1f} ms ({row['keystroke_gb_s']:.2f} GB/s)")
+            rows.append(row)
     engine.forget("bench")
     return rows
 
 
-def _engine_decode(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, plan=None) -> dict:
+def _decode_rates(engine: Engine, worker: LlamaCppWorker | None, corpus: TextAtTokens,
+                  cfg: BenchConfig, rounds: int = 3) -> dict:
+    """Greedy decode tokens/s after a 256-token prompt, tinymorph and llama.cpp in alternating rounds.
+
+    tinymorph runs as users get it (prompt-lookup drafts included); `per_pass` is its rate of forward
+    passes, which is what the bandwidth figure is about."""
     prefix = corpus.prefix(min(256, max(cfg.sizes)))
-    engine.forget("bench-decode")
-    # warm the prompt so only decode is timed
-    engine.complete(CompletionRequest(prefix, "bench-decode", GenerationOptions(max_tokens=1, stop="none")))
+    ids = engine.tokenize(prefix)
+    ours, theirs, accepted = [], [], []
     opts = GenerationOptions(max_tokens=cfg.decode_tokens, stop="none")
-    res = engine.complete(CompletionRequest(prefix, "bench-decode", opts))
+    for _ in range(rounds):
+        engine.forget("bench-decode")
+        _tinymorph_first_token(engine, prefix, "bench-decode")  # warm the prompt: only decode is timed
+        res = engine.complete(CompletionRequest(prefix, "bench-decode", opts))
+        ours.append(res.timings.decode_tokens_per_s)
+        accepted.append(res.timings.drafts_accepted)
+        if worker is not None:
+            theirs.append(worker.ask(op="decode", ids=ids, n=cfg.decode_tokens)["tokens_per_s"])
     engine.forget("bench-decode")
-    tps = res.timings.decode_tokens_per_s
-    return {"tokens_per_s": tps, "bandwidth_gb_s": tps * engine.info.weight_bytes / 1e9,
-            "ttft_ms_warm": res.timings.ttft_ms}
+    tps = statistics.median(ours)
+    steps = cfg.decode_tokens - 1
+    passes_per_s = tps * (steps - statistics.median(accepted)) / steps
+    out = {"tinymorph": {"tokens_per_s": tps, "drafts_accepted": statistics.median(accepted),
+                         "passes_per_s": passes_per_s,
+                         "bandwidth_gb_s": passes_per_s * engine.info.weight_bytes / 1e9}}
+    if theirs:
+        tps = statistics.median(theirs)
+        out["llama.cpp"] = {"tokens_per_s": tps, "passes_per_s": tps, "bandwidth_gb_s": tps * worker.model_bytes / 1e9}
+    return out
 
 
 def _steering_overhead(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, log) -> dict:
@@ -141,23 +254,23 @@ def _steering_overhead(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, l
     direction = torch.randn(engine.model.cfg.dim)
     resolved = {layer: LayerEdit(add=direction / direction.norm() * 4.0)}
     n = min(1024, max(cfg.sizes))
-    results = {}
-    for label, plan in (("unsteered", None), ("steered", resolved)):
-        colds, tps = [], []
-        for _ in range(max(2, cfg.cold_repeats)):
+    plans = (("unsteered", None), ("steered", resolved))
+    colds: dict[str, list[float]] = {label: [] for label, _ in plans}
+    tps: dict[str, list[float]] = {label: [] for label, _ in plans}
+    for _ in range(max(3, cfg.cold_repeats)):
+        for label, plan in plans:  # alternating, so both see the same machine
             cache = engine.model.new_cache(2048)
-            ids = corpus.ids[:n]
             with engine.hooks.active(plan):
                 t0 = time.perf_counter()
-                logits = engine.model(ids, cache)
-                colds.append((time.perf_counter() - t0) * 1000)
+                logits = engine.model(corpus.ids[:n], cache)
+                colds[label].append((time.perf_counter() - t0) * 1000)
                 token = int(logits.argmax())
                 t0 = time.perf_counter()
                 for _ in range(cfg.decode_tokens):
                     token = int(engine.model([token], cache).argmax())
-                tps.append(cfg.decode_tokens / (time.perf_counter() - t0))
-        results[label] = {"prefill_ms": statistics.median(colds), "prefill_tokens": n,
-                          "decode_tokens_per_s": statistics.median(tps)}
+                tps[label].append(cfg.decode_tokens / (time.perf_counter() - t0))
+    results = {label: {"prefill_ms": statistics.median(colds[label]), "prefill_tokens": n,
+                       "decode_tokens_per_s": statistics.median(tps[label])} for label, _ in plans}
     un, st = results["unsteered"], results["steered"]
     results["prefill_overhead_pct"] = 100 * (st["prefill_ms"] / un["prefill_ms"] - 1)
     results["decode_overhead_pct"] = 100 * (un["decode_tokens_per_s"] / st["decode_tokens_per_s"] - 1)
@@ -206,47 +319,15 @@ def _transformers_rows(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, l
     return rows, decode
 
 
-def _llama_cpp_rows(corpus_text: str, cfg: BenchConfig, log) -> tuple[list[dict], dict] | None:
-    """llama.cpp on the same GGUF, measured by `bench_llamacpp` in its own process (see there why)."""
-    import importlib.util
-    import subprocess
-    import sys
-    import tempfile
-
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None
-    from .model import default_gguf_path
-
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as text_file:
-        text_file.write(corpus_text)
-        text_file.flush()
-        args = [sys.executable, "-m", "tinymorph.steering.bench_llamacpp", str(default_gguf_path()), text_file.name,
-                "--sizes", ",".join(map(str, cfg.sizes)), "--keystrokes", str(cfg.keystrokes),
-                "--cold-repeats", str(cfg.cold_repeats), "--decode-tokens", str(cfg.decode_tokens),
-                "--threads", str(torch.get_num_threads())]
-        try:
-            done = subprocess.run(args, capture_output=True, text=True, timeout=1800)
-        except subprocess.TimeoutExpired:
-            log("llama.cpp: skipped (timed out)")
-            return None
-    if done.returncode != 0:
-        log(f"llama.cpp: skipped (exit status {done.returncode}: {done.stderr.strip()[-200:]})")
-        return None
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    for row in result["rows"]:
-        log(f"llama.cpp     {row['tokens']:5d} tokens: cold {row['cold_ttft_ms']:7.1f} ms  keystroke p50 "
-            f"{row['keystroke_p50_ms']:6.1f} ms p95 {row['keystroke_p95_ms']:6.1f} ms")
-    return result["rows"], result["decode"]
-
-
 def run_bench(engine: Engine, cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
     """Run every measurement; `engine` must have been loaded by the caller (its load time is reported)."""
     engine.context = type(engine.context)(max_tokens=max(cfg.sizes) + 64)  # exact sizes, no windowing
     corpus = TextAtTokens(bench_text(cfg.text_path), engine.tokenize, engine.detokenize)
     if len(corpus.ids) < max(cfg.sizes) + cfg.keystrokes * 2:
         raise ValueError(f"bench text has {len(corpus.ids)} tokens; need more than {max(cfg.sizes)}")
+    threads = torch.get_num_threads()
     result = BenchResult(
-        machine={"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        machine={"cpu_count": os.cpu_count(), "torch_threads": threads,
                  "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         model=engine.info.to_dict(),
     )
@@ -254,12 +335,28 @@ def run_bench(engine: Engine, cfg: BenchConfig, log: Callable[[str], None] = pri
     # warm-up: first calls allocate and pick kernels
     engine.complete(CompletionRequest(corpus.prefix(64), "warm", GenerationOptions(max_tokens=2, stop="none")))
     engine.forget("warm")
-    result.rows += _engine_rows(engine, corpus, cfg, log)
-    result.decode["tinymorph"] = _engine_decode(engine, corpus, cfg)
-    log(f"tinymorph decode: {result.decode['tinymorph']['tokens_per_s']:.1f} tok/s, bandwidth achieved "
-        f"{result.decode['tinymorph']['bandwidth_gb_s']:.2f} GB/s")
-    result.memory["rss_after_engine_bench_mb"] = proc_status_mb()
-    result.memory["peak_rss_engine_mb"] = proc_status_mb("VmHWM")
+    worker = None
+    if cfg.llama_cpp:
+        worker = LlamaCppWorker.start(threads, max(cfg.sizes) + cfg.keystrokes * 4 + 256, log)
+    if worker is not None:  # its turns between ours are not load from other processes
+        engine.threads.own_pids = (worker.proc.pid,)
+    try:
+        result.rows += _latency_rows(engine, worker, corpus, cfg.sizes, cfg, log)
+        result.decode = _decode_rates(engine, worker, corpus, cfg)
+        for backend, d in result.decode.items():
+            log(f"decode {backend}: {d['tokens_per_s']:.1f} tok/s, bandwidth achieved {d['bandwidth_gb_s']:.2f} GB/s")
+        result.memory["rss_after_engine_bench_mb"] = proc_status_mb()
+        result.memory["peak_rss_engine_mb"] = proc_status_mb("VmHWM")
+        if cfg.contention:
+            with Competitor():
+                result.rows += _latency_rows(engine, worker, corpus, (max(cfg.sizes),), cfg, log, "contention")
+                result.contention = _decode_rates(engine, worker, corpus, cfg)
+            for backend, d in result.contention.items():
+                log(f"decode {backend} (contention): {d['tokens_per_s']:.1f} tok/s")
+    finally:
+        if worker is not None:
+            worker.close()
+            engine.threads.own_pids = ()
     if cfg.steering:
         result.steering = _steering_overhead(engine, corpus, cfg, log)
     if cfg.baselines:
@@ -267,45 +364,61 @@ def run_bench(engine: Engine, cfg: BenchConfig, log: Callable[[str], None] = pri
         result.rows += rows
         result.decode["transformers"] = decode
         log(f"transformers decode: {decode['tokens_per_s']:.1f} tok/s")
-    if cfg.llama_cpp:
-        found = _llama_cpp_rows(corpus.text, cfg, log)
-        if found is not None:
-            result.rows += found[0]
-            result.decode["llama.cpp"] = found[1]
-            log(f"llama.cpp decode: {found[1]['tokens_per_s']:.1f} tok/s")
-        else:
-            log("llama.cpp: not installed (pip install llama-cpp-python to add it as a column)")
     return result
 
 
 def format_table(result: BenchResult) -> str:
     """The side-by-side table: one line per size, one column group per backend, plus ratios."""
     backends = list(dict.fromkeys(r["backend"] for r in result.rows))
-    by = {(r["backend"], r["tokens"]): r for r in result.rows}
+    by = {(r["backend"], r["tokens"], r.get("load", "quiet")): r for r in result.rows}
     sizes = sorted({r["tokens"] for r in result.rows})
     lines = []
     head = f"{'tokens':>6} | " + " | ".join(f"{b:^29}" for b in backends)
     lines.append(head)
     lines.append(f"{'':>6} | " + " | ".join(f"{'cold':>9} {'key p50':>9} {'key p95':>9}" for _ in backends))
     for n in sizes:
-        cells = []
-        for b in backends:
-            r = by.get((b, n))
-            cells.append(f"{r['cold_ttft_ms']:9.1f} {r['keystroke_p50_ms']:9.1f} {r['keystroke_p95_ms']:9.1f}"
-                         if r else " " * 29)
-        lines.append(f"{n:>6} | " + " | ".join(cells))
-    lines.append("(milliseconds to the first token; key = keystroke on a cached prefix)")
+        for load in ("quiet", "contention"):
+            if not any((b, n, load) in by for b in backends):
+                continue
+            cells = []
+            for b in backends:
+                r = by.get((b, n, load))
+                cells.append(f"{r['cold_ttft_ms']:9.1f} {r['keystroke_p50_ms']:9.1f} {r['keystroke_p95_ms']:9.1f}"
+                             if r else " " * 29)
+            label = f"{n:>6}" if load == "quiet" else f"{'+busy':>6}"
+            lines.append(f"{label} | " + " | ".join(cells))
+    lines.append("(milliseconds to the first token; key = keystroke on a cached prefix; "
+                 "+busy = the size above with one CPU-bound process beside it)")
+    for b in backends:
+        gbs = [f"{n}: {by[(b, n, 'quiet')]['keystroke_gb_s']:.2f}" for n in sizes
+               if "keystroke_gb_s" in by.get((b, n, "quiet"), {})]
+        if gbs:
+            lines.append(f"bandwidth achieved by a keystroke forward, {b} (GB/s of weights): " + ", ".join(gbs))
     for b in backends[1:]:
         ratios = []
         for n in sizes:
-            ours, other = by.get(("tinymorph", n)), by.get((b, n))
+            ours, other = by.get(("tinymorph", n, "quiet")), by.get((b, n, "quiet"))
             if ours and other:
                 ratios.append(f"{n}: cold x{other['cold_ttft_ms'] / ours['cold_ttft_ms']:.2f}, "
                               f"keystroke x{other['keystroke_p50_ms'] / ours['keystroke_p50_ms']:.2f}")
         lines.append(f"{b} / tinymorph (higher = tinymorph faster): " + "; ".join(ratios))
+    for b in backends:
+        quiet = [r for r in result.rows if r["backend"] == b and r.get("load", "quiet") == "quiet"]
+        busy = [r for r in result.rows if r["backend"] == b and r.get("load") == "contention"]
+        for r in busy:
+            q = next((x for x in quiet if x["tokens"] == r["tokens"]), None)
+            if q:
+                lines.append(f"contention, {b} @{r['tokens']}: keystroke p50 {r['keystroke_p50_ms']:.1f} ms = "
+                             f"x{r['keystroke_p50_ms'] / q['keystroke_p50_ms']:.2f} its quiet figure")
     for b, d in result.decode.items():
+        busy = result.contention.get(b)
+        extra = f"   beside a busy process {busy['tokens_per_s']:7.1f} tok/s" if busy else ""
+        drafts = f" ({d['drafts_accepted']:.0f} drafted tokens accepted)" if "drafts_accepted" in d else ""
         lines.append(f"decode {b:<12} {d['tokens_per_s']:7.1f} tok/s   bandwidth achieved "
-                     f"{d['bandwidth_gb_s']:6.2f} GB/s")
+                     f"{d['bandwidth_gb_s']:6.2f} GB/s{extra}{drafts}")
+    if "llama.cpp" in result.decode and "tinymorph" in result.decode:
+        ratio = result.decode["tinymorph"]["tokens_per_s"] / result.decode["llama.cpp"]["tokens_per_s"]
+        lines.append(f"decode tinymorph / llama.cpp: x{ratio:.2f}")
     if result.steering:
         s = result.steering
         lines.append(f"steering overhead (add on layer {result.model['layers'] // 2}): prefill "
@@ -330,7 +443,7 @@ def save(result: BenchResult, out_dir: Path) -> tuple[Path, Path | None]:
         return json_path, None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for backend in dict.fromkeys(r["backend"] for r in result.rows):
-        rows = [r for r in result.rows if r["backend"] == backend]
+        rows = [r for r in result.rows if r["backend"] == backend and r.get("load", "quiet") == "quiet"]
         xs = [r["tokens"] for r in rows]
         axes[0].plot(xs, [r["cold_ttft_ms"] for r in rows], marker="o", label=backend)
         axes[1].plot(xs, [r["keystroke_p50_ms"] for r in rows], marker="o", label=backend)

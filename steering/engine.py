@@ -27,7 +27,10 @@ from .generate import CancelToken, Completion, GenerationOptions, Healing, Timin
 from .llama import LlamaModel, load_llama, quantize_int8
 from .prefix_cache import PrefixCache
 from .steering import SteeringHooks, SteeringPlan, steer_mask
+from .threads import ThreadPolicy
 from .tokenizer import load_fast_tokenizer
+
+DRAFT_TOKENS = 3  # prompt-lookup draft tokens checked per decode pass (0: no speculative decoding)
 
 
 @dataclass
@@ -68,6 +71,8 @@ class Engine:
         self.context = context or ContextPolicy()
         self.caches = PrefixCache(cache_budget_mb * 2**20, lambda: model.new_cache(256))
         self.hooks = SteeringHooks(model.layers)
+        self.draft_tokens = DRAFT_TOKENS
+        self.threads = ThreadPolicy(torch.get_num_threads())
         self._lock = threading.RLock()
         self._resolver: Callable[[SteeringPlan], object] | None = None
         self._vocab_text: list[str] | None = None
@@ -155,19 +160,22 @@ class Engine:
             cache, reused = self.caches.checkout(key, ids, min_new=2 if heal else 1)
         timings.tokens_reused = reused
         room = self.model.cfg.max_positions - len(ids)
+        self.threads.update()  # fewer threads while other processes keep cores busy
 
         def step(chunk: list[int], n_logits: int) -> torch.Tensor:
             mask = None if resolved is None else steer_mask(chunk, cache.length, self.special_ids)
             with self._lock, self.hooks.active(resolved, mask):
+                self.threads.apply()
                 return self.model(chunk, cache, n_logits)
 
-        healing = None
-        if heal:
-            healing = Healing(ids[-1], heal, heal_mask, lambda n: cache.truncate(cache.length - n))
+        def rewind(n: int) -> None:
+            cache.truncate(cache.length - n)
 
+        healing = Healing(ids[-1], heal, heal_mask, rewind) if heal else None
         completion = yield from generate(
             step, ids[reused:], decode=self.detokenize, options=request.options, eos_ids=self.eos_ids,
             timings=timings, history=ids, healing=healing, cancel=cancel, max_new=max(room, 1),
+            rewind=rewind, max_draft=self.draft_tokens,
         )
         completion.steering = plan.describe()
         self.caches.enforce_budget(keep=key)

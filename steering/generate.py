@@ -68,6 +68,7 @@ class Timings:
     tokens_reused: int = 0
     tokens_prefilled: int = 0
     tokens_generated: int = 0
+    drafts_accepted: int = 0  # generated tokens that came from checked prompt-lookup drafts
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -186,17 +187,62 @@ def _prefill_pieces(tail: list[int], chunk: int, last_needed: int) -> list[list[
     return pieces
 
 
+class PromptLookup:
+    """Draft tokens for speculative decoding, looked up in the text itself ("prompt lookup").
+
+    Prose and code repeat names and phrases: when the last `ngram` tokens occurred before, the
+    tokens that followed them then are a good guess for what follows now. The guess is only a
+    draft: `generate` checks every drafted token against the model's own choice, so the output is
+    exactly what one-token-at-a-time greedy decoding gives. An index from each n-gram to where it
+    last occurred keeps a lookup O(1).
+    """
+
+    def __init__(self, tokens: list[int], ngrams: tuple[int, ...] = (3, 2)):
+        self.ngrams = ngrams
+        self.tokens: list[int] = []
+        self.index: dict[tuple[int, ...], int] = {}
+        for token in tokens:
+            self.append(token)
+
+    def append(self, token: int) -> None:
+        # the n-grams that end just before the previous last token now have a continuation
+        tokens, end = self.tokens, len(self.tokens)
+        tokens.append(token)
+        for n in self.ngrams:
+            if end >= n:
+                self.index[tuple(tokens[end - n: end])] = end
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the latest earlier occurrence of the current tail."""
+        if limit <= 0:
+            return []
+        for n in self.ngrams:
+            if len(self.tokens) >= n:
+                found = self.index.get(tuple(self.tokens[-n:]))
+                if found is not None:
+                    return self.tokens[found: found + limit]
+        return []
+
+
 def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int]], str],
              options: GenerationOptions, eos_ids: frozenset[int], timings: Timings,
              history: list[int] | None = None, healing: Healing | None = None,
              cancel: CancelToken | None = None, max_new: int | None = None,
-             prefill_chunk: int = 2048) -> Iterator[TokenEvent]:
+             prefill_chunk: int = 2048, rewind: Callable[[int], None] | None = None,
+             max_draft: int = 0) -> Iterator[TokenEvent]:
     """Prefill `prompt_tail` through `step` (which appends to the KV cache), then decode.
 
     Returns (as the generator's return value) the `Completion`. `timings` is filled in place;
     its queue_ms must already be set by the caller, `tokens_reused` too. `history` is the prompt's
-    token ids (for the repetition penalty). With `healing`, `prompt_tail` must hold at least two
-    tokens and the healed token's text is not part of the returned text.
+    token ids (for the repetition penalty and draft lookup). With `healing`, `prompt_tail` must hold
+    at least two tokens and the healed token's text is not part of the returned text.
+
+    With `max_draft` > 0 and `rewind` (drops the last n tokens from the KV cache), greedy decoding
+    is speculative: each forward pass also runs up to `max_draft` tokens drafted by `PromptLookup`
+    and keeps those the model agrees with, so one pass can yield several tokens. A pass over a few
+    tokens costs little more than over one (decode is bound by reading the weights), and the
+    tokens are the same as without drafts. When generation ends the KV cache holds the prompt and
+    every generated token but the last, with or without drafts.
     """
     started = time.perf_counter()
     rng = None
@@ -219,12 +265,21 @@ def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int
     text = ""
     reason = "max-tokens"
     need_forward = False
+    speculate = max_draft > 0 and rewind is not None and options.temperature < GREEDY_BELOW
+    lookup = PromptLookup(history or prompt_tail) if speculate else None
+    drafted: list[int] = []  # drafted tokens in the KV cache whose check is still to come
+    ready: list[torch.Tensor] = []  # the logits after each of them
+    fed = 0  # generated tokens (and drafts) fed to the KV cache
     for index in range(budget):
         if need_forward:
             if cancel is not None and cancel.cancelled:
                 reason = "cancelled"
                 break
-            logits = step(ids[-1:], 1)
+            drafted = lookup.draft(min(max_draft, budget - index - 1)) if lookup is not None else []
+            logits = step(ids[-1:] + drafted, 1 + len(drafted))
+            fed += 1 + len(drafted)
+            if drafted:
+                logits, *ready = logits
         recent = ((history or []) + ids)[-options.repetition_window:]
         if index == 0 and healing is not None:
             token = sample(logits[0], options, rng, recent, healing.mask)
@@ -236,6 +291,16 @@ def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int
         else:
             token = sample(logits, options, rng, recent)
             need_forward = True
+            if drafted and token == drafted[0]:  # the draft was right: the next logits are ready
+                drafted.pop(0)
+                timings.drafts_accepted += 1
+                logits, need_forward = ready.pop(0), False
+            elif drafted:  # wrong from here on: forget the rest of the draft
+                rewind(len(drafted))
+                fed -= len(drafted)
+                drafted, ready = [], []
+        if lookup is not None:
+            lookup.append(token)
         if index == 0:
             first_token_at = time.perf_counter()
             timings.ttft_ms = timings.queue_ms + (first_token_at - started) * 1000
@@ -260,6 +325,9 @@ def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int
     else:
         if budget < options.max_tokens:
             reason = "window"
+    surplus = fed - max(len(ids) - 1, 0)  # unchecked drafts, or a checked one after the last token
+    if surplus > 0 and rewind is not None:
+        rewind(surplus)
     return _finish(ids, text, reason, timings, started, first_token_at)
 
 

@@ -189,3 +189,132 @@ def test_sampling_edge_cases_never_fail():
     rng = torch.Generator().manual_seed(0)
     picks = {sample(logits, GenerationOptions(temperature=1.0, top_p=1.0), rng) for _ in range(200)}
     assert picks == {0, 1, 2}
+
+
+def test_prompt_lookup_drafts_what_followed_the_last_ngram():
+    from tinymorph.steering.generate import PromptLookup
+
+    lookup = PromptLookup([1, 2, 3, 4, 5, 9, 2, 3])
+    assert lookup.draft(2) == [4, 5]  # "2 3" was followed by "4 5"
+    lookup.append(7)
+    assert lookup.draft(3) == []  # "3 7" and "7" never occurred before
+    lookup.append(4)
+    assert lookup.draft(0) == []
+    assert PromptLookup([5, 6, 5, 6, 5]).draft(4) == [6, 5]  # the latest occurrence wins
+
+
+def test_speculative_decoding_gives_the_same_tokens(default_model_dir):
+    """Prompt-lookup drafts change how many forward passes decode takes, not which tokens come out,
+    and leave the same KV cache (prompt + generated tokens but the last).
+
+    Tolerance: fp32 and the default int8+bf16 must give identical token ids on this prompt (a draft
+    is only kept when it equals the model's own greedy choice from the multi-token pass; the pass
+    differs from one-token passes only in summation order)."""
+    prompt = PROSE[:-70]
+    for dtype in ("float32", "auto"):
+        engine = Engine.load(str(default_model_dir), dtype=dtype)
+        runs = {}
+        for draft in (0, 3):
+            engine.draft_tokens = draft
+            engine.forget("doc")
+            result = engine.complete(CompletionRequest(prompt, "doc", GenerationOptions(max_tokens=20, stop="none")))
+            runs[draft] = result
+            assert engine.caches.peek(("doc", "none")).ids[-19:] == result.token_ids[:-1]
+        assert runs[3].token_ids == runs[0].token_ids, dtype
+        assert runs[3].timings.drafts_accepted >= 5 and runs[0].timings.drafts_accepted == 0  # it did speculate
+
+
+def test_thread_policy_yields_cores_to_busy_processes():
+    """Beside a CPU-bound process a forward pass gets fewer threads than on an idle machine."""
+    import subprocess
+    import sys
+    import time
+
+    from tinymorph.steering.threads import ThreadPolicy
+
+    policy = ThreadPolicy(max_threads=2)
+    if policy.cores < 2:
+        return  # nothing to give back on one core
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.1)
+        policy.update()  # start a window while the competitor runs
+        time.sleep(0.6)
+        assert policy.update() == 1 and policy.others_busy > 0.5
+    finally:
+        busy.kill()
+        busy.wait()
+    assert ThreadPolicy(max_threads=2, adaptive=False).update() == 2
+
+
+def test_bench_columns_and_contention(tiny_model_dir):
+    """The bench measures quiet and contended keystrokes and decode; the llama.cpp column is there
+    exactly when llama-cpp-python is installed (an optional extra that CI does not build)."""
+    import importlib.util
+
+    from tinymorph.steering.bench import BenchConfig, format_table, run_bench
+
+    engine = Engine.load(str(tiny_model_dir), dtype="float32", threads=1)
+    cfg = BenchConfig(sizes=(32,), keystrokes=3, cold_repeats=1, decode_tokens=4, baselines=False,
+                      steering=False, contention=True)
+    logged: list[str] = []
+    result = run_bench(engine, cfg, log=logged.append)
+    backends = {(r["backend"], r["load"]) for r in result.rows}
+    assert {("tinymorph", "quiet"), ("tinymorph", "contention")} <= backends
+    assert result.contention["tinymorph"]["tokens_per_s"] > 0
+    has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    assert (("llama.cpp", "quiet") in backends) == has_llama_cpp
+    if has_llama_cpp:
+        assert result.decode["llama.cpp"]["tokens_per_s"] > 0 and "llama.cpp / tinymorph" in format_table(result)
+    else:
+        assert any("llama.cpp: not installed" in line for line in logged)
+    table = format_table(result)
+    assert "+busy" in table and "bandwidth achieved" in table
+
+
+def test_decode_attention_matches_sdpa():
+    """The one-token attention path equals SDPA on strided cache slices (fp32 1e-5; bf16 2e-2 on
+    outputs of magnitude ~1, a few bf16 ulps: both keep the scores in fp32)."""
+    import torch.nn.functional as F
+
+    from tinymorph.steering.llama import decode_attention
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        cache = torch.randn(2, 1, 3, 1024, 64, dtype=dtype)  # [layers, batch, kv heads, capacity, dim]
+        keys, values = cache[0, :, :, :700], cache[1, :, :, :700]
+        q = torch.randn(1, 9, 1, 64, dtype=dtype)
+        reference = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+        assert (decode_attention(q, keys, values).float() - reference.float()).abs().max().item() < tol
+
+
+def test_steering_applies_on_the_fast_decode_paths(tiny_model_dir, monkeypatch):
+    """Steering hooks edit every decode step on the one-token attention path and on speculative
+    multi-token passes: the steered tokens equal the SDPA one-token reference (fp32, exact) and
+    differ from the unsteered ones."""
+    import tinymorph.steering.llama as llama
+    from tinymorph.steering.steering import LayerEdit
+
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    model = engine.model
+    torch.manual_seed(1)
+    plan = {1: LayerEdit(add=torch.randn(model.cfg.dim) * 8)}
+    prompt = engine.tokenize(PROSE * 2)[:600]  # past DECODE_ATTENTION_MIN_KEYS
+
+    def greedy(plan, n=12, draft=()):
+        cache = model.new_cache(700)
+        with engine.hooks.active(plan):
+            token = int(model(prompt, cache).argmax())
+            out = [token]
+            for _ in range(n):
+                logits = model([token, *draft], cache, 1 + len(draft))
+                token = int((logits[0] if draft else logits).argmax())
+                cache.truncate(cache.length - len(draft))
+                out.append(token)
+        return out
+
+    fast = greedy(plan)
+    with_drafts = greedy(plan, draft=(11, 12))  # multi-token passes whose extra tokens are dropped
+    monkeypatch.setattr(llama, "DECODE_ATTENTION_MIN_KEYS", 10**9)
+    assert fast == greedy(plan) == with_drafts
+    assert fast != greedy(None)

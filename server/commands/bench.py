@@ -10,11 +10,13 @@ from .common import add_model_options, load_engine
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="measure TTFT, keystroke latency, decode speed and memory vs baselines")
-    p.add_argument("--quick", action="store_true", help="fewer repeats and shorter decode (< 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and shorter decode")
     p.add_argument("--sizes", default=None, help="comma-separated document sizes in tokens (default 64,256,1024,2048)")
     p.add_argument("--keystrokes", type=int, default=None, help="simulated keystrokes per size (default 30)")
     p.add_argument("--no-baselines", action="store_true", help="skip the transformers baseline")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even if installed")
+    p.add_argument("--contention", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the largest size and decode beside a CPU-bound process (default: on)")
     p.add_argument("--text", type=Path, default=None, help="benchmark text (default: shipped prose sample)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json and bench.png")
     p.add_argument("--quiet", action="store_true")
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.keystrokes = args.keystrokes
     cfg.baselines = not args.no_baselines
     cfg.llama_cpp = not args.no_llama_cpp
+    cfg.contention = args.contention
     cfg.text_path = args.text
     engine = load_engine(args)
     result = run_bench(engine, cfg, log=(lambda s: None) if args.quiet else print)
