@@ -9,7 +9,8 @@ direction we try a few pushes on held-out neutral prompts, continue each greedil
 The chosen push is the strongest one that still raises presence, keeps perplexity within
 `MAX_PPL_RATIO` of unsteered and repetition at most unsteered's (+ a small margin); presence grows
 with the push, so that is the most concept the fluency budget allows. It becomes "strength 1".
-Results are stored per model/reference under the user's cache dir (`CalibrationStore`) or in a concept vector's metadata.
+Results are stored per model/reference under the user's cache dir (`CalibrationStore`) or in a
+concept vector's metadata.
 """
 
 from __future__ import annotations
