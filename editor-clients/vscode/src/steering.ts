@@ -28,9 +28,21 @@ export function showToken(token: string): string {
 }
 
 /** QuickPick items for search results; features already steered show their strength first. */
-export function featureItems(hits: FeatureHit[], steering: SteeringEntry[]): FeaturePickItem[] {
+export function featureItems(hits: FeatureHit[], steering: SteeringEntry[], query = ""): FeaturePickItem[] {
   const active = new Map(steering.map((s) => [s.feature, s.strength]));
-  return hits.map((hit) => {
+  const description = query.trim().replace(/\s+/g, " ");
+  // first choice: steer by the words typed (the server builds a calibrated concept vector from them)
+  const described: FeaturePickItem[] = /[a-z]/i.test(description)
+    ? [{
+        label: `$(sparkle) Steer by description: "${description}"`,
+        description: active.has(description) ? `(steering ${active.get(description)})` : "concept vector",
+        detail: "the model writes about it, tinymorph steers towards the difference (try \"about the sea\", \"formal\", \"less hedging\")",
+        alwaysShow: true,
+        featureId: description,
+        currentStrength: active.get(description),
+      }]
+    : [];
+  return described.concat(hits.map((hit) => {
     const strength = active.get(hit.id);
     const name = hit.label && hit.label.trim() ? hit.label.trim() : hit.id;
     const tokens = (hit.topTokens ?? []).slice(0, 8).map(showToken).join("  ");
@@ -45,7 +57,7 @@ export function featureItems(hits: FeatureHit[], steering: SteeringEntry[]): Fea
       featureId: hit.id,
       currentStrength: strength,
     };
-  });
+  }));
 }
 
 /** QuickPick title: says when a search found nothing, since an empty list looks like "still loading". */

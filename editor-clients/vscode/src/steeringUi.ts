@@ -43,7 +43,7 @@ async function askStrength(feature: string, current?: number): Promise<number | 
 export async function pickFeature(call: ServerCall, steering: SteeringEntry[]): Promise<SteeringEntry[] | undefined> {
   const quickPick = vscode.window.createQuickPick<FeaturePickItem>();
   quickPick.title = searchTitle("", -1);
-  quickPick.placeholder = "Search features by label or token (e.g. formal, French, sad)";
+  quickPick.placeholder = "Describe it (\"about the sea\", \"formal\") or search features";
   quickPick.matchOnDescription = true;
   quickPick.matchOnDetail = true;
   const latest = new LatestOnly();
@@ -54,7 +54,7 @@ export async function pickFeature(call: ServerCall, steering: SteeringEntry[]): 
     void call<FeatureHit[]>("tinymorph.features.search", [query, SEARCH_LIMIT]).then((hits) => {
       if (!latest.isLatest(id)) return;
       quickPick.busy = false;
-      quickPick.items = featureItems(hits ?? [], steering);
+      quickPick.items = featureItems(hits ?? [], steering, query);
       quickPick.title = searchTitle(query, hits?.length ?? 0);
     });
   };

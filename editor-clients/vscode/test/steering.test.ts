@@ -37,6 +37,17 @@ test("feature items show label, id, top tokens and the current strength", () => 
   assert.equal(items[1].currentStrength, undefined);
 });
 
+test("what the user typed comes first, as a description to steer by", () => {
+  const items = featureItems([{ id: "default:7", label: "waves" }], [{ feature: "about the sea", strength: 1 }], "  about   the sea ");
+  assert.equal(items.length, 2);
+  assert.equal(items[0].featureId, "about the sea");
+  assert.match(items[0].label, /Steer by description: "about the sea"/);
+  assert.equal(items[0].currentStrength, 1);
+  assert.equal(items[1].featureId, "default:7");
+  assert.equal(featureItems([], [], "  ").length, 0, "no description item for an empty query");
+  assert.equal(featureItems([], [], "123").length, 0, "numbers are not a description");
+});
+
 test("showToken makes whitespace visible", () => {
   assert.equal(showToken(" the"), "·the");
   assert.equal(showToken("a\tb"), "a\\tb");

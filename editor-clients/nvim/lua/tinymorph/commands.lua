@@ -147,19 +147,29 @@ subcommands.steer = function(args)
       echo(format_list(list))
     end)
   else
-    local strength = tonumber(args[2] or "")
-    if not strength then
-      echo("usage: :Tinymorph steer <feature> <strength> [add|clamp|ablate] [layer]", vim.log.levels.ERROR)
+    -- <feature or description words...> [strength] [add|clamp|ablate] [layer]
+    local at = nil
+    for i = 2, #args do
+      if tonumber(args[i]) then
+        at = i
+        break
+      end
+    end
+    local feature = table.concat(args, " ", 1, (at or (#args + 1)) - 1)
+    local strength = at and tonumber(args[at]) or 1
+    local extra = {}
+    if at and args[at + 1] then
+      extra.mode = args[at + 1]
+    end
+    if at and args[at + 2] then
+      extra.layer = tonumber(args[at + 2])
+    end
+    if feature == "" then
+      echo("usage: :Tinymorph steer <feature id or description> [strength] [add|clamp|ablate] [layer]",
+        vim.log.levels.ERROR)
       return
     end
-    local extra = {}
-    if args[3] then
-      extra.mode = args[3]
-    end
-    if args[4] then
-      extra.layer = tonumber(args[4])
-    end
-    tm().steer(first, strength, extra, function(list)
+    tm().steer(feature, strength, extra, function(list)
       echo(format_list(list))
     end)
   end
