@@ -9,27 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .addresses import is_loopback
 from .http_completions import ApiError
 from .metrics import Metrics
 
 PUBLIC_PATHS = frozenset({"/healthz"})  # answered without a token (liveness probes)
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and "localhost": the one rule for binding and for the Host header."""
-    host = host.strip().strip("[]").rstrip(".").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def host_name(header: str) -> str | None:

@@ -24,8 +24,8 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .addresses import is_loopback
 from .http_api import create_app
-from .http_guard import is_loopback
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)

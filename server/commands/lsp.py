@@ -12,11 +12,11 @@ $TINYMORPH_TOKEN), which editors send as `initializationOptions.token`.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
 
+from ..addresses import is_loopback
 from ..cli import UserError
 from .common import add_model_options
 
@@ -35,16 +35,6 @@ def register(sub) -> None:
                    help="server log on stderr (default: WARNING)")
     add_model_options(p)
     p.set_defaults(func=run)
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_tcp(value: str, token: str | None) -> None:
