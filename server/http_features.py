@@ -121,7 +121,9 @@ def _show(service: FeatureService, ref: str) -> dict:
             raise _unavailable(exc) from None
     try:
         return show_feature(lib, ref)
-    except SteeringError as exc:  # out of range, unknown vector
+    except SteeringError as exc:  # out of range, unknown vector; a description before the model loaded
+        if source == "concept":
+            raise _unavailable(exc) from None
         raise ApiError(404, str(exc), "not_found") from None
     except (OSError, KeyError, IndexError) as exc:
         raise _unavailable(exc) from None

@@ -181,8 +181,9 @@ def _feature_call(ls: TinymorphServer, name: str, *args) -> Any:
     if fn is None:
         raise RequestFailed("feature search not available yet")
     library = _library(ls)
+    extra = {"model": ls.runtime.engine} if name == "search_features" and ls.runtime.engine is not None else {}
     try:
-        return fn(library, *args)
+        return fn(library, *args, **extra)
     except SteeringError as exc:
         raise RequestFailed(f"feature search not available: {exc}") from None
     except (OSError, KeyError, ValueError) as exc:

@@ -217,8 +217,12 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
     net = getattr(model, "model", None)
     tokenizer = getattr(model, "tokenizer", None)
     results = []
+    top_lexical = max(lexical.values(), default=0.0) or 1.0
+    d_model = getattr(getattr(model, "info", None), "d_model", None)
     for name, labels in labels_by_sae.items():
         sae = library.sae(name)
+        if d_model is not None and sae.d_in != d_model:
+            continue  # made for another model: nothing to offer that could be steered
         feats = labels.get("features", [])
         n = sae.d_sae
         usable = torch.tensor([sae.usable(i) and bool(feats[i].get("max_act", 0.0)) if i < len(feats) else False
@@ -228,7 +232,7 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
             src, _, idx = ref.rpartition(":")
             if src == name:
                 lex[int(idx)] = score
-        total = WEIGHTS["label"] * _normalized(lex)
+        total = WEIGHTS["label"] * lex / top_lexical  # label scores stay comparable across SAEs
         signals: dict[str, torch.Tensor] = {}
         if net is not None and tokenizer is not None and words(query):
             try:

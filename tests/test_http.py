@@ -236,7 +236,7 @@ def test_feature_endpoints_answer_or_say_unavailable(client):
         assert isinstance(search.json()["features"], list)
     else:
         assert "feature search not available" in search.json()["error"]["message"]
-    assert client.get("/v1/features/not-an-id").status_code == 400
+    assert client.get("/v1/features/default:12a").status_code == 400  # malformed id (plain words: a description)
     assert client.get("/v1/features/nosuchsae:1").status_code == 404
     assert client.get("/v1/features", params={"limit": "0"}).status_code == 400
 
