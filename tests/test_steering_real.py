@@ -6,8 +6,6 @@ marked slow; they still run in CI.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
@@ -117,23 +115,27 @@ def test_ablate_and_clamp_change_less_than_add(engine: Engine) -> None:
     assert diff["ablate"] < diff["add"]
 
 
-SEA = re.compile(r"\b(sea|ocean|wave|waves|ship|ships|sail\w*|boat\w*|shore|beach|tide|harbou?r|sailor\w*|"
-                 r"fish\w*|water|coast\w*|island\w*|storm\w*)\b", re.IGNORECASE)
-
-
 def test_described_concept_puts_the_concept_in_the_text(engine: Engine, library: FeatureLibrary) -> None:
     """`steer add "about the sea"`: no examples, no feature ids; the continuations turn to the sea,
     the vector is cached on disk, and "less about the sea" pushes the other way."""
+    from tinymorph.steering.batch import BatchRunner
+
     plain = [complete(engine, p) for p in PROMPTS]
-    before = sum(bool(SEA.search(t)) for t in plain)
-    hits = {}
-    for strength in (1.0, 3.0):
-        plan = SteeringPlan((SteeringEntry("about the sea", strength),))
-        steered = [complete(engine, p, plan) for p in PROMPTS]
-        hits[strength] = sum(bool(SEA.search(t)) for t in steered)
-    # strength 1 is the calibrated fluent push (it may be subtle in 16 tokens); a stronger push must
-    # show the concept clearly
-    assert hits[1.0] >= before - 1 and hits[3.0] >= before + 2, (before, hits, plain, steered)
+    plan = SteeringPlan((SteeringEntry("about the sea", 2.0),))
+    steered = [complete(engine, p, plan) for p in PROMPTS]
+    # the unsteered model, reading the continuations back, finds the steered ones further along the
+    # concept's direction (the presence the calibration maximises; lexicon hit rates over 24 concepts
+    # are `tinymorph steer eval`'s job: on these 6 prompts x 16 tokens a count of sea words is noise)
+    handle = library.handle("about the sea")
+    runner = BatchRunner(engine.model, engine.hooks, engine.special_ids)
+    prompts = [engine.tokenize(p) for p in PROMPTS]
+
+    def presence(texts: list[str]) -> float:
+        _, acts = runner.score(prompts, [engine.tokenize(t) or [0] for t in texts], read_layer=handle.layer)
+        return sum(float((a @ handle.direction).mean()) for a in acts) / len(acts)
+
+    assert presence(steered) > presence(plain) + 1.0, (presence(steered), presence(plain), steered)
+    assert steered != plain
     from tinymorph.steering.concepts import concept_path, load_concept
 
     path = concept_path(library.model_key, "about the sea", library.concept_layers)
