@@ -1,16 +1,17 @@
 """Concept vectors from a description: "about gardening", "formal", "less hedging".
 
 Why this method: a writer thinks in descriptions, not feature ids, and should not have to write
-examples. The instruct model already knows how to follow "write about gardening"; the difference
-between its residual stream when it has that instruction and when it has a neutral one, read over
-the same neutral text, is the direction "this text should be about gardening" (a DiffMean vector
-whose examples the model supplies itself). Only the positions of the neutral text are read (not
-the instruction, not special tokens, not attention-sink positions whose norm is ~100x the rest),
-so the vector carries the intent rather than the instruction's words.
+examples. The instruct model already knows how to follow "write a short story (about gardening)":
+it writes a dozen short texts on such requests and the same dozen without the description, and
+the difference of its mean activations reading them back as plain documents is the direction
+"this text is about gardening" (a DiffMean vector whose examples the model supplies itself).
+Special tokens and attention-sink positions (norm ~100x the rest) are left out. (Measured and
+dropped: the difference of activations over neutral text under the instruction vs without it,
+which hit the concept in 0 % of continuations.)
 
-Vectors are cached under the user's cache dir keyed by model, layer and text (building one is a
-few dozen short forward passes). A leading "more"/"less" sets the sign, so "less hedging" is the
-"hedging" vector pushed the other way.
+Vectors are cached under the user's cache dir keyed by method, model, layers and text (building
+one is two batched generations and a few dozen short forward passes). A leading "more"/"less"
+sets the sign, so "less hedging" is the "hedging" vector pushed the other way.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .vectors import drop_sinks, layer_activations
+from .vectors import drop_sinks, layers_activations
 
 NEUTRAL_CONTEXTS = [
     "I woke up a little later than usual and made a cup of tea before anything else.",
@@ -120,15 +121,6 @@ class ConceptVector:
 
 
 @torch.no_grad()
-def read_layers(model, ids: Sequence[int], layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Residual after each of `layers` for one sequence, in one forward that stops after the last."""
-    out: dict[int, torch.Tensor] = {}
-    for layer in layers:  # layer_activations stops at its layer; few layers, short texts: cheap enough
-        out[layer] = layer_activations(model, ids, layer)
-    return out
-
-
-@torch.no_grad()
 def mean_text_activations(model, texts: Sequence[Sequence[int]], layers: Sequence[int], bos: int | None
                           ) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
     """Mean residual per layer over every text read as a plain document (sinks dropped), and the
@@ -140,7 +132,7 @@ def mean_text_activations(model, texts: Sequence[Sequence[int]], layers: Sequenc
         if not ids:
             continue
         seq = ([bos] if bos is not None else []) + list(ids)
-        for layer, acts in read_layers(model, seq, layers).items():
+        for layer, acts in layers_activations(model, seq, layers).items():
             acts = drop_sinks(acts[1:])
             sums[layer] = acts.sum(0) if layer not in sums else sums[layer] + acts.sum(0)
             norms[layer].append(acts.norm(dim=-1))

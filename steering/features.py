@@ -150,7 +150,7 @@ def _unembed(model) -> _Unembed:
     return _UNEMBED[key]
 
 
-def _query_tokens(tokenizer, query: str, vocab_text: Callable[[int], str]) -> list[int]:
+def _query_tokens(tokenizer, query: str) -> list[int]:
     """First token of each content word of the query (as ' word', 'word', ' Word')."""
     out = []
     for w in words(query):
@@ -169,7 +169,7 @@ _STOP = frozenset("a an the of and or to in on about with for more less very som
 def output_scores(sae, model, tokenizer, query: str) -> torch.Tensor | None:
     """How strongly each feature's direction promotes the query's words and their nearest tokens
     (mean z-score of their logits among all tokens) → [d_sae]."""
-    ids = _query_tokens(tokenizer, query, lambda i: tokenizer.decode([i]))
+    ids = _query_tokens(tokenizer, query)
     if not ids:
         return None
     ue = _unembed(model)

@@ -133,22 +133,28 @@ def _decoder_layers(model) -> Sequence[torch.nn.Module]:
 
 
 @torch.no_grad()
-def layer_activations(model, ids: Sequence[int], layer: int) -> torch.Tensor:
-    """Residual stream after decoder layer `layer` for one token sequence: [len(ids), d_model] fp32.
+def layers_activations(model, ids: Sequence[int], wanted: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Residual stream after each decoder layer in `wanted` for one token sequence, in one forward
+    that stops right after the last of them: layer -> [len(ids), d_model] fp32.
 
-    The forward stops right after that layer. Works with the engine's `LlamaModel` (list of ids +
-    KV cache) and with a transformers causal LM.
+    Works with the engine's `LlamaModel` (list of ids + KV cache) and with a transformers causal LM.
     """
     layers = _decoder_layers(model)
-    if not 0 <= layer < len(layers):
-        raise VectorError(f"layer {layer} out of range: the model has layers 0..{len(layers) - 1}")
-    captured: list[torch.Tensor] = []
+    for layer in wanted:
+        if not 0 <= layer < len(layers):
+            raise VectorError(f"layer {layer} out of range: the model has layers 0..{len(layers) - 1}")
+    last = max(wanted)
+    captured: dict[int, torch.Tensor] = {}
 
-    def hook(_m, _i, out):
-        captured.append((out[0] if isinstance(out, tuple) else out).detach())
-        raise _Stop
+    def make_hook(index: int):
+        def hook(_m, _i, out):
+            captured[index] = (out[0] if isinstance(out, tuple) else out).detach()[0].float()
+            if index == last:
+                raise _Stop
 
-    handle = layers[layer].register_forward_hook(hook)
+        return hook
+
+    handles = [layers[layer].register_forward_hook(make_hook(layer)) for layer in set(wanted)]
     try:
         if hasattr(model, "new_cache"):
             model(list(ids), model.new_cache(len(ids) + 8))
@@ -157,8 +163,14 @@ def layer_activations(model, ids: Sequence[int], layer: int) -> torch.Tensor:
     except _Stop:
         pass
     finally:
-        handle.remove()
-    return captured[0][0].float()
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def layer_activations(model, ids: Sequence[int], layer: int) -> torch.Tensor:
+    """Residual stream after decoder layer `layer` for one token sequence: [len(ids), d_model] fp32."""
+    return layers_activations(model, ids, [layer])[layer]
 
 
 SINK_FACTOR = 8.0  # a position whose norm is this many times the median is an attention sink
