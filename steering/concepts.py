@@ -144,25 +144,64 @@ def mean_text_activations(model, texts: Sequence[Sequence[int]], layers: Sequenc
             {layer: float(torch.cat(n).median()) for layer, n in norms.items()})
 
 
+_TEXTS: dict[tuple, list[list[int]]] = {}
+
+
+def concept_texts(model, tokenizer, description: str | None, special_ids=(), eos_ids=(), model_key: str | None = None
+                  ) -> list[list[int]]:
+    """The model's own short texts written on request about `description` (None: the same requests
+    with no concept), as token ids; kept in memory and, with a `model_key`, in the user's cache
+    (search and concept building both read them, and the generation is the slow part)."""
+    special = set(special_ids) | set(getattr(tokenizer, "all_special_ids", []) or [])
+    eos = set(eos_ids) | {i for i in (tokenizer.eos_token_id,) if i is not None}
+    text = None if description is None else " ".join(description.split())
+    key = (id(model), (text or "").lower())
+    if key in _TEXTS:
+        return _TEXTS[key]
+    path = None
+    if model_key is not None:
+        digest = hashlib.sha1(f"texts-{METHOD}\n{model_key}\n{(text or '').lower()}".encode()).hexdigest()[:16]
+        path = concepts_dir() / f"texts-{slug(text or 'neutral')}-{digest}.json"
+        try:
+            found = json.loads(path.read_text())
+            if isinstance(found, list) and all(isinstance(t, list) for t in found):
+                _TEXTS[key] = found
+                return found
+        except (OSError, ValueError):
+            pass
+    texts = model_examples(model, tokenizer, text, special, eos)
+    _TEXTS[key] = texts
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(texts))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs the generation next time
+        finally:
+            tmp.unlink(missing_ok=True)
+    return texts
+
+
 _NEUTRAL: dict[tuple, tuple[dict[int, torch.Tensor], dict[int, float]]] = {}
 
 
 @torch.no_grad()
-def build_concept(model, tokenizer, description: str, layers: Sequence[int], special_ids=(), eos_ids=()
-                  ) -> ConceptVector:
+def build_concept(model, tokenizer, description: str, layers: Sequence[int], special_ids=(), eos_ids=(),
+                  model_key: str | None = None) -> ConceptVector:
     """DiffMean of `description` from the model's own writing (sign words stripped; the caller
     applies the sign): texts written on request "about X" minus texts written on the same requests
     without X, both read back as plain documents, at every layer in `layers`."""
     core, _sign = split_sign(description)
-    special = set(special_ids) | set(getattr(tokenizer, "all_special_ids", []) or [])
-    eos = set(eos_ids) | {i for i in (tokenizer.eos_token_id,) if i is not None}
     bos = tokenizer.bos_token_id
     layers = sorted(layers)
     key = (id(model), tuple(layers))
     if key not in _NEUTRAL:  # the neutral side is the same for every description
-        _NEUTRAL[key] = mean_text_activations(model, model_examples(model, tokenizer, None, special, eos), layers, bos)
+        neutral = concept_texts(model, tokenizer, None, special_ids, eos_ids, model_key)
+        _NEUTRAL[key] = mean_text_activations(model, neutral, layers, bos)
     neg, norms = _NEUTRAL[key]
-    pos_texts = model_examples(model, tokenizer, core, special, eos)
+    pos_texts = concept_texts(model, tokenizer, core, special_ids, eos_ids, model_key)
     pos, _ = mean_text_activations(model, pos_texts, layers, bos)
     directions = {}
     for layer in layers:
@@ -231,7 +270,7 @@ def cached_concept(model, tokenizer, model_key: str, description: str, layers: S
             return load_concept(path), path
         except ValueError:
             pass
-    vec = build_concept(model, tokenizer, description, layers, special_ids, eos_ids)
+    vec = build_concept(model, tokenizer, description, layers, special_ids, eos_ids, model_key)
     vec.meta["model"] = model_key
     save_concept(vec, path)
     return vec, path

@@ -119,6 +119,22 @@ class FeatureLibrary:
                 return found
         return ADD_FRACTION
 
+    def calibrate(self, ref: str) -> float:
+        """Calibrate `add` strength 1 of a feature or vector on the attached engine, remember it in
+        the calibration store and return it (a fraction of the residual norm; see calibration.py)."""
+        from .calibration import CalibrationStore, calibrate
+
+        if self._engine is None:
+            raise SteeringError(f"calibrating {ref!r} needs the model: it is not loaded yet")
+        handle = self.handle(ref)
+        push = ADD_FRACTION * handle.add_scale / self.add_fraction(ref, handle.layer)
+        cal = calibrate(self._engine, {handle.layer: push * handle.direction}, handle.layer, handle.direction)
+        fraction = ADD_FRACTION * cal.multiplier
+        if self.calibrations is None:
+            self.calibrations = CalibrationStore()
+        self.calibrations.set(self.model_key, ref, handle.layer, fraction)
+        return fraction
+
     def handles(self, ref: str) -> list[FeatureHandle]:
         """The directions `ref` steers: one for a feature or vector, one per layer for a concept."""
         from .concepts import split_sign

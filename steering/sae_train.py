@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=3_000_000)
-    ap.add_argument("--d-sae", type=int, default=4608)
+    ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--no-resume", action="store_true")
     a = ap.parse_args(argv)

@@ -66,6 +66,14 @@ def load_eval_set(path: str | Path | None = None) -> EvalSet:
     return EvalSet([Concept(**c) for c in data["concepts"]], data["prompts"], data["calibration_prompts"])
 
 
+def feature_on_concept(info: dict, pattern: re.Pattern) -> bool:
+    """Whether a found feature is about the concept: its phrase, the tokens it fires on, the words it
+    promotes or the marked tokens of its top contexts contain a word of the concept's lexicon."""
+    marked = [m for c in info.get("contexts", []) for m in re.findall(r"«(.*?)»", c.get("text", ""))]
+    words = [info.get("phrase", ""), *info.get("top_act_tokens", []), *info.get("promotes", []), *marked]
+    return any(pattern.search(w.strip()) for w in words if w)
+
+
 def count_hits(text: str, pattern: re.Pattern) -> int:
     return len(pattern.findall(text))
 
@@ -170,10 +178,12 @@ class EvalReport:
     config: dict
     search_top1: dict[str, str]
     seconds: float
+    search_on_concept: dict[str, bool] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"results": [asdict(r) for r in self.results], "speed": self.speed, "config": self.config,
-                "search_top1": self.search_top1, "seconds": round(self.seconds, 1)}
+                "search_top1": self.search_top1, "search_on_concept": self.search_on_concept,
+                "seconds": round(self.seconds, 1)}
 
     def table(self) -> str:
         base = next((r for r in self.results if r.method == "unsteered"), None)
@@ -184,6 +194,10 @@ class EvalReport:
             s = "" if r.strength is None else f"{r.strength:g}"
             lines.append(f"{r.method:<22} {s:>8} {r.hit_rate:>6.0%} {r.mean_hits:>6.2f} {r.perplexity:>7.2f} "
                          f"{x:>6.2f} {r.rep3:>6.3f}")
+        if self.search_on_concept:
+            on = sum(self.search_on_concept.values())
+            lines.append(f"search top-1 on the concept: {on}/{len(self.search_on_concept)} "
+                         f"({on / len(self.search_on_concept):.0%})")
         if self.speed:
             lines.append(f"decode: unsteered {self.speed['unsteered_tok_s']:.1f} tok/s, steered "
                          f"{self.speed['steered_tok_s']:.1f} tok/s ({self.speed['overhead_pct']:+.1f} %)")
@@ -245,7 +259,7 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
              log: Callable[[str], None] = lambda _m: None) -> EvalReport:
     """Evaluate every method on the shipped concept set (see module docstring)."""
     from .concepts import NEUTRAL_CONTEXTS
-    from .features import search_features
+    from .features import search_features, show_feature
     from .library import ADD_FRACTION
     from .steering import SteeringError
     from .vectors import vector_from_examples
@@ -260,6 +274,7 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
     d_model, n_layers = engine.info.d_model, engine.info.layers
     results: list[Result] = []
     search_top1: dict[str, str] = {}
+    on_concept: dict[str, bool] = {}
 
     def evaluate(method: str, strength: float | None, rows: list[Row]) -> None:
         t0 = time.perf_counter()
@@ -279,6 +294,7 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
             found = search_features(library, c.query, limit=1, model=engine)
             if found:
                 search_top1[c.name] = f"{found[0]['id']} {found[0].get('label', '')}"
+                on_concept[c.name] = feature_on_concept(show_feature(library, found[0]["id"]), c.pattern())
                 handles[c.name] = library.handles(found[0]["id"])
         for s in strengths:
             evaluate("search", s, [Row(c, p, p, pushes_of(handles[c.name], s))
@@ -308,4 +324,4 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
     config = {"quick": quick, "prompts": len(prompts), "concepts": [c.name for c in chosen], "tokens": gen.tokens,
               "strengths": strengths, "model": engine.info.model, "dtype": engine.info.dtype,
               "concept_layers": library.concept_layers, "d_model": d_model}
-    return EvalReport(results, speed, config, search_top1, time.perf_counter() - started)
+    return EvalReport(results, speed, config, search_top1, time.perf_counter() - started, on_concept)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -95,3 +96,29 @@ def test_bench_writes_table_json_and_plot(tiny_model_dir, tmp_path):
     assert all(r["cold_ttft_ms"] > 0 and r["keystroke_p95_ms"] >= r["keystroke_p50_ms"] for r in rows.values())
     assert data["decode"]["tinymorph"]["tokens_per_s"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_steer_eval_quick_writes_table_json_and_plot(tiny_model_dir, tmp_path):
+    """Every method of the eval runs end to end (the tiny model's hit rates mean nothing; the shapes do)."""
+    env = {**os.environ, "TINYMORPH_CACHE_DIR": str(tmp_path / "cache")}
+    out = run("steer", "eval", "--quick", "--concepts", "sea,formal", "--strengths", "1",
+              "--model", str(tiny_model_dir), "--dtype", "float32", "--out", str(tmp_path), env=env)
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "steer-eval.json").read_text())
+    methods = {(r["method"], r["strength"]) for r in data["results"]}
+    assert {("unsteered", None), ("prompting", None), ("described", 1.0), ("examples", 1.0)} <= methods
+    assert all(r["n"] == 12 and r["perplexity"] > 0 for r in data["results"])
+    assert data["config"]["concepts"] == ["sea", "formal"]
+    assert "described" in out.stdout and (tmp_path / "steer-eval.png").stat().st_size > 1000
+    # the default SAE is made for another width than the tiny model: search has nothing to steer
+    assert not data["search_top1"]
+
+
+def test_feature_on_concept_reads_phrase_promotes_and_marked_contexts():
+    from tinymorph.steering.steer_eval import Concept, feature_on_concept
+
+    sea = Concept("sea", "topic", "about the sea", "sea", ["sea", "wave", "ocean"]).pattern()
+    assert feature_on_concept({"phrase": "ocean, tide"}, sea)
+    assert feature_on_concept({"promotes": ["waves"]}, sea)
+    assert feature_on_concept({"contexts": [{"text": "out on the «sea» at dawn"}]}, sea)
+    assert not feature_on_concept({"phrase": "perl, thread", "contexts": [{"text": "the sea «was» calm"}]}, sea)

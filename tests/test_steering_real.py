@@ -26,10 +26,11 @@ PROMPTS = [
     "The report concludes that",
     "Once upon a time, in a small village,",
 ]
-# Features with clear labels in the shipped SAE (see `tinymorph features show default:ID`).
-# id -> strength (1 = half the layer's typical residual norm along the feature's direction)
+# Concept features of the shipped SAE, found by `tinymorph features search` (see `features show default:ID`).
+# id -> (concept of the eval set, strength; 1 = half the layer's typical residual norm along the direction)
 EVIDENCE_FEATURES = {
-    4490: 2.0,  # fires on 'why', 'Why', 'because' → promotes 'why', 'Why' (measured: 1% → 19% of tokens)
+    2274: ("sea", 1.0),  # 'sea, seas, vessel' (measured: 2/6 → 5/6 continuations with a sea word)
+    191: ("music", 1.0),  # 'choral, music, violin' (measured: 0/6 → 3/6)
 }
 MAX_TOKENS = 16
 
@@ -88,16 +89,20 @@ def test_strength_zero_equals_unsteered(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("feature", list(EVIDENCE_FEATURES))
-def test_steering_raises_the_features_top_tokens(engine: Engine, library: FeatureLibrary, feature: int) -> None:
+def test_steering_a_concept_feature_puts_the_concept_in_the_text(engine: Engine, library: FeatureLibrary,
+                                                                  feature: int) -> None:
+    from tinymorph.steering.steer_eval import count_hits, load_eval_set
+
+    name, strength = EVIDENCE_FEATURES[feature]
+    concept = next(c for c in load_eval_set().concepts if c.name == name)
     info = show_feature(library, f"default:{feature}")
-    plan = SteeringPlan((SteeringEntry(f"default:{feature}", EVIDENCE_FEATURES[feature]),))
+    assert concept.pattern().search(info["phrase"]), info  # the label says what to expect
+    plan = SteeringPlan((SteeringEntry(f"default:{feature}", strength),))
     plain = [complete(engine, p) for p in PROMPTS]
     steered = [complete(engine, p, plan) for p in PROMPTS]
-    before = top_token_rate(engine, plain, info["top_tokens"])
-    after = top_token_rate(engine, steered, info["top_tokens"])
-    assert "why" in [t.strip().lower() for t in info["top_tokens"]]  # the label says what to expect
-    assert after >= before + 0.08, (info["label"], before, after, steered)
-    assert sum(s != p for s, p in zip(steered, plain, strict=True)) >= len(PROMPTS) // 2
+    before = sum(count_hits(t, concept.pattern()) > 0 for t in plain)
+    after = sum(count_hits(t, concept.pattern()) > 0 for t in steered)
+    assert after >= before + 2, (info["label"], before, after, steered)
 
 
 def test_ablate_and_clamp_change_less_than_add(engine: Engine) -> None:
@@ -148,9 +153,10 @@ def test_described_concept_puts_the_concept_in_the_text(engine: Engine, library:
     assert info["kind"] == "concept" and info["features"], info
 
 
-def test_search_finds_labelled_features(library: FeatureLibrary) -> None:
-    feature = next(iter(EVIDENCE_FEATURES))
-    info = show_feature(library, f"default:{feature}")
-    query = info["top_act_tokens"][0]
-    hits = search_features(library, query, limit=20)
-    assert hits and all(h["id"].startswith("default:") for h in hits)
+def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engine) -> None:
+    """The features above are what a writer gets first when searching for their concept."""
+    for feature, (name, _strength) in EVIDENCE_FEATURES.items():
+        hits = search_features(library, name, limit=5, model=engine)
+        assert hits and hits[0]["id"] == f"default:{feature}", (name, hits[:3])
+    labels_only = search_features(library, "sea", limit=20)  # no model: label words alone
+    assert labels_only and all(h["id"].startswith("default:") for h in labels_only)

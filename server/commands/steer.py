@@ -142,7 +142,7 @@ def run_add(args: argparse.Namespace) -> int:
                     for f in info["features"][:5]:
                         print(f"  {f['id']:>14}  {f['cosine']:+.2f}  {f['label']}")
             elif args.mode == "add":
-                fraction = calibrate_reference(engine, library, entry.feature)
+                fraction = library.calibrate(entry.feature)
                 print(f"{entry.feature}: strength 1 = {fraction:.2f} of the residual norm "
                       f"(calibrated in {time.perf_counter() - started:.1f} s)")
             else:
@@ -153,19 +153,6 @@ def run_add(args: argparse.Namespace) -> int:
         _check_feature(args, entry.feature)
     _print_entries(set_steer_entry(target, entry))
     return 0
-
-
-def calibrate_reference(engine, library, ref: str) -> float:
-    """Calibrate `add` strength 1 of a feature or vector and remember it (see steering/calibration.py)."""
-    from ...steering.calibration import calibrate
-    from ...steering.library import ADD_FRACTION
-
-    handle = library.handle(ref)
-    push = ADD_FRACTION * handle.add_scale / library.add_fraction(ref, handle.layer)
-    cal = calibrate(engine, {handle.layer: push * handle.direction}, handle.layer, handle.direction)
-    fraction = ADD_FRACTION * cal.multiplier
-    library.calibrations.set(library.model_key, ref, handle.layer, fraction)
-    return fraction
 
 
 def run_set(args: argparse.Namespace) -> int:
