@@ -46,6 +46,8 @@ from test_lsp import (  # noqa: F401 - the imported tests run here again, agains
     wait_ready,
 )
 
+from tinymorph.server.lsp_session import FOCUS_HOLD_S
+
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 TOKEN = "engine-s3cret"
@@ -199,13 +201,12 @@ async def engine(tiny_model_dir, workspace):
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=["local", "remote"])
-async def client(request, tiny_model_dir, workspace):
+async def client(request, tiny_model_dir, workspace, engine):
     """The LSP server with the embedded engine, or with `--engine` on the `engine` server."""
     if request.param == "local":
         c = await lsp_client(workspace=workspace, options={"model": str(tiny_model_dir), **OPTIONS})
     else:
-        url = request.getfixturevalue("engine").url
-        c = await lsp_client("--engine", url, "--token", TOKEN, workspace=workspace, options=OPTIONS)
+        c = await lsp_client("--engine", engine.url, "--token", TOKEN, workspace=workspace, options=OPTIONS)
     c.engine_kind = request.param  # type: ignore[attr-defined]
     yield c
     await close(c)
@@ -262,6 +263,7 @@ async def test_the_next_edit_closes_the_stream_and_cancels_on_the_server(remote:
         settings={"tinymorph": {"maxTokens": 400, "stop": "none"}}))
     try:
         await wait_status(remote, lambda s: True)
+        await asyncio.sleep(FOCUS_HOLD_S + 0.1)  # the last test's document lets go of the focus
         cancelled = await server_metric(engine.url, "tinymorph_scheduler_jobs_total", '{outcome="cancelled"}')
         open_doc(remote, uri, "A long story begins")
         v1 = edit(remote, uri, 0, 19, " here")
@@ -323,7 +325,7 @@ async def test_engine_down_then_back_then_lost_then_back(tiny_model_dir, workspa
         open_doc(c, uri, "The server was down")
         args = ("--model", str(tiny_model_dir), "--dtype", "float32", "--threads", "1", "--quiet")
         server = await EngineProcess.start(*args, port=port, cwd=workspace)
-        await wait_ready(c)
+        await wait_status(c, lambda s: s["state"] == "ready")  # reconnected by itself
         version = edit(c, uri, 0, 19, ",")
         await wait_hint(c, uri, version)
         await server.stop()
@@ -332,7 +334,7 @@ async def test_engine_down_then_back_then_lost_then_back(tiny_model_dir, workspa
         assert "engine" in st["message"] and url in st["message"], st
         assert (await command(c, "tinymorph.status"))["state"] == "error"  # alive, answering
         server = await EngineProcess.start(*args, port=port, cwd=workspace)
-        await wait_ready(c)
+        await wait_status(c, lambda s: s["state"] == "ready")  # reconnected by itself
         version = edit(c, uri, 0, 24, " up")
         await wait_hint(c, uri, version)
     finally:
@@ -352,39 +354,40 @@ def _events(response: httpx.Response) -> list[dict]:
     return out
 
 
-def test_document_requests_reuse_their_cache_and_report_engine_ttft(tiny_http_server):
-    url = tiny_http_server.url
+async def test_document_requests_reuse_their_cache_and_report_engine_ttft(tiny_http_server):
     body = {"prompt": "Once upon a time there was a", "max_tokens": 3, "temperature": 0, "stream": True,
             "document": "editor-1:file:///a.md"}
-    with httpx.Client(base_url=url, timeout=30) as http:
-        first = _events(http.post("/v1/completions", json=body))
+    async with httpx.AsyncClient(base_url=tiny_http_server.url, timeout=30) as http:
+        first = _events(await http.post("/v1/completions", json=body))
         body["prompt"] += " king"
-        second = _events(http.post("/v1/completions", json=body))
+        second = _events(await http.post("/v1/completions", json=body))
     for events in (first, second):
         assert events[0]["tinymorph"]["ttft_ms"] > 0  # the first text chunk says the engine's TTFT
         assert events[-1]["tinymorph"]["stop_reason"]
     assert second[-1]["tinymorph"]["timings"]["tokens_reused"] > 0, second[-1]  # the document's own cache
 
 
-def test_a_newer_request_of_a_document_cancels_the_older(tiny_http_server):
-    import threading
-
-    url = tiny_http_server.url
+async def test_a_newer_request_of_a_document_cancels_the_older(tiny_http_server):
     long = {"prompt": "A long, long", "max_tokens": 400, "temperature": 0, "stop_rule": "none",
             "repetition_penalty": 1.0, "stream": True, "document": "editor-2:file:///b.md"}
-    results: dict[str, list[dict]] = {}
+    async with httpx.AsyncClient(base_url=tiny_http_server.url, timeout=60) as http:
+        started = asyncio.Event()
+        older: list[dict] = []
 
-    def run(name: str, body: dict) -> None:
-        with httpx.Client(base_url=url, timeout=60) as http:
-            results[name] = _events(http.post("/v1/completions", json=body))
+        async def run_older() -> None:
+            async with http.stream("POST", "/v1/completions", json=long) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                        older.append(json.loads(line[5:]))
+                        started.set()
 
-    older = threading.Thread(target=run, args=("older", long))
-    older.start()
-    time.sleep(0.3)
-    run("newer", {**long, "prompt": "A long, long way", "max_tokens": 2})
-    older.join(60)
-    assert results["older"][-1]["tinymorph"]["stop_reason"] == "cancelled", results["older"][-1]
-    assert results["newer"][-1]["tinymorph"]["stop_reason"] != "cancelled"
-    with httpx.Client(base_url=url) as http:
-        bad = http.post("/v1/completions", json={"prompt": "x", "document": ""})
+        task = asyncio.ensure_future(run_older())
+        await asyncio.wait_for(started.wait(), 30)  # the older one is generating
+        newer = _events(await http.post("/v1/completions", json={**long, "prompt": "A long, long way",
+                                                                  "max_tokens": 2}))
+        await asyncio.wait_for(task, 60)
+        bad = await http.post("/v1/completions", json={"prompt": "x", "document": ""})
+    assert older[-1]["tinymorph"]["stop_reason"] == "cancelled", older[-1]
+    assert older[-1]["tinymorph"]["timings"]["tokens_generated"] < 400
+    assert newer[-1]["tinymorph"]["stop_reason"] != "cancelled"
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "document"
