@@ -68,6 +68,7 @@ class ReplicaOptions:
     cache_budget_mb: int = 256
     token: str | None = None
     check_host: bool = False  # loopback proxy without a token: answer only Host headers naming loopback
+    loopback: bool = True  # served on loopback: nothing of a replica listens beyond it
 
 
 @dataclass
@@ -84,14 +85,6 @@ class ScaleOptions:
     health_check_period_s: float = 5.0
     target_ongoing_requests: float = 4.0  # autoscaling: streams per replica before another one is added
     downscale_delay_s: float = 60.0
-
-
-def parse_autoscale(value: str) -> tuple[int, int]:
-    """"MIN:MAX" → (min, max), or ValueError saying what is wrong."""
-    lo, sep, hi = value.partition(":")
-    if not sep or not lo.isdigit() or not hi.isdigit() or not 0 < int(lo) <= int(hi):
-        raise ValueError(f"--autoscale {value!r}: expected MIN:MAX with 1 <= MIN <= MAX, e.g. 1:4")
-    return int(lo), int(hi)
 
 
 # -- per-replica statistics, shared through one small actor ---------------------------------------------
@@ -215,6 +208,8 @@ class TinymorphReplica:
     def __init__(self, options: dict[str, Any]):
         self.options = ReplicaOptions(**options)
         o = self.options
+        if o.loopback:
+            _bind_internal_grpc_to_loopback()
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         self.runtime = Runtime()
@@ -310,6 +305,23 @@ class TinymorphReplica:
                 log.debug("replica stats not pushed", exc_info=True)
 
 
+def _bind_internal_grpc_to_loopback() -> None:
+    """Ray Serve 2.60 starts each replica's inter-deployment gRPC server on `[::]:0` (hard-coded in
+    ray/serve/_private/replica.py, after the constructor); a deployment served on loopback keeps
+    it on loopback too (this project's rule: nothing it starts listens beyond loopback unasked)."""
+    from ray.serve._private import replica as serve_replica
+
+    original = serve_replica.add_port_to_grpc_server
+    if getattr(original, "loopback_only", False):
+        return
+
+    def loopback(server, address: str):
+        return original(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    loopback.loopback_only = True  # type: ignore[attr-defined]
+    serve_replica.add_port_to_grpc_server = loopback
+
+
 class _Lease(DocumentLease):
     def __init__(self, replica: TinymorphReplica, document: str):
         super().__init__(replica.runtime, document)
@@ -387,7 +399,7 @@ def replica_options(settings: ModelSettings, token: str | None, host: str, repli
     threads = settings.threads or max(1, int(replica_cpus))
     return ReplicaOptions(model=settings.model, dtype=settings.dtype, threads=threads,
                           context_tokens=settings.context_tokens, cache_budget_mb=settings.cache_budget_mb,
-                          token=token, check_host=is_loopback(host) and not token)
+                          token=token, check_host=is_loopback(host) and not token, loopback=is_loopback(host))
 
 
 def deploy(config: dict[str, Any], timeout_s: float = 600.0, progress=None) -> None:

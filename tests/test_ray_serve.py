@@ -307,7 +307,7 @@ async def test_scale_down_drains_streams_and_one_replica_matches_two(ray_engine)
     assert two["hit_ratio"] >= 0.9 * one["hit_ratio"], (one, two)
 
 
-def test_scale_flags_are_checked(tiny_model_dir):
+async def test_scale_flags_are_checked():
     import subprocess
 
     for args, message in ((["--replicas", "2"], "only with --ray"),
@@ -315,11 +315,11 @@ def test_scale_flags_are_checked(tiny_model_dir):
                           (["--ray", "--detach"], "--detach needs --ray-address"),
                           (["--ray", "--replicas", "0"], "at least 1")):
         done = subprocess.run([TINYMORPH, "serve", *args], env=SERVER_ENV, capture_output=True, text=True,
-                              timeout=120)
+                              timeout=60)
         assert done.returncode != 0 and message in done.stderr, (args, done.stderr[-500:])
 
 
-def test_autoscale_config_is_ray_serves():
+async def test_autoscale_config_is_ray_serves():
     from tinymorph.server import ray_serve
 
     config = ray_serve.serve_config(ray_serve.ReplicaOptions(), ray_serve.ScaleOptions(autoscale=(1, 4)),

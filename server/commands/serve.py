@@ -89,14 +89,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_autoscale(value: str) -> tuple[int, int]:
+    """"MIN:MAX" → (min, max), or UserError saying what is wrong."""
+    lo, sep, hi = value.partition(":")
+    if not sep or not lo.isdigit() or not hi.isdigit() or not 0 < int(lo) <= int(hi):
+        raise UserError(f"--autoscale {value!r}: expected MIN:MAX with 1 <= MIN <= MAX, e.g. 1:4")
+    return int(lo), int(hi)
+
+
+def _use_ray_token() -> None:
+    """Ray 2.60 protects a cluster it starts with a token (~/.ray/auth_token) but a driver that
+    connects to one sends it only with RAY_AUTH_MODE=token: set that when a token is at hand."""
+    from pathlib import Path
+
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def run_ray(args: argparse.Namespace, settings, token: str | None) -> int:
     """Deploy on Ray Serve and serve until Ctrl-C (or, with --detach, deploy and leave)."""
-    try:
-        import ray
-
-        from .. import ray_serve
-    except ImportError as exc:
-        raise UserError(f"--ray needs Ray Serve: pip install 'tinymorph[cluster]' ({exc})") from None
     if args.port == 0:
         raise UserError("--port 0: Ray Serve's proxy needs a fixed port")
     if args.replicas is not None and args.replicas < 1:
@@ -105,10 +117,15 @@ def run_ray(args: argparse.Namespace, settings, token: str | None) -> int:
         raise UserError("--replica-cpus must be > 0 and --replica-gpus >= 0")
     if args.detach and not args.ray_address:
         raise UserError("--detach needs --ray-address: a local cluster ends with this command")
+    autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+    if args.ray_address:
+        _use_ray_token()  # before Ray is imported: it reads its auth mode once
     try:
-        autoscale = ray_serve.parse_autoscale(args.autoscale) if args.autoscale else None
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+        import ray
+
+        from .. import ray_serve
+    except ImportError as exc:
+        raise UserError(f"--ray needs Ray Serve: pip install 'tinymorph[cluster]' ({exc})") from None
     scale = ray_serve.ScaleOptions(replicas=args.replicas or 1, autoscale=autoscale,
                                    replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus)
     options = ray_serve.replica_options(settings, token, args.host, args.replica_cpus)
