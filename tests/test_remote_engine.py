@@ -242,17 +242,24 @@ async def remote(engine, workspace):
 
 
 async def test_ttft_is_split_into_engine_and_network(remote: LanguageClient):
-    uri = "file:///tmp/split.md"
-    open_doc(remote, uri, "It was the best of times")
-    version = edit(remote, uri, 0, 24, ",")
-    metrics = await wait_done(remote, uri, version)
-    engine_ms, network_ms = metrics["engineTtftMs"], metrics["networkMs"]
-    assert engine_ms > 0 and network_ms >= 0, metrics
-    assert abs(engine_ms + network_ms - metrics["ttftMs"]) < 1.0, metrics
+    uri = f"file:///tmp/split-{id(remote)}.md"
+    text = "It was the best of times"
+    open_doc(remote, uri, text)
+    splits = []
+    for i, ch in enumerate(", it was"):  # keystrokes, each waiting for its suggestion
+        await command(remote, "tinymorph.dismiss", uri)  # so no keystroke just types ahead of the last one
+        version = edit(remote, uri, 0, len(text) + i, ch)
+        metrics = await wait_done(remote, uri, version)
+        engine_ms, network_ms = metrics["engineTtftMs"], metrics["networkMs"]
+        assert engine_ms > 0 and network_ms >= 0, metrics
+        assert abs(engine_ms + network_ms - metrics["ttftMs"]) < 1.0, metrics
+        splits.append((metrics["ttftMs"], engine_ms, network_ms))
     hint = await wait_hint(remote, uri, version)
     assert "engine" in hint.tooltip.value and "network" in hint.tooltip.value
     assert any("network" in m.message and f"v{version}" in m.message for m in remote.log_messages)
-    print(f"\nremote TTFT {metrics['ttftMs']:.1f} ms = engine {engine_ms:.1f} ms + network {network_ms:.1f} ms")
+    median = sorted(splits)[len(splits) // 2]
+    print(f"\nremote TTFT per keystroke (median of {len(splits)}): {median[0]:.1f} ms = engine {median[1]:.1f} ms"
+          f" + network {median[2]:.1f} ms")
 
 
 async def test_the_next_edit_closes_the_stream_and_cancels_on_the_server(remote: LanguageClient, engine):

@@ -107,6 +107,18 @@ def _use_ray_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (kill, systemd, a container stop) shuts down like Ctrl-C: the deployment is deleted and
+    every process of a local cluster ends. (Ray's own driver handler exits at once and leaves its
+    agents running.)"""
+    import signal
+
+    def stop(_signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run_ray(args: argparse.Namespace, settings, token: str | None) -> int:
     """Deploy on Ray Serve and serve until Ctrl-C (or, with --detach, deploy and leave)."""
     if args.port == 0:
@@ -134,11 +146,14 @@ def run_ray(args: argparse.Namespace, settings, token: str | None) -> int:
     if args.ray_address:
         ray.init(address=args.ray_address, namespace=ray_serve.NAMESPACE, log_to_driver=False)
     else:
-        # a single-machine cluster on loopback (Ray would otherwise pick the machine's public address)
+        # a single-machine cluster on loopback (Ray would otherwise pick the machine's public address),
+        # and no usage report sent to Ray's servers unless the user asks for it
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, namespace=ray_serve.NAMESPACE,
                  log_to_driver=False)
     print(f"[tinymorph] Ray cluster at {ray.get_runtime_context().gcs_address}", file=sys.stderr, flush=True)
+    _stop_on_sigterm()
     try:
         try:
             ray_serve.deploy(config, progress=report)
@@ -157,9 +172,11 @@ def run_ray(args: argparse.Namespace, settings, token: str | None) -> int:
             pass
     finally:
         if not args.detach:
-            ray_serve.undeploy()
-            from ray import serve
+            if args.ray_address:  # someone else's cluster: remove only this deployment
+                ray_serve.undeploy()
+            else:  # ours: Serve goes, then the whole local cluster
+                from ray import serve
 
-            serve.shutdown()
+                serve.shutdown()
         ray.shutdown()
     return 0
