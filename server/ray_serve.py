@@ -424,14 +424,21 @@ def deploy(config: dict[str, Any], timeout_s: float = 600.0, progress=None) -> N
         if status == "RUNNING" and app.last_deployed_time_s != deployed_before:  # this config, not the last
             return
         if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            details = "; ".join(f"{name}: {d.message}" for name, d in app.deployments.items() if d.message)
-            raise RuntimeError(f"the deployment failed ({status}): {details or app.message}")
+            reasons = [_last_line(d.message) for d in app.deployments.values() if d.message]
+            raise RuntimeError(f"the replicas could not start ({status}): {'; '.join(reasons) or app.message}")
         if progress is not None and status != last:
             progress(f"Ray Serve: {status.lower()}", None)
         last = status
         if time.monotonic() > deadline:
             raise RuntimeError(f"the deployment is not running after {timeout_s:g} s (status {status})")
         time.sleep(0.5)
+
+
+def _last_line(message: str) -> str:
+    """The reason at the end of Serve's message (the replica's exception), without the traceback."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else message
+    return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(("Error", "Exception")) else last
 
 
 def undeploy() -> None:

@@ -342,3 +342,26 @@ async def test_autoscale_config_is_ray_serves():
 async def test_status_names_the_remote_engine(client: LanguageClient, ray_engine):
     st = await command(client, "tinymorph.status")
     assert st["state"] == "ready" and ray_engine.url in st["message"], st
+
+
+async def test_a_model_that_cannot_load_is_one_clear_error():
+    """Replicas that cannot load their model: Serve retries them, then the command says why in one
+    line (exit 2) and its local cluster is gone."""
+    temp = tempfile.mkdtemp(prefix="tmray-", dir="/tmp")
+    env = {**SERVER_ENV, "RAY_TMPDIR": temp}
+    proc = await asyncio.create_subprocess_exec(
+        TINYMORPH, "serve", "--ray", "--replica-cpus", "0.5", "--ray-cpus", "2", "--port", str(free_port()),
+        "--model", "/nonexistent/model", "--quiet", env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), START_TIMEOUT_S)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        leftovers = _kill_leftovers(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+    errors = [line for line in err.decode(errors="replace").splitlines() if line.startswith("tinymorph: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, err.decode(errors="replace")[-3000:]
+    assert "could not start" in errors[0] and "/nonexistent/model" in errors[0] and "Traceback" not in errors[0]
+    assert not leftovers, leftovers

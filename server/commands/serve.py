@@ -132,6 +132,11 @@ def run_ray(args: argparse.Namespace, settings, token: str | None) -> int:
     autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
     if args.ray_address:
         _use_ray_token()  # before Ray is imported: it reads its auth mode once
+    else:
+        # a single-machine cluster on loopback (Ray would otherwise pick the machine's public address),
+        # and no usage report sent to Ray's servers unless the user asks for it
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         import ray
 
@@ -146,10 +151,6 @@ def run_ray(args: argparse.Namespace, settings, token: str | None) -> int:
     if args.ray_address:
         ray.init(address=args.ray_address, namespace=ray_serve.NAMESPACE, log_to_driver=False)
     else:
-        # a single-machine cluster on loopback (Ray would otherwise pick the machine's public address),
-        # and no usage report sent to Ray's servers unless the user asks for it
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, namespace=ray_serve.NAMESPACE,
                  log_to_driver=False)
     print(f"[tinymorph] Ray cluster at {ray.get_runtime_context().gcs_address}", file=sys.stderr, flush=True)
