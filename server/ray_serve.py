@@ -6,13 +6,20 @@ Serve's proxy listens on HOST:PORT and routes each request to a replica. So the 
 validation, its token and its errors are the same, and steering stays per request.
 
 Document affinity: a request's prefix cache lives in one replica, so the requests of one document
-must keep landing there. The remote engine sends the document id in Ray Serve's model-multiplexing
-header (`serve_multiplexed_model_id`); each replica registers the documents it serves through a
-`@serve.multiplexed` loader (the "model" is a lease on the document's cache, dropped when the
-replica's LRU of documents lets it go), and Serve's router sends a document's requests to the
-replica that reports it, new documents to the replica holding the fewest. Every answer says which
-replica made it (`x-tinymorph-replica`), so affinity can be measured from outside
-(tests/test_ray_serve.py measures it on a typing run).
+must keep landing there. The remote engine sends the document id twice: as Ray Serve's session id
+(`x-session-id`) and as its model-multiplexing key (`serve_multiplexed_model_id`). Two routers:
+
+- `hash` (default): Ray Serve's consistent-hash request router over the session id. A document's
+  replica is a function of its id and the replica set, the same in every proxy from the first
+  request on; scaling moves only the documents of the replicas that came or went.
+- `multiplex`: Serve's default router with model multiplexing. Each replica registers the documents
+  it serves (the `@serve.multiplexed` loader below) and the router prefers the replica that
+  reports a document, new documents going to the replica holding the fewest (better balance), but
+  a document's next request can race the report and land elsewhere (measured: docs/scaling.md).
+
+Either way every replica keeps an LRU of its documents through the multiplexed loader (the "model"
+is a lease on the document's caches, dropped with them), and every answer names its replica
+(`x-tinymorph-replica`), so affinity can be measured from outside (tests/test_ray_serve.py).
 
 Health: Serve calls `check_health` (a failed engine restarts the replica); `/healthz` answers for
 the replica it reaches. Metrics: each replica pushes a snapshot (its Prometheus text and cache and
@@ -51,6 +58,8 @@ DEPLOYMENT_NAME = "TinymorphReplica"
 NAMESPACE = "tinymorph"
 STATS_ACTOR = "tinymorph-replica-stats"
 MULTIPLEX_HEADER = b"serve_multiplexed_model_id"
+HASH_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
+ROUTERS = ("hash", "multiplex")
 REPLICA_HEADER = b"x-tinymorph-replica"
 DOCUMENTS_PER_REPLICA = 512  # documents a replica keeps registered (and cached) before its LRU drops one
 PUSH_EVERY_S = 1.0
@@ -85,6 +94,7 @@ class ScaleOptions:
     health_check_period_s: float = 5.0
     target_ongoing_requests: float = 4.0  # autoscaling: streams per replica before another one is added
     downscale_delay_s: float = 60.0
+    router: str = "hash"  # how a document finds its replica: "hash" (session id) or "multiplex"
 
 
 # -- per-replica statistics, shared through one small actor ---------------------------------------------
@@ -376,6 +386,11 @@ def serve_config(options: ReplicaOptions, scale: ScaleOptions, host: str, port: 
         "health_check_period_s": scale.health_check_period_s,
         "ray_actor_options": {"num_cpus": scale.replica_cpus, "num_gpus": scale.replica_gpus},
     }
+    if scale.router == "hash":  # one fallback replica, only when the document's own one refuses (full queue)
+        deployment["request_router_config"] = {
+            "request_router_class": HASH_ROUTER,
+            "request_router_kwargs": {"num_virtual_nodes": 100, "num_fallback_replicas": 1},
+        }
     if scale.autoscale is not None:
         lo, hi = scale.autoscale
         deployment["autoscaling_config"] = {

@@ -10,7 +10,8 @@ scheduler owns one CPU and steps one forward pass at a time; here the server doe
 the editor-first priority), and the client's job is to keep one stream open per document and close
 it the moment the user types on. Each job is an asyncio task on one background loop, streaming
 `POST /v1/completions` (SSE) with the document id (so the server reuses that document's prefix
-cache, and Ray Serve routes it to the replica that holds it via `serve_multiplexed_model_id`) and
+cache, and Ray Serve routes it to the replica that holds it: `x-session-id` and
+`serve_multiplexed_model_id`) and
 the steering plan of this request. Cancelling the task closes the connection, which cancels the
 generation on the server between two tokens.
 
@@ -50,6 +51,7 @@ READ_TIMEOUT_S = 60.0  # between two chunks of a stream (a long queue on a busy 
 LOADING_WAIT_S = 300.0  # how long `connect` waits for a server whose model is still loading
 RETRY_EVERY_S = 2.0  # the watchdog's /healthz poll while the engine is unreachable
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"  # Ray Serve's model-multiplexing routing key
+SESSION_HEADER = "x-session-id"  # Ray Serve's session id (its consistent-hash router's key)
 
 
 class EngineUnreachable(ModelError):
@@ -109,8 +111,8 @@ class RemoteEngine:
 
     def headers(self, document: str | None = None) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        if document is not None:
-            headers[MULTIPLEX_HEADER] = document
+        if document is not None:  # Ray Serve routes a document to the replica holding its cache
+            headers[MULTIPLEX_HEADER] = headers[SESSION_HEADER] = document
         return headers
 
     def document_id(self, doc_id: str) -> str:

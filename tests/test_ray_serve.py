@@ -158,7 +158,8 @@ async def stream(h: httpx.AsyncClient, document: str, prompt: str, max_tokens: i
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "document": document,
             "stop_rule": "none", "repetition_penalty": 1.0}
     chunks, done, final = 0, False, None
-    async with h.stream("POST", "/v1/completions", json=body, headers={MULTIPLEX: document}) as response:
+    headers = {MULTIPLEX: document, "x-session-id": document}  # what `lsp --engine` sends
+    async with h.stream("POST", "/v1/completions", json=body, headers=headers) as response:
         assert response.status_code == 200, await response.aread()
         replica = response.headers["x-tinymorph-replica"]
         async for line in response.aiter_lines():
@@ -236,12 +237,12 @@ async def test_health_and_metrics_per_replica_and_aggregated(ray_engine):
         assert (await h.get("/healthz")).status_code == 200
         assert (await h.get("/v1/models")).json()["data"][0]["ready"] is True
         assert (await h.get("/metrics", headers={"Authorization": "Bearer wrong"})).status_code == 401
-        for i in range(6):  # some traffic so every replica has series
+        for i in range(16):  # some traffic so every replica has series (16 documents: both get some)
             await stream(h, f"metrics-doc{i}", "Metrics for everyone")
     deadline = time.monotonic() + 20
     while True:  # replicas report every second
         state = await cluster(ray_engine)
-        if state["total"]["replicas"] == 2 and state["total"]["requests"] >= 6:
+        if state["total"]["replicas"] == 2 and state["total"]["requests"] >= 16:
             break
         assert time.monotonic() < deadline, state
         await asyncio.sleep(0.5)
@@ -257,7 +258,7 @@ async def test_health_and_metrics_per_replica_and_aggregated(ray_engine):
 
     samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
     served = {r["replica"] for r in state["replicas"] if r["requests"]}
-    assert served == names, state  # new documents went to the replica holding the fewest
+    assert served == names, state  # the documents spread over both replicas
     for name in served:  # each replica's own series, labelled with it
         assert any(s.name == "tinymorph_http_requests_total" and s.labels.get("replica") == name
                    and s.labels.get("route") == "/v1/completions" for s in samples), name
@@ -266,11 +267,11 @@ async def test_health_and_metrics_per_replica_and_aggregated(ray_engine):
 
 
 async def test_typing_run_spreads_documents_and_keeps_each_on_its_replica(ray_engine):
-    run = await typing_run(ray_engine, "spread")
+    run = await typing_run(ray_engine, "spread", documents=16, keystrokes=6)
     print(f"\n2 replicas, typing run: {run}")
     assert len(run["per_replica"]) == 2, run  # both replicas served: documents spread over them
     assert run["affinity"] == 1.0 and not run["split"], run  # every document stayed on its replica
-    assert run["hit_ratio"] >= 0.85, run  # 9 of 10 keystrokes of a document reuse its cache
+    assert run["hit_ratio"] >= 0.8, run  # 5 of 6 keystrokes of a document reuse its cache
 
 
 async def test_scale_down_drains_streams_and_one_replica_matches_two(ray_engine):
@@ -279,7 +280,7 @@ async def test_scale_down_drains_streams_and_one_replica_matches_two(ray_engine)
     two = await typing_run(ray_engine, "two")
     async with http(ray_engine) as h:
         placed: dict[str, str] = {}
-        for i in range(12):  # one document on each replica
+        for i in range(24):  # one document on each replica
             r = await stream(h, f"drain-doc{i}", "Placed")
             placed.setdefault(r["replica"], r["document"])
             if len(placed) == 2:
@@ -333,6 +334,7 @@ async def test_autoscale_config_is_ray_serves():
     from ray.serve.schema import ServeDeploySchema
 
     deployment = ServeDeploySchema.model_validate(config).applications[0].deployments[0]
+    assert deployment.request_router_config["request_router_class"] == ray_serve.HASH_ROUTER
     assert deployment.autoscaling_config["min_replicas"] == 1
     assert deployment.autoscaling_config["max_replicas"] == 4
     assert deployment.graceful_shutdown_timeout_s == 30.0

@@ -35,6 +35,9 @@ def register(sub) -> None:
     ray.add_argument("--replica-cpus", type=float, default=1.0,
                      help="CPUs Ray reserves per replica (fractions allowed; default 1)")
     ray.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
+    ray.add_argument("--router", choices=["hash", "multiplex"], default=None,
+                     help="how a document finds the replica holding its cache: consistent hashing of its id "
+                          "(default) or Ray Serve's model multiplexing (docs/scaling.md)")
     ray.add_argument("--ray-address", default=None,
                      help="an existing Ray cluster (e.g. auto, or HOST:6379); default: start a local one here")
     ray.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
@@ -46,7 +49,7 @@ def register(sub) -> None:
 def _ray_flags_without_ray(args: argparse.Namespace) -> list[str]:
     given = {"--replicas": args.replicas is not None, "--autoscale": args.autoscale is not None,
              "--ray-address": args.ray_address is not None, "--detach": args.detach,
-             "--ray-cpus": args.ray_cpus is not None}
+             "--ray-cpus": args.ray_cpus is not None, "--router": args.router is not None}
     return [flag for flag, set_ in given.items() if set_]
 
 
@@ -144,7 +147,8 @@ def run_ray(args: argparse.Namespace, settings, token: str | None) -> int:
     except ImportError as exc:
         raise UserError(f"--ray needs Ray Serve: pip install 'tinymorph[cluster]' ({exc})") from None
     scale = ray_serve.ScaleOptions(replicas=args.replicas or 1, autoscale=autoscale,
-                                   replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus)
+                                   replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
+                                   router=args.router or "hash")
     options = ray_serve.replica_options(settings, token, args.host, args.replica_cpus)
     config = ray_serve.serve_config(options, scale, args.host, args.port)
     report = progress_printer(args.quiet)
