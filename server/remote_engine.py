@@ -52,6 +52,9 @@ LOADING_WAIT_S = 300.0  # how long `connect` waits for a server whose model is s
 RETRY_EVERY_S = 2.0  # the watchdog's /healthz poll while the engine is unreachable
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"  # Ray Serve's model-multiplexing routing key
 SESSION_HEADER = "x-session-id"  # Ray Serve's session id (its consistent-hash router's key)
+# this editor process: its document ids never clash with another editor's on a shared engine, and stay
+# the same across reconnects (the server's caches for them stay useful)
+CLIENT_ID = uuid.uuid4().hex[:12]
 
 
 class EngineUnreachable(ModelError):
@@ -103,7 +106,7 @@ class RemoteEngine:
         self.context = ContextPolicy(max_tokens=context_tokens)
         self.info = EngineInfo(model=model, folder=url, dtype="remote", threads=0, layers=0, d_model=0, vocab=0,
                                max_positions=0, weight_bytes=0, load_s=connect_s)
-        self.client_id = uuid.uuid4().hex[:12]  # this editor process: document ids never clash across editors
+        self.client_id = CLIENT_ID
 
     @property
     def ready_message(self) -> str:

@@ -171,8 +171,8 @@ def tooltip_for(view: View) -> str:
     lines = ["**tinymorph suggestion**", "", f"{fence}text", view.rest, fence, ""]
     if s.completion is not None:
         t = s.completion.timings
-        split = _ttft_split(t)
-        split = f" (engine {split[0]:.0f} ms + network {split[1]:.0f} ms)" if split else ""
+        parts = _ttft_split(t)
+        split = f" (engine {parts[0]:.0f} ms + network {parts[1]:.0f} ms)" if parts else ""
         lines.append(f"TTFT {t.ttft_ms:.0f} ms{split} · {t.decode_tokens_per_s:.1f} tokens/s · "
                      f"{t.tokens_generated} tokens ({t.tokens_reused} cached, {t.tokens_prefilled} prefilled)"
                      f" · stop: {s.completion.stop_reason}")
