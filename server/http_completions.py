@@ -26,7 +26,7 @@ from ..steering.steering import SteeringPlan
 from .http_models import DEFAULT_MAX_TOKENS, DEFAULT_REPETITION_PENALTY, AblateEntry, CompletionRequestBase
 from .http_models import SteeringEntry as SteeringEntryModel
 from .runtime import Runtime
-from .scheduler import PRIORITY_HTTP, Job
+from .scheduler import PRIORITY_EDITOR, PRIORITY_HTTP, Job
 
 MIN_TEMPERATURE = 1e-3
 MIN_TOP_P = 1e-6  # any smaller top_p means the same thing (the top token only)
@@ -69,6 +69,7 @@ class CompletionCall:
     stream: bool
     include_usage: bool
     model: str | None
+    document: str | None = None  # a client's document id: its own prefix cache, latest request wins
 
 
 def unresolved(message: str, param: str | None) -> ApiError:
@@ -102,7 +103,7 @@ def call_from_request(body: CompletionRequestBase, runtime: Runtime) -> Completi
     else:
         steering = plan_from_entries(body.steering)
     include_usage = body.stream_options.include_usage if body.stream_options is not None else False
-    return CompletionCall(prompt, options, steering, bool(body.stream), include_usage, body.model)
+    return CompletionCall(prompt, options, steering, bool(body.stream), include_usage, body.model, body.document)
 
 
 def plan_from_entries(entries: list[SteeringEntryModel | AblateEntry], param: str = "steering") -> SteeringPlan:
@@ -167,11 +168,19 @@ class DocSlots:
             engine.forget(doc_id)
 
 
+DOCUMENT_PREFIX = "doc:"  # engine doc ids of client-named documents (never clash with pooled `http:` slots)
+
+
 class JobBridge:
     """Runs one request on the scheduler and delivers its events to an asyncio queue.
 
     Scheduler callbacks run on the engine thread; they only ever hop to the loop with
     `call_soon_threadsafe` (and give up quietly if the loop has gone away at shutdown).
+
+    A request naming a `document` (an editor's remote engine) uses that document's own cache and
+    the scheduler's replace key for it, like the in-process editor: the newest request of a
+    document (and plan) cancels an older one that is still running, so the two never share a
+    cache even when the old stream's disconnect is noticed after the new request arrived.
     """
 
     def __init__(
@@ -187,10 +196,18 @@ class JobBridge:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[str, Any, Any]] = asyncio.Queue()
         self.runtime, self.slots = runtime, slots
-        self.doc_id = slots.acquire()
+        replace = None
+        if call.document is not None:
+            self.doc_id, self.pooled = DOCUMENT_PREFIX + call.document, False
+            plan_key = call.steering.cache_key() if call.steering is not None else ""
+            replace, priority = ("http-document", self.doc_id, plan_key), PRIORITY_EDITOR
+        else:
+            self.doc_id, self.pooled = slots.acquire(), True
         request = CompletionRequest(text=call.prompt, doc_id=self.doc_id, options=call.options, steering=call.steering)
-        self.job = Job(request, priority=priority, on_token=self._on_token if stream else None, on_done=self._on_done)
+        self.job = Job(request, priority=priority, replace=replace, on_token=self._on_token if stream else None,
+                       on_done=self._on_done)
         self.finished = False
+        self.first_token_ms: float | None = None  # engine TTFT (queued → first token), for the first chunk
         self.on_finish = on_finish  # runs on the loop once the job is over, even if nobody waits
 
     def start(self) -> Job:
@@ -205,11 +222,14 @@ class JobBridge:
         except RuntimeError:  # loop closed: the server is gone, nobody is listening
             pass
 
-    def _on_token(self, _job: Job, event: TokenEvent) -> None:
+    def _on_token(self, job: Job, event: TokenEvent) -> None:
+        if self.first_token_ms is None and job.request.queued_at is not None:
+            self.first_token_ms = (time.perf_counter() - job.request.queued_at) * 1000
         self._post(("token", event, None))
 
     def _on_done(self, _job: Job, completion: Completion | None, error: BaseException | None) -> None:
-        self.slots.release(self.doc_id, self.runtime)
+        if self.pooled:
+            self.slots.release(self.doc_id, self.runtime)
         if completion is not None:
             self.runtime.completed(completion, "http")
         self._post(("done", completion, error))
@@ -279,11 +299,22 @@ def completion_body(ids: ResponseIds, completion: Completion) -> dict[str, Any]:
 
 
 def chunk_body(
-    ids: ResponseIds, text: str, completion: Completion | None = None, include_usage: bool = False
+    ids: ResponseIds,
+    text: str,
+    completion: Completion | None = None,
+    include_usage: bool = False,
+    first_token_ms: float | None = None,
 ) -> dict[str, Any]:
-    """One SSE chunk; the last one (with `completion`) carries finish_reason and the extension."""
+    """One SSE chunk; the last one (with `completion`) carries finish_reason and the extension.
+
+    The first text chunk carries `tinymorph.ttft_ms`, the engine's time to first token (queued →
+    first token), so a client can split its own end-to-end TTFT into engine and network time
+    without waiting for the end of the stream.
+    """
     reason = finish_reason(completion) if completion is not None else None
     body = ids.envelope([{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}])
+    if first_token_ms is not None:
+        body["tinymorph"] = {"ttft_ms": round(first_token_ms, 3)}
     if completion is not None:
         body["tinymorph"] = extension(completion)
         if include_usage:

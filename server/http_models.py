@@ -34,6 +34,7 @@ MAX_STOP_STRINGS = 4
 MAX_STEERING_ENTRIES = 32
 MAX_FEATURE_CHARS = 200
 MAX_SEED = 2**53 - 1
+MAX_DOCUMENT_CHARS = 512
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_REPETITION_PENALTY = GenerationOptions().repetition_penalty  # the engine's and the editor's default
 
@@ -183,6 +184,9 @@ PlanChoice = Annotated[
 ]
 
 
+DocumentId = Annotated[str, Field(min_length=1, max_length=MAX_DOCUMENT_CHARS), AfterValidator(_well_formed)]
+
+
 class StreamOptions(StrictModel):
     include_usage: bool = False
 
@@ -226,6 +230,13 @@ class CompletionRequestBase(StrictModel):
     )
     stop_rule: Literal[STOP_RULES] | None = Field(  # type: ignore[valid-type]
         "none", description="tinymorph extension: also stop at a word/line/sentence/paragraph boundary"
+    )
+    document: DocumentId | None = Field(
+        None,
+        description="tinymorph extension: the id of the document this prompt continues (an editor's "
+        "remote engine sends it). Its prefix cache is kept and reused by the next request for the same "
+        "document, a newer request for it (same steering) cancels an older one still running, and it "
+        "runs at editor priority. Without it every request gets a pooled cache of its own.",
     )
 
 
@@ -303,6 +314,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     ready: bool
+    context_tokens: int | None = Field(
+        None, description="tinymorph extension: the prompt window in tokens (editors cut their context to match)"
+    )
 
 
 class ModelList(BaseModel):

@@ -181,7 +181,9 @@ def _feature_call(ls: TinymorphServer, name: str, *args) -> Any:
     if fn is None:
         raise RequestFailed("feature search not available yet")
     library = _library(ls)
-    extra = {"model": ls.runtime.engine} if name == "search_features" and ls.runtime.engine is not None else {}
+    engine = ls.runtime.engine
+    local = engine is not None and not getattr(engine, "remote", False)  # a remote engine cannot read activations
+    extra = {"model": engine} if name == "search_features" and local else {}
     try:
         return fn(library, *args, **extra)
     except SteeringError as exc:

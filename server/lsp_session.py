@@ -364,7 +364,10 @@ class TinymorphServer(LanguageServer):
         if state in ("ready", "error") and self._progress_token is not None:
             token, self._progress_token = self._progress_token, None
             self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
-        self.log(f"model {state}: {message}", types.MessageType.Error if state == "error" else types.MessageType.Info)
+        if state == "error":  # the user must see why nothing is suggested (a model or an engine that failed)
+            self.show(message, types.MessageType.Error)
+        else:
+            self.log(f"model {state}: {message}")
         self.notify_status(state=state, message=message)
         if state in ("ready", "error") and self.model_settings() != self.runtime.settings:
             self.reload_if_needed()  # settings changed while the model was loading

@@ -21,6 +21,7 @@ State = Literal["idle", "loading", "ready", "error"]
 ProgressListener = Callable[[str, float | None], None]
 CompletionListener = Callable[[Completion, str], None]  # (completion, source: "lsp" | "http")
 StateListener = Callable[["Runtime"], None]
+Connector = Callable[["ModelSettings", "ProgressListener | None"], Engine]  # an engine from elsewhere
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Runtime:
     settings: ModelSettings = field(default_factory=ModelSettings)
     completion_listeners: list[CompletionListener] = field(default_factory=list)
     state_listeners: list[StateListener] = field(default_factory=list)
+    connect: Connector | None = None  # how `load` gets its engine instead (a remote engine); None: load here
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _loader: threading.Thread | None = None
 
@@ -64,7 +66,8 @@ class Runtime:
             from ..steering.model import ModelError
 
             try:
-                loaded = engine or Engine.load(
+                connected = self.connect(self.settings, progress) if engine is None and self.connect else None
+                loaded = engine or connected or Engine.load(
                     self.settings.model, dtype=self.settings.dtype, threads=self.settings.threads,
                     context_tokens=self.settings.context_tokens,
                     cache_budget_mb=self.settings.cache_budget_mb, progress=progress,
@@ -76,11 +79,17 @@ class Runtime:
                 self._set_state("error", f"loading {self.settings.model} failed: {exc}")
                 return
             self.scheduler.set_engine(loaded)
-            self._set_state("ready", f"{loaded.info.model} ({loaded.info.dtype}) loaded in {loaded.info.load_s:.1f} s")
+            message = getattr(loaded, "ready_message", None)
+            self._set_state("ready", message or f"{loaded.info.model} ({loaded.info.dtype}) loaded in "
+                                                f"{loaded.info.load_s:.1f} s")
 
         self._loader = threading.Thread(target=work, name="tinymorph-load", daemon=True)
         self._loader.start()
         return self._loader
+
+    def lost(self, message: str) -> None:
+        """The engine stopped answering (a remote one went away): state error until it is back."""
+        self._set_state("error", message)
 
     def check_plan(self, plan: SteeringPlan) -> None:
         """Resolve `plan` with the loaded engine's resolver (raises ValueError/SteeringError if it
@@ -97,7 +106,7 @@ class Runtime:
         resolver only knows the process's working directory.
         """
         engine = self.engine
-        if engine is None:
+        if engine is None or getattr(engine, "remote", False):  # a remote engine resolves with its own SAEs
             return
         from ..steering.library import default_resolver
 

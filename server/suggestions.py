@@ -171,7 +171,9 @@ def tooltip_for(view: View) -> str:
     lines = ["**tinymorph suggestion**", "", f"{fence}text", view.rest, fence, ""]
     if s.completion is not None:
         t = s.completion.timings
-        lines.append(f"TTFT {t.ttft_ms:.0f} ms · {t.decode_tokens_per_s:.1f} tokens/s · "
+        parts = _ttft_split(t)
+        split = f" (engine {parts[0]:.0f} ms + network {parts[1]:.0f} ms)" if parts else ""
+        lines.append(f"TTFT {t.ttft_ms:.0f} ms{split} · {t.decode_tokens_per_s:.1f} tokens/s · "
                      f"{t.tokens_generated} tokens ({t.tokens_reused} cached, {t.tokens_prefilled} prefilled)"
                      f" · stop: {s.completion.stop_reason}")
     else:
@@ -181,10 +183,18 @@ def tooltip_for(view: View) -> str:
     return "\n".join(lines)
 
 
+def _ttft_split(t) -> tuple[float, float] | None:
+    """(engine, network) ms of a remote generation's TTFT (`RemoteTimings`); None for a local one."""
+    engine, network = getattr(t, "engine_ttft_ms", None), getattr(t, "network_ms", None)
+    return (engine, network) if engine is not None and network is not None else None
+
+
 def metrics_payload(s: Suggestion, completion: Completion) -> dict[str, Any]:
-    """The `tinymorph/metrics` notification for a finished suggestion (docs/protocol.md)."""
+    """The `tinymorph/metrics` notification for a finished suggestion (docs/protocol.md).
+
+    With a remote engine `ttftMs` is end to end and `engineTtftMs` + `networkMs` split it."""
     t = completion.timings
-    return {
+    payload = {
         "uri": s.uri, "version": s.version, "id": s.id,
         "ttftMs": round(t.ttft_ms, 2), "prefillMs": round(t.prefill_ms, 2), "queueMs": round(t.queue_ms, 2),
         "tokensPerSecond": round(t.decode_tokens_per_s, 2), "tokensReused": t.tokens_reused,
@@ -192,10 +202,15 @@ def metrics_payload(s: Suggestion, completion: Completion) -> dict[str, Any]:
         "stopReason": completion.stop_reason, "steering": list(completion.steering or s.steering),
         "text": completion.text,
     }
+    if (split := _ttft_split(t)) is not None:
+        payload["engineTtftMs"], payload["networkMs"] = round(split[0], 2), round(split[1], 2)
+    return payload
 
 
 def log_line(metrics: dict[str, Any]) -> str:
-    return (f"suggestion v{metrics['version']}: ttft {metrics['ttftMs']:.0f} ms, "
+    split = (f" (engine {metrics['engineTtftMs']:.0f} + network {metrics['networkMs']:.0f})"
+             if "engineTtftMs" in metrics else "")
+    return (f"suggestion v{metrics['version']}: ttft {metrics['ttftMs']:.0f} ms{split}, "
             f"prefill {metrics['prefillMs']:.0f} ms"
             f" ({metrics['tokensPrefilled']} tokens, {metrics['tokensReused']} reused), "
             f"{metrics['tokensPerSecond']:.1f} tok/s, {metrics['tokensGenerated']} tokens, "

@@ -7,6 +7,10 @@ clients share one loaded model, one steering plan and one scheduler (editor keys
 `--tcp HOST:PORT` accepts any number of editors, one session each, and goes on accepting after
 they disconnect. Like `--http`, it listens beyond loopback only with a token (`--token` or
 $TINYMORPH_TOKEN), which editors send as `initializationOptions.token`.
+
+`--engine http://HOST:PORT` keeps documents, suggestions and the editor protocol here and sends
+generation to a tinymorph HTTP API (`tinymorph serve`, `tinymorph serve --ray`); the token, if
+any, goes to it as `Authorization: Bearer` (server/remote_engine.py).
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ def register(sub) -> None:
     p.add_argument("--stdio", action="store_true", help="speak LSP on stdin/stdout (the default; many clients pass it)")
     p.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio (one session per editor)")
     p.add_argument("--http", metavar="ADDR", help="also serve the HTTP API on ADDR (HOST:PORT), same model")
+    p.add_argument("--engine", metavar="URL", default=None,
+                   help="generate on a tinymorph HTTP API (http://HOST:PORT of `tinymorph serve [--ray]`) "
+                        "instead of a model in this process")
     p.add_argument("--token", default=None,
                    help="required beyond loopback, for --tcp (initializationOptions.token) and --http "
-                        "(Authorization: Bearer); default: $TINYMORPH_TOKEN")
+                        "(Authorization: Bearer); with --engine also sent to the engine; default: $TINYMORPH_TOKEN")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="server log on stderr (default: WARNING)")
     add_model_options(p)
@@ -71,6 +78,16 @@ def run(args: argparse.Namespace) -> int:
     from ..lsp import serve
     from ..runtime import Runtime
 
+    if args.engine:
+        if args.http:
+            raise UserError("--http serves a model in this process; with --engine, clients use the engine's own "
+                            "HTTP API (tinymorph serve)")
+        if args.model or args.dtype or args.threads:
+            raise UserError("--model/--dtype/--threads choose a model in this process; with --engine the "
+                            "engine's model answers")
+        from ..remote_engine import remote_runtime
+
+        return serve(args, remote_runtime(args.engine, token), token=token)
     runtime = Runtime()
     http_url = None
     if args.http:
