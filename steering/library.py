@@ -111,10 +111,17 @@ class FeatureLibrary:
             return self._concepts[key]
 
     # -- handles ----------------------------------------------------------------------------
+    def _calibration_ref(self, ref: str) -> str:
+        """`ref` as calibrations are stored: an SAE feature with its SAE's fingerprint."""
+        source, _ = parse_feature_ref(ref)
+        if source in ("concept", "vector"):
+            return ref
+        return f"{ref}@{self.sae(source).fingerprint()}"
+
     def add_fraction(self, ref: str, layer: int) -> float:
         """The calibrated push of `ref` as a fraction of the residual norm (default `ADD_FRACTION`)."""
         if self.calibrations is not None:
-            found = self.calibrations.get(self.model_key, ref, layer)
+            found = self.calibrations.get(self.model_key, self._calibration_ref(ref), layer)
             if found is not None:
                 return found
         return ADD_FRACTION
@@ -132,7 +139,7 @@ class FeatureLibrary:
         fraction = ADD_FRACTION * cal.multiplier
         if self.calibrations is None:
             self.calibrations = CalibrationStore()
-        self.calibrations.set(self.model_key, ref, handle.layer, fraction)
+        self.calibrations.set(self.model_key, self._calibration_ref(ref), handle.layer, fraction)
         return fraction
 
     def handles(self, ref: str) -> list[FeatureHandle]:

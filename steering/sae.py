@@ -66,6 +66,7 @@ class LoadedSAE:
     dead: torch.Tensor | None = None  # [d_sae] bool: never active on the labelling corpus
     positional: torch.Tensor | None = None  # [d_sae] bool: tracks positions/sinks, not meaning
     _sae: object | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
 
     def feature_reader(self, i: int):
         """x [..., d_in] → the value of feature `i` as the SAE itself encodes it (its TopK, JumpReLU
@@ -76,6 +77,23 @@ class LoadedSAE:
             return self.encode(x)[..., index]
 
         return read
+
+    def fingerprint(self) -> str:
+        """A short id of these weights: calibrations stored for `name:i` must not outlive the SAE they
+        were measured on (a new shipped SAE reuses the same ids for other features)."""
+        if self._fingerprint is None:
+            import hashlib
+
+            weights = self.path / "sae_weights.safetensors" if self.path is not None else None
+            h = hashlib.sha1(f"{self.hook_name}|{self.d_in}|{self.d_sae}".encode())
+            if weights is not None and weights.is_file():
+                with open(weights, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+            else:
+                h.update(self.directions.numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:12]
+        return self._fingerprint
 
     def usable(self, i: int) -> bool:
         """False for dead and positional features (never offered in search or suggestions)."""

@@ -67,11 +67,13 @@ def load_eval_set(path: str | Path | None = None) -> EvalSet:
 
 
 def feature_on_concept(info: dict, pattern: re.Pattern) -> bool:
-    """Whether a found feature is about the concept: its phrase, the tokens it fires on, the words it
-    promotes or the marked tokens of its top contexts contain a word of the concept's lexicon."""
-    marked = [m for c in info.get("contexts", []) for m in re.findall(r"«(.*?)»", c.get("text", ""))]
-    words = [info.get("phrase", ""), *info.get("top_act_tokens", []), *info.get("promotes", []), *marked]
-    return any(pattern.search(w.strip()) for w in words if w)
+    """Whether a found feature is about the concept: its readable phrase contains a word of the
+    concept's lexicon, or at least half of the tokens it fires on most are such words (a feature
+    that fires on 'Q', ' war', ' put', ... is not a war feature)."""
+    if pattern.search(info.get("phrase", "")):
+        return True
+    fired = [t.strip() for t in info.get("top_act_tokens", [])[:6] if t.strip()]
+    return bool(fired) and 2 * sum(bool(pattern.fullmatch(t)) for t in fired) >= len(fired)
 
 
 def count_hits(text: str, pattern: re.Pattern) -> int:
@@ -277,6 +279,9 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
     on_concept: dict[str, bool] = {}
 
     def evaluate(method: str, strength: float | None, rows: list[Row]) -> None:
+        if not rows:  # nothing this method could steer (e.g. no concept could be built)
+            log(f"{method:<22} {'' if strength is None else strength:>5} skipped: nothing to steer")
+            return
         t0 = time.perf_counter()
         res = summarize(method, strength, rows, gen.run(rows))
         results.append(res)
@@ -320,7 +325,11 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
             push = {layer: ADD_FRACTION * vec.meta["resid_norm"] * vec.direction}
             rows += [Row(c, p, p, push) for p in prompts]
         evaluate("examples", 1.0, rows)
-    speed = measure_speed(engine, engine.resolve)
+    try:
+        speed = measure_speed(engine, engine.resolve)
+    except SteeringError as exc:  # the speed probe's concept cannot be built on this model
+        log(f"speed: {exc}")
+        speed = {}
     config = {"quick": quick, "prompts": len(prompts), "concepts": [c.name for c in chosen], "tokens": gen.tokens,
               "strengths": strengths, "model": engine.info.model, "dtype": engine.info.dtype,
               "concept_layers": library.concept_layers, "d_model": d_model}

@@ -106,19 +106,22 @@ def test_steer_eval_quick_writes_table_json_and_plot(tiny_model_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "steer-eval.json").read_text())
     methods = {(r["method"], r["strength"]) for r in data["results"]}
-    assert {("unsteered", None), ("prompting", None), ("described", 1.0), ("examples", 1.0)} <= methods
+    assert {("unsteered", None), ("prompting", None), ("examples", 1.0)} <= methods
+    # a random model may write the same text with and without a description: then no concept vector
+    # can be made, which the eval says instead of dying or reporting an empty row
+    assert ("described", 1.0) in methods or "does not change the model's activations" in out.stderr
     assert all(r["n"] == 12 and r["perplexity"] > 0 for r in data["results"])
     assert data["config"]["concepts"] == ["sea", "formal"]
-    assert "described" in out.stdout and (tmp_path / "steer-eval.png").stat().st_size > 1000
+    assert "unsteered" in out.stdout and (tmp_path / "steer-eval.png").stat().st_size > 1000
     # the default SAE is made for another width than the tiny model: search has nothing to steer
     assert not data["search_top1"]
 
 
-def test_feature_on_concept_reads_phrase_promotes_and_marked_contexts():
+def test_feature_on_concept_reads_the_phrase_and_what_it_fires_on():
     from tinymorph.steering.steer_eval import Concept, feature_on_concept
 
     sea = Concept("sea", "topic", "about the sea", "sea", ["sea", "wave", "ocean"]).pattern()
     assert feature_on_concept({"phrase": "ocean, tide"}, sea)
-    assert feature_on_concept({"promotes": ["waves"]}, sea)
-    assert feature_on_concept({"contexts": [{"text": "out on the «sea» at dawn"}]}, sea)
-    assert not feature_on_concept({"phrase": "perl, thread", "contexts": [{"text": "the sea «was» calm"}]}, sea)
+    assert feature_on_concept({"phrase": "harbour", "top_act_tokens": [" sea", " waves", "Sea", " ship"]}, sea)
+    assert not feature_on_concept({"phrase": "q, put", "top_act_tokens": ["Q", " sea", " put", " bulb"]}, sea)
+    assert not feature_on_concept({"phrase": "perl, thread", "promotes": ["sea"]}, sea)

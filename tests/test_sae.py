@@ -285,3 +285,18 @@ def test_hooks_apply_the_active_plan(sae_dir: Path, tmp_path: Path) -> None:
 def test_library_caches_saes(sae_dir: Path, tmp_path: Path) -> None:
     lib = _library(sae_dir, tmp_path)
     assert lib.sae("tiny") is lib.sae("tiny")
+
+
+def test_a_calibration_does_not_outlive_its_sae(tmp_path: Path) -> None:
+    """A stored calibration of `tiny:3` applies to that SAE only: a new SAE under the same name (as when
+    the shipped default is replaced) starts from the default push again."""
+    from tinymorph.steering.calibration import CalibrationStore
+
+    store = CalibrationStore(tmp_path / "calibrations.json")
+    old = make_sae(tmp_path / "old", seed=1)
+    lib = FeatureLibrary({"tiny": str(old)}, calibrations=store)
+    store.set(lib.model_key, lib._calibration_ref("tiny:3"), LAYER, 0.2)
+    assert lib.add_fraction("tiny:3", LAYER) == 0.2
+    assert FeatureLibrary({"tiny": str(old)}, calibrations=store).add_fraction("tiny:3", LAYER) == 0.2
+    new = make_sae(tmp_path / "new", seed=2)
+    assert FeatureLibrary({"tiny": str(new)}, calibrations=store).add_fraction("tiny:3", LAYER) == ADD_FRACTION
