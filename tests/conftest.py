@@ -12,6 +12,27 @@ import pytest
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
+def _isolated_cache() -> None:
+    """Concept vectors, their texts and calibrations that tests make (often on random models, some from
+    fuzzed requests) go to a temporary cache, never the user's; converted models stay shared (the
+    default model's conversion takes 20-40 s). Set before any server or CLI subprocess starts."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from tinymorph.steering.model import cache_root
+
+    models = cache_root() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tinymorph-test-cache-"))
+    (tmp / "models").symlink_to(models, target_is_directory=True)
+    os.environ["TINYMORPH_CACHE_DIR"] = str(tmp)
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+
+
+_isolated_cache()
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded default model as a plain HF folder (converted from its GGUF on first use)."""
