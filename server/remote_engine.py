@@ -42,7 +42,7 @@ from ..steering.generate import Completion, Timings, TokenEvent
 from ..steering.model import ModelError
 from ..steering.steering import SteeringPlan
 from .runtime import ModelSettings, ProgressListener, Runtime
-from .scheduler import Job, SchedulerStats
+from .scheduler import Job, SchedulerStats, supersede
 
 log = logging.getLogger(__name__)
 
@@ -255,12 +255,7 @@ class RemoteScheduler:
             job.request.queued_at = time.perf_counter()
         with self._lock:
             job.seq = next(self._seq)
-            if job.replace is not None:
-                old = self._by_key.get(job.replace)
-                if old is not None:
-                    old.cancel.cancel()
-                    self.stats.superseded += 1
-                self._by_key[job.replace] = job
+            supersede(self._by_key, job, self.stats)
             self._running.add(job)
             self.stats.submitted += 1
         try:

@@ -61,6 +61,17 @@ class SchedulerStats:
     superseded: int = 0
 
 
+def supersede(by_key: dict[Hashable, Job], job: Job, stats: SchedulerStats) -> None:
+    """Cancel the job that `job` replaces (same replace key: the same document and plan, one edit
+    older) and make `job` the one for that key. Callers hold their lock."""
+    if job.replace is not None:
+        old = by_key.get(job.replace)
+        if old is not None:
+            old.cancel.cancel()
+            stats.superseded += 1
+        by_key[job.replace] = job
+
+
 class Scheduler:
     """Runs `Job`s on one engine, one forward pass at a time."""
 
@@ -89,12 +100,7 @@ class Scheduler:
             job.request.queued_at = time.perf_counter()
         with self._cv:
             job.seq = next(self._seq)
-            if job.replace is not None:
-                old = self._by_key.get(job.replace)
-                if old is not None:
-                    old.cancel.cancel()
-                    self.stats.superseded += 1
-                self._by_key[job.replace] = job
+            supersede(self._by_key, job, self.stats)
             self._jobs.append((job, None))
             self.stats.submitted += 1
             self._cv.notify_all()
