@@ -67,14 +67,10 @@ STALE_AFTER_S = 15.0  # a replica that has not reported for this long is gone (k
 
 
 @dataclass
-class ReplicaOptions:
-    """What every replica loads and how it serves (JSON, so it can travel in a Serve config)."""
+class ReplicaOptions(ModelSettings):
+    """What every replica loads (the model settings) and how it serves (JSON, so it can travel in a
+    Serve config)."""
 
-    model: str = "default"
-    dtype: str = "auto"
-    threads: int | None = None
-    context_tokens: int = 1024
-    cache_budget_mb: int = 256
     token: str | None = None
     check_host: bool = False  # loopback proxy without a token: answer only Host headers naming loopback
     loopback: bool = True  # served on loopback: nothing of a replica listens beyond it
@@ -223,8 +219,7 @@ class TinymorphReplica:
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         self.runtime = Runtime()
-        self.runtime.load(ModelSettings(model=o.model, dtype=o.dtype, threads=o.threads,
-                                        context_tokens=o.context_tokens, cache_budget_mb=o.cache_budget_mb))
+        self.runtime.load(o)
         if not self.runtime.wait_ready() or self.runtime.engine is None:
             message = self.runtime.message
             self.runtime.scheduler.stop()
@@ -412,9 +407,8 @@ def serve_config(options: ReplicaOptions, scale: ScaleOptions, host: str, port: 
 def replica_options(settings: ModelSettings, token: str | None, host: str, replica_cpus: float) -> ReplicaOptions:
     """Options for replicas serving on `host`; torch threads default to the replica's whole CPUs."""
     threads = settings.threads or max(1, int(replica_cpus))
-    return ReplicaOptions(model=settings.model, dtype=settings.dtype, threads=threads,
-                          context_tokens=settings.context_tokens, cache_budget_mb=settings.cache_budget_mb,
-                          token=token, check_host=is_loopback(host) and not token, loopback=is_loopback(host))
+    return ReplicaOptions(**{**asdict(settings), "threads": threads}, token=token,
+                          check_host=is_loopback(host) and not token, loopback=is_loopback(host))
 
 
 def deploy(config: dict[str, Any], timeout_s: float = 600.0, progress=None) -> None:

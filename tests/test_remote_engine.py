@@ -44,6 +44,7 @@ from test_lsp import (  # noqa: F401 - the imported tests run here again, agains
     wait_done,
     wait_hint,
     wait_ready,
+    wait_status,
 )
 
 from tinymorph.server.lsp_session import FOCUS_HOLD_S
@@ -165,16 +166,6 @@ async def server_metric(url: str, name: str, labels: str = "") -> float:
     return 0.0
 
 
-async def wait_status(client: LanguageClient, check, timeout: float = TIMEOUT) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = await command(client, "tinymorph.status")
-        if check(st):
-            return st
-        assert time.monotonic() < deadline, st
-        await asyncio.sleep(0.1)
-
-
 # -- fixtures ------------------------------------------------------------------------------------------
 
 
@@ -269,7 +260,7 @@ async def test_the_next_edit_closes_the_stream_and_cancels_on_the_server(remote:
     remote.workspace_did_change_configuration(types.DidChangeConfigurationParams(
         settings={"tinymorph": {"maxTokens": 400, "stop": "none"}}))
     try:
-        await wait_status(remote, lambda s: True)
+        await wait_status(remote, lambda s: True, timeout=TIMEOUT)
         await asyncio.sleep(FOCUS_HOLD_S + 0.1)  # the last test's document lets go of the focus
         cancelled = await server_metric(engine.url, "tinymorph_scheduler_jobs_total", '{outcome="cancelled"}')
         open_doc(remote, uri, "A long story begins")
@@ -332,7 +323,7 @@ async def test_engine_down_then_back_then_lost_then_back(tiny_model_dir, workspa
         open_doc(c, uri, "The server was down")
         args = ("--model", str(tiny_model_dir), "--dtype", "float32", "--threads", "1", "--quiet")
         server = await EngineProcess.start(*args, port=port, cwd=workspace)
-        await wait_status(c, lambda s: s["state"] == "ready")  # reconnected by itself
+        await wait_status(c, lambda s: s["state"] == "ready", timeout=TIMEOUT)  # reconnected by itself
         version = edit(c, uri, 0, 19, ",")
         await wait_hint(c, uri, version)
         await server.stop()
@@ -341,7 +332,7 @@ async def test_engine_down_then_back_then_lost_then_back(tiny_model_dir, workspa
         assert "engine" in st["message"] and url in st["message"], st
         assert (await command(c, "tinymorph.status"))["state"] == "error"  # alive, answering
         server = await EngineProcess.start(*args, port=port, cwd=workspace)
-        await wait_status(c, lambda s: s["state"] == "ready")  # reconnected by itself
+        await wait_status(c, lambda s: s["state"] == "ready", timeout=TIMEOUT)  # reconnected by itself
         version = edit(c, uri, 0, 24, " up")
         await wait_hint(c, uri, version)
     finally:
