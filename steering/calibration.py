@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .batch import BatchRunner
+from .files import write_atomically
 from .steering import LayerEdit
 
 GRID = (0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0)  # multiples of the default push that are tried
@@ -109,13 +110,8 @@ class CalibrationStore:
     def set(self, model: str, ref: str, layer: int, fraction: float) -> None:
         data = self._load()
         data[self.key(model, ref, layer)] = float(fraction)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        text = json.dumps(data, indent=1, sort_keys=True)
+        write_atomically(self.path, lambda tmp: tmp.write_text(text))
 
 
 def _default_path() -> Path:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .files import write_atomically
 from .vectors import drop_sinks, layers_activations
 
 NEUTRAL_CONTEXTS = [
@@ -172,15 +173,10 @@ def concept_texts(model, tokenizer, description: str | None, special_ids=(), eos
     texts = model_examples(model, tokenizer, text, special, eos)
     _TEXTS[key] = texts
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(texts))
-            os.replace(tmp, path)
+            write_atomically(path, lambda tmp: tmp.write_text(json.dumps(texts)))
         except OSError:
             pass  # a read-only cache only costs the generation next time
-        finally:
-            tmp.unlink(missing_ok=True)
     return texts
 
 
@@ -235,16 +231,10 @@ def concept_path(model_key: str, description: str, layers: Sequence[int]) -> Pat
 def save_concept(vec: ConceptVector, path: Path) -> Path:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     meta = {"description": vec.description, "resid_norms": json.dumps({str(k): v for k, v in vec.resid_norms.items()}),
             "add_fraction": json.dumps(vec.add_fraction), "meta": json.dumps(vec.meta)}
-    try:
-        save_file({f"L{k}": d.float().contiguous() for k, d in vec.directions.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    tensors = {f"L{k}": d.float().contiguous() for k, d in vec.directions.items()}
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_concept(path: Path) -> ConceptVector:

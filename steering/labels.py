@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .files import write_atomically
 from .sae import STATS_FILE, LoadedSAE
 
 N_CONTEXTS = 8
@@ -250,11 +251,8 @@ def compute_labels(sae: LoadedSAE, hf_model, tokenizer, rows: Sequence[Sequence[
 
 def save_labels(labels: dict, sae_dir: str | os.PathLike) -> Path:
     """Write labels.json atomically beside the SAE."""
-    path = Path(sae_dir) / STATS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(labels, ensure_ascii=False, separators=(",", ":")))
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(labels, ensure_ascii=False, separators=(",", ":"))
+    return write_atomically(Path(sae_dir) / STATS_FILE, lambda tmp: tmp.write_text(text))
 
 
 def load_labels(sae_dir: str | os.PathLike) -> dict | None:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .files import write_atomically
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -57,16 +59,9 @@ def save_vector_file(vec: SteeringVector, path: str | os.PathLike) -> Path:
     """Write one vector to `path` atomically (tmp + rename)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     meta = {"layer": str(vec.layer), "scale": repr(float(vec.scale)), "meta": json.dumps(vec.meta)}
-    try:
-        save_file({"direction": vec.direction.float().contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, lambda tmp: save_file({"direction": vec.direction.float().contiguous()},
+                                                        str(tmp), metadata=meta))
 
 
 def load_vector_file(path: str | os.PathLike, name: str | None = None) -> SteeringVector:
