@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from ..steering.config import DTYPES
 from ..steering.generate import STOP_RULES, Completion
 
 AcceptKind = Literal["all", "word", "line"]
@@ -237,7 +238,6 @@ class Settings:
 
 
 MODEL_KEYS = ("model", "dtype", "threads", "contextTokens")  # changing these reloads the model
-_DTYPES = ("auto", "bfloat16", "float32", "float16")
 
 
 def _check(key: str, value: Any) -> Any:
@@ -249,8 +249,8 @@ def _check(key: str, value: Any) -> Any:
             raise ValueError(f"{key} must be a non-empty string")
         return value
     if key == "dtype":
-        if value not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}")
+        if value not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
         return value
     if key == "stop":
         if value not in STOP_RULES:

@@ -44,7 +44,7 @@ from .steering import MODES, SteeringEntry, SteeringError, SteeringPlan, validat
 
 PROJECT_FILE = "tinymorph.toml"
 USER_FILE = "config.toml"
-DTYPES = ("auto", "bfloat16", "float32", "float16")
+DTYPES = ("auto", "int4", "int8", "bfloat16", "float32", "float16")  # --dtype, [model].dtype, tinymorph.dtype
 STOPS = ("word", "line", "sentence", "paragraph", "none")
 
 

@@ -24,7 +24,7 @@ import torch
 from . import model as model_loading
 from .context import ContextPolicy, select_window
 from .generate import CancelToken, Completion, GenerationOptions, Healing, Timings, TokenEvent, generate
-from .llama import LlamaModel, load_llama, quantize_int8
+from .llama import LlamaModel, load_llama
 from .prefix_cache import PrefixCache
 from .steering import SteeringHooks, SteeringPlan, steer_mask
 from .threads import ThreadPolicy
@@ -86,7 +86,7 @@ class Engine:
         cfg = model.cfg
         self.info = EngineInfo(
             model=name, folder=str(folder or ""),
-            dtype=model_loading.dtype_name(model.dtype) + ("+int8" if getattr(model, "quantized", None) else ""),
+            dtype="+".join(filter(None, (model_loading.dtype_name(model.dtype), getattr(model, "quantized", "")))),
             threads=torch.get_num_threads(), layers=cfg.n_layers, d_model=cfg.dim, vocab=cfg.vocab_size,
             max_positions=cfg.max_positions, weight_bytes=model.weight_bytes(), load_s=load_s,
         )
@@ -103,14 +103,11 @@ class Engine:
         folder = model_loading.local_folder(model, progress)
         if progress:
             progress("loading weights", 0.9)
+        weights = model_loading.weight_mode(dtype)
         try:
-            llama = load_llama(folder, torch_dtype)
+            llama = load_llama(folder, torch_dtype, weights)
         except (ValueError, KeyError) as exc:
             raise model_loading.ModelError(f"cannot load {model}: {exc}") from exc
-        if dtype == "int8" or (dtype in (None, "", "auto") and model_loading.cpu_has_bf16()):
-            # int8 weights + bf16 compute: decode and keystrokes ~2x faster, half the weight memory
-            # (the fused int8 GEMV kernel needs bf16 activations; on other CPUs auto stays fp32)
-            quantize_int8(llama)
         tokenizer = load_fast_tokenizer(folder)
         engine = cls(llama, tokenizer, name=str(model or "default"), folder=folder,
                      context=ContextPolicy(max_tokens=context_tokens), cache_budget_mb=cache_budget_mb,

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quant
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
@@ -56,14 +58,21 @@ class LlamaConfig:
         )
 
 
+KV_DTYPE = torch.float32
+
+
 class KVCache:
     """Keys/values of one token sequence for every layer, growable, truncatable in O(1).
+
+    Stored in float32 whatever the model's dtype: CPU attention over cached keys is several times
+    faster in float32 than in bf16 (SDPA, one new token, 2 threads, one layer: 31 vs 156 µs over
+    256 cached tokens, 157 vs 1,140 µs over 2,048), for twice the cache's memory.
 
     `ids` mirrors the tokens whose keys/values are stored, so a new request can find its longest
     common prefix with the cache by comparing token ids.
     """
 
-    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, capacity: int = 256):
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = KV_DTYPE, capacity: int = 256):
         self.cfg = cfg
         self.dtype = dtype
         self.ids: list[int] = []
@@ -128,31 +137,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-DECODE_ATTENTION_MIN_KEYS = 512  # one-token forwards over at least this many cached tokens use `decode_attention`
-
-
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token over the KV cache, as two plain matmuls per key/value head.
-
-    Why not SDPA here: for one query over a long cache, CPU flash attention took 71 % of a decode
-    step at 2048 cached tokens (~2.6 ms per layer), and a batched matmul over the cache's head
-    slices first copies them (they are strided by the cache's capacity). Each head's slice
-    [tokens, head_dim] is contiguous, so 2D matmuls read it in place. Measured (1 thread, bf16,
-    one process, alternating): a decode step at 2048 cached tokens 75 ms vs 150 ms with SDPA; at
-    256 tokens SDPA is 10 % faster, hence `DECODE_ATTENTION_MIN_KEYS`.
-    q: [1, heads, 1, d]; keys/values: [1, kv_heads, n, d] -> [1, heads, 1, d].
-    """
-    heads, d = q.shape[1], q.shape[3]
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
-    out = []
-    for h in range(kv_heads):
-        rows = q[0, h * group : (h + 1) * group, 0]  # the query heads that share this key/value head
-        scores = (rows.float() @ keys[0, h].T.float()) * d**-0.5  # fp32 scores, as SDPA keeps them
-        out.append(torch.softmax(scores, dim=-1).to(q.dtype) @ values[0, h])
-    return torch.cat(out).view(1, heads, 1, d)
-
-
 class DecoderLayer(nn.Module):
     """One block. Its output is the residual stream, which is where steering hooks attach."""
 
@@ -180,14 +164,13 @@ class DecoderLayer(nn.Module):
         end = start + t
         cache.k[self.index, :, :, start:end] = k
         cache.v[self.index, :, :, start:end] = v
-        keys = cache.k[self.index, :, :, :end]
-        values = cache.v[self.index, :, :, :end]
-        if t == 1 and b == 1 and end >= DECODE_ATTENTION_MIN_KEYS:
-            attn = decode_attention(q, keys, values)
-        elif mask is True:
-            attn = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
-        else:
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        if start == 0 and mask is True:  # cold prefill: the new keys are all there is
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # over the cache, in its float32 (see `KVCache`)
+            keys = cache.k[self.index, :, :, :end]
+            values = cache.v[self.index, :, :, :end]
+            attn = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask,
+                                                  enable_gqa=True).to(x.dtype)
         x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
@@ -209,11 +192,11 @@ class LlamaModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Activation (and KV cache) dtype; weights may be int8 (see `quantize_int8`)."""
+        """Activation (and KV cache) dtype; weights may be quantized (see `quant.py`)."""
         return self.norm.weight.dtype
 
     def new_cache(self, capacity: int = 256) -> KVCache:
-        return KVCache(self.cfg, self.dtype, capacity)
+        return KVCache(self.cfg, KV_DTYPE, capacity)
 
     def weight_bytes(self) -> int:
         """Bytes read per forward pass (tied embeddings counted once: the lm_head reads them)."""
@@ -249,8 +232,13 @@ class LlamaModel(nn.Module):
         return logits if n_logits > 1 else logits.squeeze(0)
 
 
-def load_llama(folder: Path, dtype: torch.dtype) -> LlamaModel:
-    """Build a `LlamaModel` from an HF folder's config.json + safetensors, fusing projections."""
+def load_llama(folder: Path, dtype: torch.dtype, weights: str | None = None) -> LlamaModel:
+    """Build a `LlamaModel` from an HF folder's config.json + safetensors, fusing projections.
+
+    `weights`: None keeps every weight in `dtype`; "auto", "int4" or "int8" store the projections
+    and the lm_head quantized (see `quant.py`), each made from the file's own precision, one
+    layer at a time (a full-precision copy of the model never exists at once).
+    """
     from safetensors import safe_open
 
     cfg_dict = json.loads((folder / "config.json").read_text())
@@ -267,30 +255,55 @@ def load_llama(folder: Path, dtype: torch.dtype) -> LlamaModel:
         model = LlamaModel(cfg)
 
     def take(name: str) -> torch.Tensor:
-        """One tensor, converted as it is read: the full-precision copy never exists all at once."""
-        return where.pop(name).get_tensor(name).to(dtype)
+        """One tensor, as stored (quantization needs the stored values; see `quant.py`)."""
+        return where.pop(name).get_tensor(name)
 
-    new: dict[str, torch.Tensor] = {"embed.weight": take("model.embed_tokens.weight")}
+    new: dict[str, torch.Tensor] = {}
+    quantized: dict[str, nn.Module] = {}
+
+    def projection(name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        if weights:
+            quantized[name] = quant.quantized_linear(weight, bias, dtype, weights)
+            return
+        new[f"{name}.weight"] = weight.to(dtype)
+        if bias is not None:
+            new[f"{name}.bias"] = bias.to(dtype)
+
+    embed = take("model.embed_tokens.weight")
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
-        qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
-        new[f"layers.{i}.qkv.weight"] = torch.cat(qkv)
-        if cfg.qkv_bias:
-            new[f"layers.{i}.qkv.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-        new[f"layers.{i}.o.weight"] = take(p + "self_attn.o_proj.weight")
-        new[f"layers.{i}.input_norm.weight"] = take(p + "input_layernorm.weight")
-        new[f"layers.{i}.post_norm.weight"] = take(p + "post_attention_layernorm.weight")
-        new[f"layers.{i}.gate_up.weight"] = torch.cat(
-            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
-        )
-        new[f"layers.{i}.down.weight"] = take(p + "mlp.down_proj.weight")
-    new["norm.weight"] = take("model.norm.weight")
+        bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None
+        projection(f"layers.{i}.qkv", torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]), bias)
+        projection(f"layers.{i}.o", take(p + "self_attn.o_proj.weight"))
+        projection(f"layers.{i}.gate_up",
+                   torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
+        projection(f"layers.{i}.down", take(p + "mlp.down_proj.weight"))
+        new[f"layers.{i}.input_norm.weight"] = take(p + "input_layernorm.weight").to(dtype)
+        new[f"layers.{i}.post_norm.weight"] = take(p + "post_attention_layernorm.weight").to(dtype)
+    new["norm.weight"] = take("model.norm.weight").to(dtype)
     head = take("lm_head.weight") if "lm_head.weight" in where and not cfg.tie_embeddings else None
-    new["lm_head.weight"] = new["embed.weight"] if head is None else head
-    model.load_state_dict(new, assign=True, strict=True)
+    if weights:
+        # the lm_head is 8-bit even under "int4" (as llama.cpp's Q4 files keep token_embd at 8 bits)
+        quantized["lm_head"] = quant.Int8Linear(embed if head is None else head, None, dtype)
+        if head is None:
+            quantized["embed"] = quant.Int8Embedding(quantized["lm_head"])
+        else:
+            new["embed.weight"] = embed.to(dtype)
+    else:
+        new["embed.weight"] = embed.to(dtype)
+        new["lm_head.weight"] = new["embed.weight"] if head is None else head.to(dtype)
+    for name, module in quantized.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+    missing, unexpected = model.load_state_dict(new, assign=True, strict=False)
+    missing = [k for k in missing if k.rpartition(".")[0] not in quantized and not k.startswith("embed.table.")]
+    if unexpected or missing:
+        raise ValueError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     cos, sin = rope_tables(cfg)
     model.rope_cos, model.rope_sin = cos, sin
+    model.quantized = quant.weight_format(model)
     model.eval()
+    release_freed_memory()
     return model
 
 
@@ -299,68 +312,6 @@ def approx_flops_per_token(cfg: LlamaConfig) -> float:
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     per_layer = cfg.dim * (q + 2 * kv) + q * cfg.dim + 3 * cfg.dim * cfg.intermediate
     return 2.0 * cfg.n_layers * per_layer
-
-
-INT8_GEMV_MAX_ROWS = 16  # up to this many tokens per forward use the int8 GEMV kernel
-
-
-class Int8Linear(nn.Module):
-    """Weight-only int8 linear (per-output-row scales), activations stay in the model dtype.
-
-    Why: decode reads every weight once per token, so halving the bytes read (and resident memory)
-    matters more than the extra dequantization work the fused kernel does.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
-        super().__init__()
-        w = weight.float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(act_dtype))
-        self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1])
-        if rows.shape[0] > INT8_GEMV_MAX_ROWS:
-            # prefill: the fused int8 kernel is a GEMV kernel; for many rows dequantize once and let
-            # the bf16 GEMM (AMX/AVX512-BF16) do the work
-            weight = self.weight.to(self.scales.dtype) * self.scales.unsqueeze(1)
-            out = F.linear(rows, weight)
-        else:
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*shape[:-1], -1)
-
-
-class Int8Embedding(nn.Module):
-    """Token embedding stored as int8 rows with per-row scales; rows are dequantized on lookup."""
-
-    def __init__(self, linear: Int8Linear):
-        super().__init__()
-        self.table = linear  # shared with the tied lm_head: one int8 matrix serves both
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.table.weight[ids].to(self.table.scales.dtype)
-        return rows * self.table.scales[ids].unsqueeze(-1)
-
-
-def quantize_int8(model: LlamaModel) -> LlamaModel:
-    """Replace every projection (and the tied embedding/lm_head) by int8 weight-only versions."""
-    act = model.dtype
-    for layer in model.layers:
-        for name in ("qkv", "o", "gate_up", "down"):
-            linear = getattr(layer, name)
-            setattr(layer, name, Int8Linear(linear.weight.data, linear.bias, act))
-    tied = model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
-    head = Int8Linear(model.lm_head.weight.data, None, act)
-    model.lm_head = head
-    if tied:
-        model.embed = Int8Embedding(head)
-    model.quantized = "int8"
-    release_freed_memory()
-    return model
 
 
 def release_freed_memory() -> None:

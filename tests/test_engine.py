@@ -132,17 +132,63 @@ def test_fast_tokenizer_matches_transformers(default_model_dir):
     assert (fast.bos_token_id, fast.eos_token_id, len(fast)) == (hf.bos_token_id, hf.eos_token_id, len(hf))
 
 
-def test_int8_weights_keep_the_prediction(default_model_dir):
-    """int8 weight-only quantization halves weight bytes and keeps the top prediction."""
-    from tinymorph.steering.llama import quantize_int8
+VARIED_TEXT = (
+    "Dear Mrs. Alvarez, thank you for the seeds you sent in March. The tomatoes came up slowly at "
+    "first, but after the storm in June they grew like weeds. My brother, who repairs bicycles in "
+    "Leeds, says the secret is coffee grounds; I think it is luck. The library has moved to the old "
+    "railway station, and on Thursdays a retired physicist explains the night sky to children. "
+    "Last week she talked about Jupiter's moons, the price of telescopes, and why Pluto was demoted. "
+    "I have enclosed a recipe for plum jam, a photograph of the garden, and two pressed violets."
+)
 
-    ids = list(range(1000, 1200))
+
+def test_quantized_weights_keep_the_prediction(default_model_dir):
+    """4-bit groups reproduce the GGUF's Q4_1 projections: on the decode path their next-token
+    distributions are closer to the fp32 reference than 8-bit rows' (KL), at ~35 % of the bf16
+    bytes; both keep the top prediction almost everywhere."""
+    from tinymorph.steering.tokenizer import FastTokenizer
+
+    ids = FastTokenizer(default_model_dir)(VARIED_TEXT)["input_ids"]
     ref = load_llama(default_model_dir, torch.float32)
-    q8 = quantize_int8(load_llama(default_model_dir, torch.bfloat16))
-    a, b = ref(ids, ref.new_cache()), q8(ids, q8.new_cache())
-    assert a.argmax() == b.argmax()
-    assert len(set(a.topk(5).indices.tolist()) & set(b.topk(5).indices.tolist())) >= 3
-    assert q8.weight_bytes() < 0.55 * load_llama(default_model_dir, torch.bfloat16).weight_bytes()
+    expected = ref(ids, ref.new_cache(), n_logits=len(ids) - 20).log_softmax(-1)
+    bf16_bytes = load_llama(default_model_dir, torch.bfloat16).weight_bytes()
+    kl = {}
+    for mode, max_bytes in (("int8", 0.55), ("auto", 0.40)):
+        model = load_llama(default_model_dir, torch.bfloat16, mode)
+        cache = model.new_cache()
+        model(ids[:20], cache)
+        got = torch.stack([model(ids[i : i + 1], cache) for i in range(20, len(ids))]).log_softmax(-1)
+        kl[mode] = (expected.exp() * (expected - got)).sum(-1).mean().item()
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+        assert model.weight_bytes() < max_bytes * bf16_bytes
+    assert model.quantized == "int4+int8"  # auto: Q4_1 projections in 4 bits, the Q8_0 lm_head in 8
+    assert kl["auto"] < kl["int8"], kl
+
+
+def test_int4_linear_is_exact_on_4bit_weights():
+    """`Int4Linear` unpacks PyTorch's int4 packing back to the codes it was given, holds 4-bit
+    group weights exactly, and its kernel path (few rows) and dequantized path (many) agree
+    with the dense matmul; `int4_fits` tells 4-bit weights from ordinary ones."""
+    from tinymorph.steering import quant
+
+    torch.manual_seed(0)
+    n, k = 192, 128
+    codes = torch.randint(0, 16, (n, k))
+    codes[:, 0 :: quant.GROUP], codes[:, 1 :: quant.GROUP] = 0, 15  # each group spans its range, as in Q4_1
+    scale = torch.rand(n, k // quant.GROUP, 1) * 0.01
+    offset = -torch.rand(n, k // quant.GROUP, 1) * 0.05
+    weight = (codes.view(n, k // quant.GROUP, quant.GROUP) * scale + offset).view(n, k)
+    assert quant.int4_fits(weight) and not quant.int4_fits(torch.randn(n, k))
+    assert not quant.int4_fits(torch.randn(96, k))  # rows not a multiple of the packing block
+    layer = quant.Int4Linear(weight, None, torch.float32)
+    assert torch.equal(layer.codes().long(), codes)
+    assert torch.allclose(layer.dequantized(), weight, atol=1e-6)
+    for rows in (1, 5, quant.INT4_KERNEL_MAX_ROWS + 8):
+        x = torch.randn(rows, k)
+        assert torch.allclose(layer(x), x @ weight.T, atol=1e-4)
+    mixed = quant.quantized_linear(torch.randn(n, k), None, torch.float32, "auto")
+    assert isinstance(mixed, quant.Int8Linear)
+    assert isinstance(quant.quantized_linear(torch.randn(n, k), None, torch.float32, "int4"), quant.Int4Linear)
 
 
 def test_token_healing_keeps_cache_consistent(tiny_model_dir):
@@ -272,34 +318,16 @@ def test_bench_columns_and_contention(tiny_model_dir):
     assert "+busy" in table and "bandwidth achieved" in table
 
 
-def test_decode_attention_matches_sdpa():
-    """The one-token attention path equals SDPA on strided cache slices (fp32 1e-5; bf16 2e-2 on
-    outputs of magnitude ~1, a few bf16 ulps: both keep the scores in fp32)."""
-    import torch.nn.functional as F
-
-    from tinymorph.steering.llama import decode_attention
-
-    torch.manual_seed(0)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        cache = torch.randn(2, 1, 3, 1024, 64, dtype=dtype)  # [layers, batch, kv heads, capacity, dim]
-        keys, values = cache[0, :, :, :700], cache[1, :, :, :700]
-        q = torch.randn(1, 9, 1, 64, dtype=dtype)
-        reference = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
-        assert (decode_attention(q, keys, values).float() - reference.float()).abs().max().item() < tol
-
-
-def test_steering_applies_on_the_fast_decode_paths(tiny_model_dir, monkeypatch):
-    """Steering hooks edit every decode step on the one-token attention path and on speculative
-    multi-token passes: the steered tokens equal the SDPA one-token reference (fp32, exact) and
-    differ from the unsteered ones."""
-    import tinymorph.steering.llama as llama
+def test_steering_applies_on_the_decode_paths(tiny_model_dir):
+    """Steering hooks edit every one-token decode step over a long cache and every speculative
+    multi-token pass: both give the same steered tokens, which differ from the unsteered ones."""
     from tinymorph.steering.steering import LayerEdit
 
     engine = Engine.load(str(tiny_model_dir), dtype="float32")
     model = engine.model
     torch.manual_seed(1)
     plan = {1: LayerEdit(add=torch.randn(model.cfg.dim) * 8)}
-    prompt = engine.tokenize(PROSE * 2)[:600]  # past DECODE_ATTENTION_MIN_KEYS
+    prompt = engine.tokenize(PROSE * 2)[:600]
 
     def greedy(plan, n=12, draft=()):
         cache = model.new_cache(700)
@@ -315,6 +343,5 @@ def test_steering_applies_on_the_fast_decode_paths(tiny_model_dir, monkeypatch):
 
     fast = greedy(plan)
     with_drafts = greedy(plan, draft=(11, 12))  # multi-token passes whose extra tokens are dropped
-    monkeypatch.setattr(llama, "DECODE_ATTENTION_MIN_KEYS", 10**9)
-    assert fast == greedy(plan) == with_drafts
+    assert fast == with_drafts
     assert fast != greedy(None)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-DTYPE_CHOICES = ["auto", "bfloat16", "float32", "float16", "int8"]
+from ...steering.config import DTYPES
+
+DTYPE_CHOICES = list(DTYPES)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -13,7 +15,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=None,
                        help='"default" (embedded SmolLM2-135M), an HF folder, a .gguf file or a cached HF id')
     group.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                       help="auto = int8 weights + bf16 compute where the CPU has bf16, else fp32")
+                       help="auto: where the CPU has bf16, bf16 compute with 4-bit weights where the model is "
+                       "4-bit already (the default GGUF) and 8-bit elsewhere; else fp32")
     group.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 

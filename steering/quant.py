@@ -1,0 +1,147 @@
+"""Weight-only quantized linears: 4-bit groups where that loses nothing, 8-bit rows elsewhere.
+
+Why: decode and keystroke forwards read every weight once per token, so the bytes read decide
+their speed (measured, 2 threads, all 211 matrices of the default model in a row: int8 rows
+10.0 ms, 4-bit groups of 32 4.6 ms per token). The default model ships as a GGUF whose projections
+are Q4_1 (groups of 32 weights sharing a scale and an offset): the same 4-bit groups hold exactly
+those values, so 4-bit here is the model as published, not a further approximation (bf16
+activations: relative error of a projection 2.9e-3, like dense bf16's 2.8e-3; int8 rows 8.4e-3).
+Weights that are not 4-bit groups already (any bf16/fp32 HF model, the GGUF's Q8_0 embedding) stay
+8-bit under `auto`; `int4` forces 4 bits on every projection (lossy for such models, as in llama.cpp).
+
+The 4-bit kernel is PyTorch's own (`_weight_int4pack_mm_for_cpu`); for many rows (prefill) the
+weight is dequantized once per forward and the bf16 GEMM does the work, as for int8.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUP = 32  # inputs sharing one scale and offset (GGUF Q4_0/Q4_1 blocks)
+PACK_BLOCK = 64  # output rows per block of PyTorch's CPU int4 packing (two nibbles: rows d and d+32)
+INT8_KERNEL_MAX_ROWS = 16  # up to this many tokens per forward use the int8 GEMV kernel
+INT4_KERNEL_MAX_ROWS = 32  # up to this many tokens the int4 kernel beats dequantize + bf16 GEMM
+WEIGHT_MODES = ("auto", "int4", "int8")
+
+
+def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes 0..15 [N, K], scale [N, K/GROUP], offset [N, K/GROUP]) with weight ≈ code*scale + offset,
+    by each group's min and max (what llama.cpp's Q4_1 does, so its values come back exactly)."""
+    n, k = weight.shape
+    groups = weight.float().view(n, k // GROUP, GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = (high - low) / 15
+    codes = torch.round((groups - low[..., None]) / scale.clamp_min(1e-30)[..., None]).clamp(0, 15)
+    return codes.view(n, k).to(torch.uint8), scale, low
+
+
+def int4_fits(weight: torch.Tensor) -> bool:
+    """True when `weight` can be stored as 4-bit groups (shape) and holds such values already, so
+    storing it in 4 bits changes nothing beyond float rounding."""
+    n, k = weight.shape
+    if n % PACK_BLOCK or k % GROUP:
+        return False
+    codes, scale, low = int4_groups(weight)
+    back = codes.view(n, k // GROUP, GROUP).float() * scale[..., None] + low[..., None]
+    err = (back.view(n, k) - weight.float()).abs().amax()
+    return bool(err <= 1e-5 * weight.float().abs().amax().clamp_min(1e-30))
+
+
+class Int4Linear(nn.Module):
+    """Weight-only 4-bit linear: groups of 32 inputs with a scale and an offset per output row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
+        super().__init__()
+        n, k = weight.shape
+        codes, scale, low = int4_groups(weight)
+        self.out_features, self.in_features = n, k
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
+        # the kernel computes (code - 8) * scale + zero, so zero = offset + 8 * scale; [K/GROUP, N, 2]
+        scales_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1)
+        self.register_buffer("scales_zeros", scales_zeros.contiguous().to(act_dtype))
+        self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
+
+    def codes(self) -> torch.Tensor:
+        """The [N, K] codes back from PyTorch's packing: per block of 64 rows, byte (k, d) holds row
+        d in its low nibble and row d + 32 in its high one (checked by `tests/test_engine.py`)."""
+        n, k = self.out_features, self.in_features
+        blocks = self.packed.view(n // PACK_BLOCK, k, PACK_BLOCK // 2)
+        return torch.cat([blocks & 15, blocks >> 4], dim=-1).transpose(1, 2).reshape(n, k)
+
+    def dequantized(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        scale, zero = self.scales_zeros.unbind(-1)  # [K/GROUP, N] each
+        codes = self.codes().view(n, k // GROUP, GROUP).to(scale.dtype) - 8
+        return (codes * scale.t()[..., None] + zero.t()[..., None]).view(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        if rows.shape[0] > INT4_KERNEL_MAX_ROWS:
+            out = F.linear(rows, self.dequantized())
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, GROUP, self.scales_zeros)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], -1)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear (per-output-row scales), activations stay in the model dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
+        super().__init__()
+        w = weight.float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(act_dtype))
+        self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.to(self.scales.dtype) * self.scales.unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        if rows.shape[0] > INT8_KERNEL_MAX_ROWS:
+            # prefill: the fused int8 kernel is a GEMV kernel; for many rows dequantize once and let
+            # the bf16 GEMM (AMX/AVX512-BF16) do the work
+            out = F.linear(rows, self.dequantized())
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], -1)
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding stored as int8 rows with per-row scales; rows are dequantized on lookup."""
+
+    def __init__(self, linear: Int8Linear):
+        super().__init__()
+        self.table = linear  # shared with the tied lm_head: one int8 matrix serves both
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table.weight[ids].to(self.table.scales.dtype)
+        return rows * self.table.scales[ids].unsqueeze(-1)
+
+
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype,
+                     mode: str) -> nn.Module:
+    """An `Int4Linear` or `Int8Linear` for `weight` (given in its full stored precision, so that
+    4-bit values are still exact): `int4` always 4-bit, `int8` always 8-bit, `auto` 4-bit where
+    `int4_fits`."""
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {mode!r}")
+    n, k = weight.shape
+    four = mode == "int4" and not (n % PACK_BLOCK or k % GROUP) or mode == "auto" and int4_fits(weight)
+    return (Int4Linear if four else Int8Linear)(weight, bias, act_dtype)
+
+
+def weight_format(model: nn.Module) -> str:
+    """"int4+int8" etc.: which kinds of quantized linear the model holds ("" when none)."""
+    kinds = {"int4" for m in model.modules() if isinstance(m, Int4Linear)}
+    kinds |= {"int8" for m in model.modules() if isinstance(m, Int8Linear)}
+    return "+".join(sorted(kinds))
