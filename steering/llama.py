@@ -119,9 +119,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one op (the sum in fp32)
 
 
 def rope_tables(cfg: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,16 +149,16 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.gate_up = nn.Linear(cfg.dim, 2 * cfg.intermediate, bias=False)
         self.down = nn.Linear(cfg.intermediate, cfg.dim, bias=False)
-        self.sizes = (q, kv, kv)
 
     def forward(self, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | bool | None) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
-        q, k, v = self.qkv(self.input_norm(x)).split(self.sizes, dim=-1)
-        q = apply_rope(q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        qkv = self.qkv(self.input_norm(x))
+        heads = cfg.n_heads + cfg.n_kv_heads  # queries and keys rotate together: one rope, not two
+        qk = apply_rope(qkv[..., : heads * cfg.head_dim].view(b, t, heads, cfg.head_dim).transpose(1, 2), cos, sin)
+        q, k = qk[:, : cfg.n_heads], qk[:, cfg.n_heads :]
+        v = qkv[..., heads * cfg.head_dim :].view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         end = start + t
         cache.k[self.index, :, :, start:end] = k
         cache.v[self.index, :, :, start:end] = v
