@@ -89,11 +89,7 @@ def model_examples(model, tokenizer, description: str | None, special_ids=(), eo
     from .batch import BatchRunner
 
     prompts = [_chat_ids(tokenizer, text, "")[0] for text in example_instructions(description)]
-    runner = BatchRunner(model, special_ids=special_ids)
-    try:
-        outs = runner.generate(prompts, EXAMPLE_TOKENS, None, sorted(eos_ids))
-    finally:
-        runner.hooks.remove()
+    outs = BatchRunner(model, special_ids=special_ids).generate(prompts, EXAMPLE_TOKENS, None, sorted(eos_ids))
     return [[t for t in o if t not in eos_ids] for o in outs]
 
 

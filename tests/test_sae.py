@@ -277,9 +277,13 @@ def test_hooks_apply_the_active_plan(sae_dir: Path, tmp_path: Path) -> None:
     assert torch.equal(run(x), x)
     with hooks.active(resolved):
         steered = run(x)
+        with hooks.active(resolved):  # nested: the edit applies once, not once per level
+            assert torch.equal(run(x), steered)
+        with hooks.active(None):
+            assert torch.equal(run(x), x)
     assert not torch.equal(steered, x)
     assert torch.equal(run(x), x)
-    hooks.remove()
+    assert not any(layer._forward_hooks for layer in layers)  # unsteered forwards keep the fast path
 
 
 def test_library_caches_saes(sae_dir: Path, tmp_path: Path) -> None:
