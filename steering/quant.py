@@ -49,8 +49,33 @@ def int4_fits(weight: torch.Tensor) -> bool:
     return bool(err <= 1e-5 * weight.float().abs().amax().clamp_min(1e-30))
 
 
-class Int4Linear(nn.Module):
+class WeightOnlyLinear(nn.Module):
+    """A linear whose weight is stored quantized: a fused kernel for a few rows (decode, keystrokes),
+    and for many rows (prefill) the weight dequantized once for the bf16 GEMM (AVX512-BF16/AMX),
+    which the GEMV kernels cannot match there."""
+
+    max_kernel_rows: int  # up to this many rows the fused kernel runs
+    bias: torch.Tensor | None
+
+    def kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        out = F.linear(rows, self.dequantized()) if rows.shape[0] > self.max_kernel_rows else self.kernel(rows)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], -1)
+
+
+class Int4Linear(WeightOnlyLinear):
     """Weight-only 4-bit linear: groups of 32 inputs with a scale and an offset per output row."""
+
+    max_kernel_rows = INT4_KERNEL_MAX_ROWS
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
         super().__init__()
@@ -76,20 +101,14 @@ class Int4Linear(nn.Module):
         codes = self.codes().view(n, k // GROUP, GROUP).to(scale.dtype) - 8
         return (codes * scale.t()[..., None] + zero.t()[..., None]).view(n, k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1])
-        if rows.shape[0] > INT4_KERNEL_MAX_ROWS:
-            out = F.linear(rows, self.dequantized())
-        else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, GROUP, self.scales_zeros)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*shape[:-1], -1)
+    def kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, GROUP, self.scales_zeros)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(WeightOnlyLinear):
     """Weight-only int8 linear (per-output-row scales), activations stay in the model dtype."""
+
+    max_kernel_rows = INT8_KERNEL_MAX_ROWS
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
         super().__init__()
@@ -102,18 +121,8 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight.to(self.scales.dtype) * self.scales.unsqueeze(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1])
-        if rows.shape[0] > INT8_KERNEL_MAX_ROWS:
-            # prefill: the fused int8 kernel is a GEMV kernel; for many rows dequantize once and let
-            # the bf16 GEMM (AMX/AVX512-BF16) do the work
-            out = F.linear(rows, self.dequantized())
-        else:
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*shape[:-1], -1)
+    def kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
 
 
 class Int8Embedding(nn.Module):
