@@ -190,7 +190,7 @@ class LlamaModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Activation (and KV cache) dtype; weights may be quantized (see `quant.py`)."""
+        """Activation dtype (the KV cache is float32, see `KVCache`; weights may be quantized, see `quant.py`)."""
         return self.norm.weight.dtype
 
     def new_cache(self, capacity: int = 256) -> KVCache:
