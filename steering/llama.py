@@ -123,16 +123,16 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and *signed* sin per position: the first half of sin is negated, so that `apply_rope`
+    rotates halves with one roll instead of two slices, a negation and a cat."""
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
     angles = torch.outer(torch.arange(cfg.max_positions, dtype=torch.float32), inv)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF Llama's rotate-half rope: x*cos + cat(-x2, x1)*sin == x*cos + roll(x, half)*signed_sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class DecoderLayer(nn.Module):
@@ -220,9 +220,12 @@ class LlamaModel(nn.Module):
         # Causal attention: with no cached prefix SDPA's own is_causal (2.5x faster on CPU than an
         # explicit mask: it skips the masked blocks); with a prefix is_causal would align wrongly,
         # so the mask is offset by the prefix length.
+        # The offset mask is additive float32 (the attention's dtype over the cache): a boolean one is
+        # converted again in every layer.
         mask: torch.Tensor | bool | None = None
         if t > 1:
-            mask = True if start == 0 else torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
+            mask = True if start == 0 else torch.zeros(t, start + t).masked_fill_(
+                torch.ones(t, start + t, dtype=torch.bool).triu_(start + 1), float("-inf"))
         for layer in self.layers:
             x = layer(x, cache, start, cos, sin, mask)
         cache.ids.extend(ids)
