@@ -297,7 +297,7 @@ def load_llama(folder: Path, dtype: torch.dtype, weights: str | None = None) -> 
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
     missing, unexpected = model.load_state_dict(new, assign=True, strict=False)
-    missing = [k for k in missing if k.rpartition(".")[0] not in quantized and not k.startswith("embed.table.")]
+    missing = [k for k in missing if not any(k.startswith(f"{name}.") for name in quantized)]
     if unexpected or missing:
         raise ValueError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     cos, sin = rope_tables(cfg)

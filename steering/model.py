@@ -194,7 +194,7 @@ def pick_dtype(name: str | None) -> torch.dtype:
 def weight_mode(name: str | None) -> str | None:
     """How the engine stores weights for dtype `name` (see `quant.py`): `auto` quantizes where the
     CPU has bf16 (the quantized kernels need bf16 activations) and keeps them dense elsewhere."""
-    if name in ("int4", "int8"):
+    if name in WEIGHT_MODES and name != "auto":
         return name
     if name in (None, "", "auto"):
         return "auto" if cpu_has_bf16() else None

@@ -37,16 +37,25 @@ def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return codes.view(n, k).to(torch.uint8), scale, low
 
 
-def int4_fits(weight: torch.Tensor) -> bool:
-    """True when `weight` can be stored as 4-bit groups (shape) and holds such values already, so
-    storing it in 4 bits changes nothing beyond float rounding."""
+def int4_shape_fits(weight: torch.Tensor) -> bool:
+    """True when PyTorch's int4 packing can hold `weight`: whole packing blocks of rows, whole groups."""
     n, k = weight.shape
-    if n % PACK_BLOCK or k % GROUP:
-        return False
-    codes, scale, low = int4_groups(weight)
+    return not (n % PACK_BLOCK or k % GROUP)
+
+
+def int4_exact(weight: torch.Tensor, groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> bool:
+    """True when `groups` (from `int4_groups(weight)`) give `weight` back, so storing it in 4 bits
+    changes nothing beyond float rounding (the weight holds 4-bit group values already)."""
+    n, k = weight.shape
+    codes, scale, low = groups
     back = codes.view(n, k // GROUP, GROUP).float() * scale[..., None] + low[..., None]
     err = (back.view(n, k) - weight.float()).abs().amax()
     return bool(err <= 1e-5 * weight.float().abs().amax().clamp_min(1e-30))
+
+
+def int4_fits(weight: torch.Tensor) -> bool:
+    """True when `weight` can be stored as 4-bit groups (shape) and holds such values already."""
+    return int4_shape_fits(weight) and int4_exact(weight, int4_groups(weight))
 
 
 class WeightOnlyLinear(nn.Module):
@@ -77,10 +86,12 @@ class Int4Linear(WeightOnlyLinear):
 
     max_kernel_rows = INT4_KERNEL_MAX_ROWS
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype,
+                 groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        """`groups`: `int4_groups(weight)` when the caller has them already."""
         super().__init__()
         n, k = weight.shape
-        codes, scale, low = int4_groups(weight)
+        codes, scale, low = groups if groups is not None else int4_groups(weight)
         self.out_features, self.in_features = n, k
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
         # the kernel computes (code - 8) * scale + zero, so zero = offset + 8 * scale; [K/GROUP, N, 2]
@@ -140,13 +151,16 @@ class Int8Embedding(nn.Module):
 def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype,
                      mode: str) -> nn.Module:
     """An `Int4Linear` or `Int8Linear` for `weight` (given in its full stored precision, so that
-    4-bit values are still exact): `int4` always 4-bit, `int8` always 8-bit, `auto` 4-bit where
-    `int4_fits`."""
+    4-bit values are still exact): `int8` always 8-bit; `int4` 4-bit wherever the packing can hold
+    the shape; `auto` 4-bit where the weight also holds 4-bit group values already (`int4_fits`)."""
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {mode!r}")
-    n, k = weight.shape
-    four = mode == "int4" and not (n % PACK_BLOCK or k % GROUP) or mode == "auto" and int4_fits(weight)
-    return (Int4Linear if four else Int8Linear)(weight, bias, act_dtype)
+    if mode == "int8" or not int4_shape_fits(weight):
+        return Int8Linear(weight, bias, act_dtype)
+    groups = int4_groups(weight)  # once: the exactness check and the 4-bit linear both use them
+    if mode == "auto" and not int4_exact(weight, groups):
+        return Int8Linear(weight, bias, act_dtype)
+    return Int4Linear(weight, bias, act_dtype, groups)
 
 
 def weight_format(model: nn.Module) -> str:
