@@ -268,7 +268,7 @@ def _steering_overhead(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, l
                 t0 = time.perf_counter()
                 engine.model(corpus.ids[:n], cache)
                 colds[label].append((time.perf_counter() - t0) * 1000)
-    burst = 8
+    burst = 8  # both plans decode on the last prefilled cache, each burst truncated back to `n` tokens
     for _ in range(max(6, cfg.decode_tokens // 2)):
         for label, plan in plans:
             token = corpus.ids[n]
