@@ -10,19 +10,38 @@ padded; each row has its own positions, attention mask and (optionally) its own 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
+from .generate import GenerationOptions, penalize_repeats
 from .steering import LayerEdit, ResolvedPlan, SteeringHooks
 
+DECODING = GenerationOptions()  # the engine's defaults: greedy with its mild repetition penalty
 
-@dataclass
+
+class _PerLayer(list):
+    """One tensor per layer, indexed like a single [layer, ...] tensor (`DecoderLayer.forward` writes
+    `cache.k[index, :, :, start:end]`). Separate tensors, because a later layer's in-place write
+    must not touch a tensor an earlier layer saved for backward (`hidden` with grad enabled)."""
+
+    def __getitem__(self, key):
+        return super().__getitem__(key[0])[key[1:]] if isinstance(key, tuple) else super().__getitem__(key)
+
+    def __setitem__(self, key, value):
+        if isinstance(key, tuple):
+            super().__getitem__(key[0])[key[1:]] = value
+        else:
+            super().__setitem__(key, value)
+
+
 class _Cache:
     """The KV storage `DecoderLayer.forward` writes into, with a batch dimension."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    def __init__(self, model, batch: int, width: int):
+        cfg = model.cfg
+        shape = (batch, cfg.n_kv_heads, width, cfg.head_dim)
+        self.k = _PerLayer(torch.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layers))
+        self.v = _PerLayer(torch.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layers))
 
 
 class BatchRunner:
@@ -41,9 +60,12 @@ class BatchRunner:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new: int, plan: ResolvedPlan | None = None,
-                 stop_ids: Sequence[int] = (), steer_prompt: bool = True, steer_new: bool = True) -> list[list[int]]:
-        """Greedy continuations (token ids) of every prompt; `plan` may hold per-row [B, 1, d] adds."""
-        model, cfg = self.model, self.model.cfg
+                 stop_ids: Sequence[int] = (), steer_prompt: bool = True, steer_new: bool = True,
+                 options: GenerationOptions = DECODING) -> list[list[int]]:
+        """Greedy continuations (token ids) of every prompt; `plan` may hold per-row [B, 1, d] adds.
+        The repetition penalty of `options` applies as in the engine's `generate` (over each row's
+        last `repetition_window` tokens, prompt included): what is measured is what an editor gets."""
+        model = self.model
         b, width = len(prompts), max(len(p) for p in prompts)
         total = width + max_new
         ids = torch.zeros(b, width, dtype=torch.long)
@@ -51,8 +73,7 @@ class BatchRunner:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(list(p))
             valid[i, width - len(p):width] = True
-        cache = _Cache(torch.zeros(cfg.n_layers, b, cfg.n_kv_heads, total, cfg.head_dim, dtype=model.dtype),
-                       torch.zeros(cfg.n_layers, b, cfg.n_kv_heads, total, cfg.head_dim, dtype=model.dtype))
+        cache = _Cache(model, b, total)
         pos = (valid[:, :width].long().cumsum(-1) - 1).clamp_min(0)
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         mask = causal & valid[:, None, :width]
@@ -63,9 +84,17 @@ class BatchRunner:
         done = torch.zeros(b, dtype=torch.bool)
         stops = torch.tensor(list(stop_ids), dtype=torch.long)
         last_pos = pos[:, -1]
+        history = [list(p) for p in prompts]
+        penalty, window = options.repetition_penalty, options.repetition_window
         for step in range(max_new):
+            if penalty != 1.0:
+                seen = torch.zeros_like(logits, dtype=torch.bool)
+                for i, h in enumerate(history):
+                    seen[i, torch.tensor(h[-window:], dtype=torch.long)] = True
+                logits = penalize_repeats(logits, seen, penalty)
             nxt = logits.argmax(-1)
             for i in range(b):
+                history[i].append(int(nxt[i]))
                 if not done[i]:
                     out[i].append(int(nxt[i]))
             if stops.numel():
@@ -91,21 +120,20 @@ class BatchRunner:
                 x = layer(x, cache, start, cos, sin, mask)
         return model.lm_head(model.norm(x[:, -1])).float()
 
-    @torch.inference_mode()
-    def score(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-              read_layer: int | None = None) -> tuple[list[float], list[torch.Tensor | None]]:
-        """Unsteered mean negative log-likelihood of each continuation given its prefix, and (with
-        `read_layer`) the residual at that layer over the continuation's positions."""
-        model, cfg = self.model, self.model.cfg
-        rows = [list(p) + list(c) for p, c in zip(prefixes, continuations, strict=True)]
+    def hidden(self, rows: Sequence[Sequence[int]], plan: ResolvedPlan | None = None, read_layer: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Last-layer residual [B, W, d] of left-padded `rows` (row i ends at column W-1) under `plan`
+        (special tokens and first positions left unsteered), and layer `read_layer`'s output (float32).
+        Not in inference mode: with grad enabled and a plan whose adds require grad, gradients reach
+        the adds (`distill.py`)."""
+        model = self.model
         b, width = len(rows), max(len(r) for r in rows)
         ids = torch.zeros(b, width, dtype=torch.long)
         valid = torch.zeros(b, width, dtype=torch.bool)
         for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
+            ids[i, width - len(r):] = torch.tensor(list(r))
             valid[i, width - len(r):] = True
-        cache = _Cache(torch.zeros(cfg.n_layers, b, cfg.n_kv_heads, width, cfg.head_dim, dtype=model.dtype),
-                       torch.zeros(cfg.n_layers, b, cfg.n_kv_heads, width, cfg.head_dim, dtype=model.dtype))
+        cache = _Cache(model, b, width)
         pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
         mask = (torch.ones(width, width, dtype=torch.bool).tril() & valid[:, None, :]) | torch.eye(width,
                                                                                                   dtype=torch.bool)
@@ -113,11 +141,22 @@ class BatchRunner:
         cos = model.rope_cos[pos].to(x.dtype).unsqueeze(1)
         sin = model.rope_sin[pos].to(x.dtype).unsqueeze(1)
         read = None
-        with self.hooks.active(None):
+        with self.hooks.active(plan, self._steer_mask(ids, pos, valid) if plan else None):
             for i, layer in enumerate(model.layers):
                 x = layer(x, cache, 0, cos, sin, mask[:, None])
                 if i == read_layer:
                     read = x.float()
+        return x, read
+
+    @torch.inference_mode()
+    def score(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+              read_layer: int | None = None) -> tuple[list[float], list[torch.Tensor | None]]:
+        """Unsteered mean negative log-likelihood of each continuation given its prefix, and (with
+        `read_layer`) the residual at that layer over the continuation's positions."""
+        model = self.model
+        rows = [list(p) + list(c) for p, c in zip(prefixes, continuations, strict=True)]
+        width = max(len(r) for r in rows)
+        x, read = self.hidden(rows, read_layer=read_layer)
         nll, acts = [], []
         for i, c in enumerate(continuations):
             n = len(c)

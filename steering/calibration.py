@@ -2,9 +2,10 @@
 
 Why per direction: the same push along two directions does very different things (one feature
 barely changes the text at a push another needs only a third of to loop "the the the"). For a
-direction we try a few pushes on held-out neutral prompts, continue each greedily, and read
-- presence: how far the continuation, read back by the *unsteered* model, lies along the
-  direction at the steered layer (no lexicon needed, so it works for any description);
+direction we try a few pushes on held-out neutral prompts, continue each as the engine does, and read
+- presence: for a described concept, how much likelier the *unsteered* model finds the continuation
+  with the description written in front of it; for a feature or vector, how far the continuation,
+  read back by the unsteered model, lies along the direction at its layer (no lexicon needed);
 - fluency: perplexity of the continuation under the unsteered model, and repeated 3-grams.
 The chosen push is the strongest one that still raises presence, keeps perplexity within
 `MAX_PPL_RATIO` of unsteered and repetition at most unsteered's (+ a small margin); presence grows
@@ -20,7 +21,7 @@ import math
 import os
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from .batch import BatchRunner
 from .files import write_atomically
 from .steering import LayerEdit
 
-GRID = (0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0)  # multiples of the default push that are tried
+GRID = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)  # multiples of the default push that are tried
 MAX_PPL_RATIO = 1.5  # the fluency budget: perplexity under the unsteered model at most 1.5x unsteered
 REP_MARGIN = 0.05  # the eval target: repetition at most unsteered + 0.05
 TOKENS = 24
@@ -47,13 +48,19 @@ CALIBRATION_PROMPTS = [  # held out from the eval's prompts; full sentences, as 
 class Calibration:
     multiplier: float  # of the default push: strength 1 becomes this many default pushes
     table: list[dict]  # per tried multiplier: ppl, ppl ratio, rep3, presence
+    examples: list[str] = field(default_factory=list)  # continuations at the chosen multiplier (what it does)
 
 
-def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int, read_direction: torch.Tensor,
+def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int | None = None,
+              read_direction: torch.Tensor | None = None, description: str | None = None,
               prompts: Sequence[str] = CALIBRATION_PROMPTS, runner: BatchRunner | None = None,
               grid: Sequence[float] = GRID) -> Calibration:
-    """Pick the multiple of `pushes` (residual delta per layer at the default strength 1) that
-    puts the most of `read_direction` at `read_layer` into the text while staying fluent."""
+    """Pick the multiple of `pushes` (residual delta per layer at the default strength 1) that puts
+    the most of the concept into the text while staying fluent. Presence: with a `description`, how
+    much likelier the continuation is when the description is written in front of the prompt
+    (nats per token; it reads what the words say, for any description); else how far the
+    continuation lies along `read_direction` at `read_layer`."""
+    from .distill import PROMPT_TEMPLATE
     from .steer_eval import rep3
 
     runner = runner or BatchRunner(engine.model, engine.hooks, engine.special_ids)
@@ -64,8 +71,14 @@ def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int, read_dir
             for layer, delta in pushes.items()}
     outs = runner.generate([p for _, p in rows], TOKENS, plan, sorted(engine.eos_ids))
     outs = [[t for t in o if t not in engine.eos_ids] or [0] for o in outs]
-    nll, acts = runner.score([p for _, p in rows], outs, read_layer=read_layer)
-    unit = read_direction.float()
+    if description is not None:
+        head = engine.tokenize(PROMPT_TEMPLATE.format(description=description))
+        nll, _ = runner.score([p for _, p in rows], outs)
+        prompted, _ = runner.score([head + p for _, p in rows], outs)
+        presence = [a - b for a, b in zip(nll, prompted, strict=True)]
+    else:
+        nll, acts = runner.score([p for _, p in rows], outs, read_layer=read_layer)
+        presence = [float((a @ read_direction.float()).mean()) for a in acts]
     stats = {}
     for m in multiples:
         idx = [i for i, (mm, _) in enumerate(rows) if mm == m]
@@ -73,7 +86,7 @@ def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int, read_dir
             "multiplier": m,
             "ppl": math.exp(statistics.fmean(nll[i] for i in idx)),
             "rep3": statistics.fmean(rep3(engine.detokenize(outs[i])) for i in idx),
-            "presence": statistics.fmean(float((acts[i] @ unit).mean()) for i in idx),
+            "presence": statistics.fmean(presence[i] for i in idx),
         }
     base = stats[0.0]
     ok = [s for m, s in stats.items() if m > 0 and s["ppl"] <= MAX_PPL_RATIO * base["ppl"]
@@ -81,7 +94,9 @@ def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int, read_dir
     # presence grows with the push (on 6 prompts it is noisy step to step): the strongest fluent push
     best = max(ok, key=lambda s: s["multiplier"]) if ok else stats[min(grid)]
     table = [{**s, "ppl_ratio": s["ppl"] / base["ppl"]} for s in stats.values()]
-    return Calibration(best["multiplier"], table)
+    examples = [prompts[j] + engine.detokenize(outs[i])
+                for j, i in enumerate(i for i, (m, _) in enumerate(rows) if m == best["multiplier"])][:3]
+    return Calibration(best["multiplier"], table, examples)
 
 
 class CalibrationStore:

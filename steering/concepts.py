@@ -1,17 +1,15 @@
 """Concept vectors from a description: "about gardening", "formal", "less hedging".
 
 Why this method: a writer thinks in descriptions, not feature ids, and should not have to write
-examples. The instruct model already knows how to follow "write a short story (about gardening)":
-it writes a dozen short texts on such requests and the same dozen without the description, and
-the difference of its mean activations reading them back as plain documents is the direction
-"this text is about gardening" (a DiffMean vector whose examples the model supplies itself).
-Special tokens and attention-sink positions (norm ~100x the rest) are left out. (Measured and
-dropped: the difference of activations over neutral text under the instruction vs without it,
-which hit the concept in 0 % of continuations.)
+examples. The instruct model already follows "The following text is about gardening." in front of
+a text; `distill.py` trains one residual add per concept layer so that the plain text, steered, is
+continued the way the prompted model continues it (prompting distilled into a vector). Measured
+and dropped: the DiffMean of the model's own texts written "about X" vs without X (the previous
+method: at equal perplexity it hit the concept half as often), and the difference of activations
+over neutral text under the instruction vs without it (0 % hits).
 
-Vectors are cached under the user's cache dir keyed by method, model, layers and text (building
-one is two batched generations and a few dozen short forward passes). A leading "more"/"less"
-sets the sign, so "less hedging" is the "hedging" vector pushed the other way.
+Vectors are cached under the user's cache dir keyed by method, model, layers and text. A leading
+"more"/"less" sets the sign, so "less hedging" is the "hedging" vector pushed the other way.
 """
 
 from __future__ import annotations
@@ -47,7 +45,7 @@ NEUTRAL_CONTEXTS = [
     "The old building on the corner has been empty for years.",
     "After lunch we went back to work and finished the rest of the list.",
 ]
-METHOD = "self-written-diffmean-3"  # part of the cache key: a new method never reads old vectors
+METHOD = "distilled-from-prompting-3"  # part of the cache key: a new method never reads old vectors
 SIGN_WORDS = {"more": 1.0, "less": -1.0, "fewer": -1.0}
 
 
@@ -60,44 +58,13 @@ def split_sign(description: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def _chat_ids(tokenizer, instruction: str, text: str) -> tuple[list[int], int]:
-    """Token ids of a chat turn asking for `instruction` answered with `text`; index where `text` starts."""
-    msgs = [{"role": "user", "content": instruction}]
-    try:
-        head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - a tokenizer without a chat template: plain instruction line
-        head = f"{instruction}\n\n"
-    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    body_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return head_ids + body_ids, len(head_ids)
-
-
-FORMS = ["Write a short story", "Write a letter to a friend", "Write a diary entry", "Write a short description",
-         "Write a note", "Write a short news report", "Write a blog post", "Write an email to a colleague",
-         "Write a scene from a novel", "Write a short speech", "Write a text message", "Write an opinion piece"]
-EXAMPLE_TOKENS = 48
-
-
-def example_instructions(description: str | None) -> list[str]:
-    return [f"{form} ({description})." if description else f"{form}." for form in FORMS]
-
-
-@torch.no_grad()
-def model_examples(model, tokenizer, description: str | None, special_ids=(), eos_ids=()) -> list[list[int]]:
-    """Greedy replies of the instruct model to a few writing requests about `description` (None:
-    the same requests with no concept), as token ids."""
-    from .batch import BatchRunner
-
-    prompts = [_chat_ids(tokenizer, text, "")[0] for text in example_instructions(description)]
-    outs = BatchRunner(model, special_ids=special_ids).generate(prompts, EXAMPLE_TOKENS, None, sorted(eos_ids))
-    return [[t for t in o if t not in eos_ids] for o in outs]
-
-
-LAYER_FRACTIONS = (0.13, 0.27, 0.4, 0.53)  # where a concept is added: spread over early-middle layers
+LAYER_FRACTIONS = (0.53, 0.67, 0.8, 0.93)  # where a concept is added: spread over the later layers
 
 
 def concept_layers(n_layers: int) -> list[int]:
-    """Several layers with a smaller push each: measured more fluent than one layer at the same hit rate."""
+    """Several layers with a smaller push each. For vectors distilled from prompting the later half
+    measured best (24 concepts x 6 prompts, same push relative to each layer's norm: layers 4-16 hit
+    40 % at 1.56x unsteered perplexity, 8-20 55 % at 1.62x, 12-24 66 % at 1.63x, 16-28 74 % at 1.58x)."""
     return sorted({min(n_layers - 1, max(0, round(n_layers * f))) for f in LAYER_FRACTIONS})
 
 
@@ -106,7 +73,7 @@ class ConceptVector:
     """A described concept: one unit direction per layer, and the push that strength 1 gives."""
 
     description: str
-    directions: dict[int, torch.Tensor]  # layer -> unit direction [d_model]
+    directions: dict[int, torch.Tensor]  # layer -> direction [d_model], norm ≤ 1 (its share of the push)
     resid_norms: dict[int, float]  # layer -> typical residual norm (the strength unit)
     add_fraction: float | None = None  # calibrated push as a fraction of the norm (None: library default)
     meta: dict = field(default_factory=dict)
@@ -141,67 +108,30 @@ def mean_text_activations(model, texts: Sequence[Sequence[int]], layers: Sequenc
             {layer: float(torch.cat(n).median()) for layer, n in norms.items()})
 
 
-_TEXTS: dict[tuple, list[list[int]]] = {}
-
-
-def concept_texts(model, tokenizer, description: str | None, special_ids=(), eos_ids=(), model_key: str | None = None
-                  ) -> list[list[int]]:
-    """The model's own short texts written on request about `description` (None: the same requests
-    with no concept), as token ids; kept in memory and, with a `model_key`, in the user's cache
-    (search and concept building both read them, and the generation is the slow part)."""
-    special = set(special_ids) | set(getattr(tokenizer, "all_special_ids", []) or [])
-    eos = set(eos_ids) | {i for i in (tokenizer.eos_token_id,) if i is not None}
-    text = None if description is None else " ".join(description.split())
-    key = (id(model), (text or "").lower())
-    if key in _TEXTS:
-        return _TEXTS[key]
-    path = None
-    if model_key is not None:
-        digest = hashlib.sha1(f"texts-{METHOD}\n{model_key}\n{(text or '').lower()}".encode()).hexdigest()[:16]
-        path = concepts_dir() / f"texts-{slug(text or 'neutral')}-{digest}.json"
-        try:
-            found = json.loads(path.read_text())
-            if isinstance(found, list) and all(isinstance(t, list) for t in found):
-                _TEXTS[key] = found
-                return found
-        except (OSError, ValueError):
-            pass
-    texts = model_examples(model, tokenizer, text, special, eos)
-    _TEXTS[key] = texts
-    if path is not None:
-        try:
-            write_atomically(path, lambda tmp: tmp.write_text(json.dumps(texts)))
-        except OSError:
-            pass  # a read-only cache only costs the generation next time
-    return texts
-
-
-_NEUTRAL: dict[tuple, tuple[dict[int, torch.Tensor], dict[int, float]]] = {}
-
-
 @torch.no_grad()
-def build_concept(model, tokenizer, description: str, layers: Sequence[int], special_ids=(), eos_ids=(),
-                  model_key: str | None = None) -> ConceptVector:
-    """DiffMean of `description` from the model's own writing (sign words stripped; the caller
-    applies the sign): texts written on request "about X" minus texts written on the same requests
-    without X, both read back as plain documents, at every layer in `layers`."""
+def neutral_norms(model, tokenizer, layers: Sequence[int]) -> dict[int, float]:
+    """Median residual norm per layer over the neutral contexts (the unit of a concept's push)."""
+    texts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in NEUTRAL_CONTEXTS]
+    return mean_text_activations(model, texts, layers, tokenizer.bos_token_id)[1]
+
+
+def build_concept(model, tokenizer, description: str, layers: Sequence[int], special_ids=()) -> ConceptVector:
+    """The concept vector of `description` (sign words stripped; the caller applies the sign),
+    distilled from prompting at every layer in `layers` (see `distill.py`)."""
+    from .distill import CAP, distill_pushes
+
     core, _sign = split_sign(description)
-    bos = tokenizer.bos_token_id
     layers = sorted(layers)
-    key = (id(model), tuple(layers))
-    if key not in _NEUTRAL:  # the neutral side is the same for every description
-        neutral = concept_texts(model, tokenizer, None, special_ids, eos_ids, model_key)
-        _NEUTRAL[key] = mean_text_activations(model, neutral, layers, bos)
-    neg, norms = _NEUTRAL[key]
-    pos_texts = concept_texts(model, tokenizer, core, special_ids, eos_ids, model_key)
-    pos, _ = mean_text_activations(model, pos_texts, layers, bos)
+    norms = neutral_norms(model, tokenizer, layers)
+    texts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in NEUTRAL_CONTEXTS]
+    adds = distill_pushes(model, tokenizer, core, texts, norms, special_ids)
     directions = {}
-    for layer in layers:
-        diff = pos[layer] - neg[layer]
-        if float(diff.norm()) == 0.0:
-            raise ValueError(f"the description {core!r} does not change the model's activations")
-        directions[layer] = diff / diff.norm()
-    meta = {"description": core, "method": METHOD, "examples": [tokenizer.decode(t) for t in pos_texts[:3]]}
+    for layer in layers:  # as a share of the layer's cap: `pushes(CAP)` gives back the trained adds
+        budget = CAP * norms[layer] / len(layers)
+        directions[layer] = adds[layer] / budget
+    if all(float(d.norm()) == 0.0 for d in directions.values()):
+        raise ValueError(f"the description {core!r} does not change the model's predictions")
+    meta = {"description": core, "method": METHOD}
     return ConceptVector(core, directions, norms, None, meta)
 
 
@@ -248,7 +178,7 @@ def load_concept(path: Path) -> ConceptVector:
 
 
 def cached_concept(model, tokenizer, model_key: str, description: str, layers: Sequence[int],
-                   special_ids=(), eos_ids=()) -> tuple[ConceptVector, Path]:
+                   special_ids=()) -> tuple[ConceptVector, Path]:
     """`build_concept`, read from / written to the user's cache (keyed by method, model, layers, text)."""
     path = concept_path(model_key, description, layers)
     if path.is_file():
@@ -256,7 +186,7 @@ def cached_concept(model, tokenizer, model_key: str, description: str, layers: S
             return load_concept(path), path
         except ValueError:
             pass
-    vec = build_concept(model, tokenizer, description, layers, special_ids, eos_ids, model_key)
+    vec = build_concept(model, tokenizer, description, layers, special_ids)
     vec.meta["model"] = model_key
     save_concept(vec, path)
     return vec, path

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .labels import load_labels
 from .library import FeatureLibrary
@@ -298,7 +299,7 @@ def concept_features(library: FeatureLibrary, directions: dict[int, torch.Tensor
         layer = min(directions, key=lambda layer: abs(layer - sae.layer))
         if abs(layer - sae.layer) > 3:
             continue
-        cos = sae.directions @ (sign * directions[layer].float())
+        cos = sae.directions @ (sign * F.normalize(directions[layer].float(), dim=0))
         usable = torch.tensor([sae.usable(i) for i in range(sae.d_sae)])
         cos = torch.where(usable, cos, torch.full_like(cos, -2.0))
         feats = labels.get("features", [])

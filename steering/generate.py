@@ -132,6 +132,12 @@ def cut_at_stop(text: str, options: GenerationOptions) -> str | None:
     return text[: min(cuts)] if cuts else None
 
 
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """llama.cpp's repetition penalty: the logits of `seen` tokens (a bool mask like `logits`) move
+    towards "less likely" by `penalty` (divided when positive, multiplied when negative)."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def sample(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None,
            recent: list[int] | None = None, allowed: torch.Tensor | None = None) -> int:
     """Greedy when temperature is 0, else temperature + nucleus sampling.
@@ -140,11 +146,9 @@ def sample(logits: torch.Tensor, options: GenerationOptions, generator: torch.Ge
     and he'd be there" loops, which greedy decoding otherwise falls into quickly.
     """
     if recent and options.repetition_penalty != 1.0:
-        index = torch.tensor(sorted(set(recent)), dtype=torch.long)
-        picked = logits[index]
-        logits = logits.clone()
-        logits[index] = torch.where(picked > 0, picked / options.repetition_penalty,
-                                    picked * options.repetition_penalty)
+        seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        seen[torch.tensor(recent, dtype=torch.long)] = True
+        logits = penalize_repeats(logits, seen, options.repetition_penalty)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if options.temperature < GREEDY_BELOW:  # tiny temperatures overflow the softmax: same as greedy

@@ -86,6 +86,7 @@ class FeatureLibrary:
         calibrated on first use, then read from the user's cache."""
         from .calibration import calibrate
         from .concepts import cached_concept, save_concept, split_sign
+        from .distill import CAP
 
         core, _ = split_sign(description)
         key = core.lower()
@@ -97,13 +98,12 @@ class FeatureLibrary:
                                         "loaded yet (try again when the model is ready)")
                 try:
                     vec, path = cached_concept(engine.model, engine.tokenizer, self.model_key, core,
-                                               self.concept_layers, engine.special_ids, engine.eos_ids)
+                                               self.concept_layers, engine.special_ids)
                     if vec.add_fraction is None:
-                        mid = vec.directions[self.concept_layers[len(self.concept_layers) // 2]]
-                        read = self.concept_layers[len(self.concept_layers) // 2]
-                        cal = calibrate(engine, vec.pushes(ADD_FRACTION), read, mid)
-                        vec.add_fraction = ADD_FRACTION * cal.multiplier
+                        cal = calibrate(engine, vec.pushes(CAP), description=core)
+                        vec.add_fraction = CAP * cal.multiplier
                         vec.meta["calibration"] = cal.table
+                        vec.meta["examples"] = cal.examples
                         save_concept(vec, path)
                     self._concepts[key] = vec
                 except (ValueError, RuntimeError) as exc:
@@ -145,17 +145,23 @@ class FeatureLibrary:
     def handles(self, ref: str) -> list[FeatureHandle]:
         """The directions `ref` steers: one for a feature or vector, one per layer for a concept."""
         from .concepts import split_sign
+        from .distill import CAP
 
         source, key = parse_feature_ref(ref)
         if source != "concept":
             return [self.handle(ref)]
         vec = self.concept(key)
         sign = split_sign(key)[1]
-        fraction = vec.add_fraction if vec.add_fraction is not None else ADD_FRACTION
+        fraction = vec.add_fraction if vec.add_fraction is not None else CAP
         pushes = vec.pushes(fraction)
-        return [FeatureHandle(ref, layer, vec.directions[layer] * sign, float(pushes[layer].norm()),
-                              vec.resid_norms[layer], _projection(vec.directions[layer] * sign))
-                for layer in sorted(vec.directions)]
+        out = []
+        for layer in sorted(vec.directions):
+            size = float(vec.directions[layer].norm())
+            if size > 0:  # a layer the concept does not use (its add trained to nothing)
+                unit = vec.directions[layer] * (sign / size)
+                out.append(FeatureHandle(ref, layer, unit, float(pushes[layer].norm()), vec.resid_norms[layer],
+                                         _projection(unit)))
+        return out
 
     def handle(self, ref: str) -> FeatureHandle:
         """One direction: an SAE feature or a saved vector (a concept: its middle layer)."""

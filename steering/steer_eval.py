@@ -6,8 +6,9 @@ both. The concept set (steering/data/eval/concepts.json: topics and registers, e
 lexicon and a few examples) and the neutral prompts ship with the package, so the same run is
 how strengths are calibrated and how regressions are caught.
 
-Metrics per method and strength (greedy continuations of neutral prompts, batched on the engine's
-own model with the engine's own steering hooks):
+Metrics per method and strength (continuations of neutral prompts decoded as the editor's are —
+greedy with the engine's mild repetition penalty — batched on the engine's own model and steering
+hooks):
 - hit rate: share of continuations that contain a word of the concept's lexicon;
 - mean hits: lexicon words per continuation;
 - perplexity of the continuation under the unsteered model, given the plain prompt;
@@ -32,10 +33,10 @@ from pathlib import Path
 import torch
 
 from .batch import BatchRunner
+from .distill import PROMPT_TEMPLATE as PROMPTING_TEMPLATE  # the eval's prompting is what vectors distil
 from .steering import LayerEdit, ResolvedPlan
 
 DATA = Path(__file__).parent / "data" / "eval" / "concepts.json"
-PROMPTING_TEMPLATE = "The following text is {description}.\n\n"
 SUFFIXES = "(?:s|es|ed|d|ing|er|ers|ies|ly)?"
 
 
@@ -315,7 +316,7 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
             evaluate("described", s, [Row(c, p, p, pushes_of(concept_handles[c.name], s))
                                       for c in chosen if c.name in concept_handles for p in prompts])
     if "examples" in methods:
-        layer = library.concept_layers[len(library.concept_layers) // 2] if library.concept_layers else n_layers // 2
+        layer = round(0.4 * n_layers)  # the reference DiffMean's layer in every earlier run (12 of 30)
         rows = []
         for c in chosen:
             if not c.examples:

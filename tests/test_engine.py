@@ -347,3 +347,41 @@ def test_steering_applies_on_the_decode_paths(tiny_model_dir):
     with_drafts = greedy(plan, draft=(11, 12))  # multi-token passes whose extra tokens are dropped
     assert fast == with_drafts
     assert fast != greedy(None)
+
+
+def test_batched_decoding_is_the_engines(default_model_dir):
+    """`steer eval` and calibration continue prompts in batches (`BatchRunner`): with the engine's
+    default options (greedy + its repetition penalty over the last 64 tokens) the rows must read as
+    the editor's suggestions do, or the eval would judge a decoding no user gets. The prompts are
+    made to loop without the penalty ("I got it. I got it. ...")."""
+    from tinymorph.steering.batch import BatchRunner
+
+    engine = Engine.load(str(default_model_dir), dtype="float32")
+    prompts = ["I got home a little after six and", "The old man looked out of the window and said",
+               "My favourite thing about the weekend is"]
+    runner = BatchRunner(engine.model, engine.hooks, engine.special_ids)
+    batched = runner.generate([engine.tokenize(p) for p in prompts], 24)
+    for i, prompt in enumerate(prompts):
+        one = engine.complete(CompletionRequest(prompt, f"doc{i}", GenerationOptions(max_tokens=24, stop="none")))
+        # the engine may spend a token of its budget re-choosing the prompt's last one (token healing)
+        assert len(one.text) > 60 and engine.detokenize(batched[i]).startswith(one.text), (prompt, batched[i], one)
+    unpenalized = runner.generate([engine.tokenize(p) for p in prompts], 24,
+                                  options=GenerationOptions(repetition_penalty=1.0))
+    assert unpenalized != batched
+
+
+def test_concept_distillation_runs_in_any_grad_mode(tiny_model_dir):
+    """Building a described concept trains by gradient; a caller inside `torch.inference_mode()`
+    (a server thread, a notebook) must still get a vector, capped at the push it was trained for."""
+    from tinymorph.steering.concepts import build_concept, concept_layers
+    from tinymorph.steering.distill import CAP
+
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    layers = concept_layers(engine.info.layers)
+    with torch.inference_mode():
+        vec = build_concept(engine.model, engine.tokenizer, "about the sea", layers, engine.special_ids)
+    assert sorted(vec.directions) == layers
+    norms = [float(d.norm()) for d in vec.directions.values()]
+    assert all(0.0 < n <= 1.0 + 1e-4 for n in norms), norms  # a share of the cap, never more
+    pushes = vec.pushes(CAP)
+    assert all(float(p.norm()) <= CAP * vec.resid_norms[la] / len(layers) * (1 + 1e-4) for la, p in pushes.items())

@@ -123,34 +123,54 @@ def test_ablate_and_clamp_change_less_than_add(engine: Engine) -> None:
 def test_described_concept_puts_the_concept_in_the_text(engine: Engine, library: FeatureLibrary) -> None:
     """`steer add "about the sea"`: no examples, no feature ids; the continuations turn to the sea,
     the vector is cached on disk, and "less about the sea" pushes the other way."""
-    from tinymorph.steering.batch import BatchRunner
-
     plain = [complete(engine, p) for p in PROMPTS]
     plan = SteeringPlan((SteeringEntry("about the sea", 2.0),))
     steered = [complete(engine, p, plan) for p in PROMPTS]
-    # the unsteered model, reading the continuations back, finds the steered ones further along the
-    # concept's direction (the presence the calibration maximises; lexicon hit rates over 24 concepts
-    # are `tinymorph steer eval`'s job: on these 6 prompts x 16 tokens a count of sea words is noise)
-    handle = library.handle("about the sea")
-    runner = BatchRunner(engine.model, engine.hooks, engine.special_ids)
-    prompts = [engine.tokenize(p) for p in PROMPTS]
-
-    def presence(texts: list[str]) -> float:
-        _, acts = runner.score(prompts, [engine.tokenize(t) or [0] for t in texts], read_layer=handle.layer)
-        return sum(float((a @ handle.direction).mean()) for a in acts) / len(acts)
-
-    assert presence(steered) > presence(plain) + 1.0, (presence(steered), presence(plain), steered)
+    # the unsteered model finds the steered continuations likelier once "The following text is about
+    # the sea." is written in front (the presence the calibration maximises; lexicon hit rates over
+    # 24 concepts are `tinymorph steer eval`'s job: on 6 prompts x 16 tokens a count of sea words is noise)
+    gain_plain = prompted_gain(engine, "about the sea", plain)
+    gain_steered = prompted_gain(engine, "about the sea", steered)
+    assert gain_steered > gain_plain + 0.1, (gain_steered, gain_plain, steered)
     assert steered != plain
     from tinymorph.steering.concepts import concept_path, load_concept
 
     path = concept_path(library.model_key, "about the sea", library.concept_layers)
     cached = load_concept(path)
     assert cached.add_fraction is not None and sorted(cached.directions) == library.concept_layers
+    assert cached.meta["examples"] and cached.meta["calibration"]
     more, less = library.handles("about the sea"), library.handles("less about the sea")
     for a, b in zip(more, less, strict=True):
         assert torch.allclose(a.direction, -b.direction) and a.add_scale == b.add_scale
+        assert abs(float(a.direction.norm()) - 1.0) < 1e-4  # handles carry unit directions
     info = show_feature(library, "about the sea")
-    assert info["kind"] == "concept" and info["features"], info
+    assert info["kind"] == "concept" and info["features"] and info["examples"], info
+
+
+def prompted_gain(engine: Engine, description: str, texts: list[str]) -> float:
+    """Mean nats per token by which the description written before each prompt makes `texts` likelier."""
+    from tinymorph.steering.batch import BatchRunner
+    from tinymorph.steering.distill import PROMPT_TEMPLATE
+
+    runner = BatchRunner(engine.model, engine.hooks, engine.special_ids)
+    head = engine.tokenize(PROMPT_TEMPLATE.format(description=description))
+    prompts = [engine.tokenize(p) for p in PROMPTS]
+    conts = [engine.tokenize(t) or [0] for t in texts]
+    plain, _ = runner.score(prompts, conts)
+    prompted, _ = runner.score([head + p for p in prompts], conts)
+    return sum(a - b for a, b in zip(plain, prompted, strict=True)) / len(texts)
+
+
+def test_distilled_vector_does_what_the_prompt_does_on_unseen_text(engine: Engine, library: FeatureLibrary) -> None:
+    """The vector is trained on a few neutral sentences; on other text it still brings the plain
+    model's next-token distributions closer to the prompted model's (KL(prompted ‖ steered) drops)."""
+    from tinymorph.steering.distill import CAP, kl_to_prompted
+
+    vec = library.concept("about the sea")
+    texts = [engine.tokenize(p + " " + q) for p, q in zip(PROMPTS, PROMPTS[1:], strict=False)]
+    plain = kl_to_prompted(engine.model, engine.tokenizer, "about the sea", texts)
+    steered = kl_to_prompted(engine.model, engine.tokenizer, "about the sea", texts, vec.pushes(CAP))
+    assert steered < 0.9 * plain, (steered, plain)
 
 
 def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engine) -> None:
