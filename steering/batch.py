@@ -87,11 +87,10 @@ class BatchRunner:
         history = [list(p) for p in prompts]
         penalty, window = options.repetition_penalty, options.repetition_window
         for step in range(max_new):
-            if penalty != 1.0:
-                seen = torch.zeros_like(logits, dtype=torch.bool)
-                for i, h in enumerate(history):
-                    seen[i, torch.tensor(h[-window:], dtype=torch.long)] = True
-                logits = penalize_repeats(logits, seen, penalty)
+            if penalty != 1.0:  # each row's last `window` ids, shorter rows padded with a repeat of their own
+                k = min(window, max(len(h) for h in history))
+                recent = torch.tensor([h[-k:] + h[:1] * (k - len(h[-k:])) for h in history], dtype=torch.long)
+                logits = penalize_repeats(logits, recent, penalty)
             nxt = logits.argmax(-1)
             for i in range(b):
                 history[i].append(int(nxt[i]))
@@ -155,8 +154,8 @@ class BatchRunner:
         `read_layer`) the residual at that layer over the continuation's positions."""
         model = self.model
         rows = [list(p) + list(c) for p, c in zip(prefixes, continuations, strict=True)]
-        width = max(len(r) for r in rows)
         x, read = self.hidden(rows, read_layer=read_layer)
+        width = x.shape[1]
         nll, acts = [], []
         for i, c in enumerate(continuations):
             n = len(c)

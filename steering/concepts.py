@@ -78,6 +78,10 @@ class ConceptVector:
     add_fraction: float | None = None  # calibrated push as a fraction of the norm (None: library default)
     meta: dict = field(default_factory=dict)
 
+    def unit_directions(self) -> dict[int, torch.Tensor]:
+        """Unit direction per layer the concept uses (a layer whose add trained to nothing is left out)."""
+        return {layer: d / d.norm() for layer, d in sorted(self.directions.items()) if float(d.norm()) > 0}
+
     def pushes(self, fraction: float) -> dict[int, torch.Tensor]:
         """Residual delta per layer at strength 1 (the push is shared out over the layers)."""
         n = len(self.directions)

@@ -58,6 +58,19 @@ def _penalized(logp: torch.Tensor, texts: Sequence[Sequence[int]], penalty: floa
     return torch.log_softmax(logp - penalty * seen.float(), -1)
 
 
+def _usable(texts: Sequence[Sequence[int]]) -> list[list[int]]:
+    texts = [list(t) for t in texts if len(t) >= 2]
+    if not texts:
+        raise ValueError("distilling needs texts of at least two tokens")
+    return texts
+
+
+def _steered_logprobs(runner: BatchRunner, texts: list[list[int]], adds: dict[int, torch.Tensor] | None
+                      ) -> torch.Tensor:
+    x, _ = runner.hidden(texts, {la: LayerEdit(add=v) for la, v in adds.items()} if adds else None)
+    return _position_logprobs(runner.model, x, [len(t) for t in texts])
+
+
 def _prompted_targets(runner: BatchRunner, head: list[int], texts: list[list[int]], penalty: float
                       ) -> torch.Tensor:
     with torch.no_grad():
@@ -78,11 +91,10 @@ def kl_to_prompted(model, tokenizer, description: str, texts: Sequence[Sequence[
                    adds: dict[int, torch.Tensor] | None = None, special_ids: Sequence[int] = ()) -> float:
     """Mean KL(prompted ‖ plain, steered by `adds`) over the positions of `texts`: how far steering
     is from doing what writing the description in front does (no repetition penalty)."""
-    texts = [list(t) for t in texts if len(t) >= 2]
+    texts = _usable(texts)
     runner = BatchRunner(model, special_ids=special_ids)
     teacher = _prompted_targets(runner, _head(tokenizer, description), texts, 0.0)
-    x, _ = runner.hidden(texts, {la: LayerEdit(add=v) for la, v in adds.items()} if adds else None)
-    return float(_kl(teacher, _position_logprobs(model, x, [len(t) for t in texts])))
+    return float(_kl(teacher, _steered_logprobs(runner, texts, adds)))
 
 
 @torch.inference_mode(False)  # gradients, whatever mode the caller is in
@@ -92,21 +104,16 @@ def distill_pushes(model, tokenizer, description: str, texts: Sequence[Sequence[
                    penalty: float = REPEAT_PENALTY, lr: float = LEARNING_RATE) -> dict[int, torch.Tensor]:
     """Residual adds per layer (keys of `resid_norms`) that make plain `texts` (token ids, each ≥ 2)
     continue as the model does after `PROMPT_TEMPLATE` with `description`, starting from nothing."""
-    texts = [list(t) for t in texts if len(t) >= 2]
-    if not texts:
-        raise ValueError("distilling needs texts of at least two tokens")
+    texts = _usable(texts)
     runner = BatchRunner(model, special_ids=special_ids)
     teacher = _prompted_targets(runner, _head(tokenizer, description), texts, penalty)
-    lengths = [len(t) for t in texts]
     layers = sorted(resid_norms)
     budget = {la: cap * resid_norms[la] / len(layers) for la in layers}
     adds = {la: torch.zeros(model.cfg.dim, requires_grad=True) for la in layers}
     opt = torch.optim.Adam([adds[la] for la in layers], lr=lr * min(budget.values()))
     for _ in range(steps):
         with torch.enable_grad():
-            x, _ = runner.hidden(texts, {la: LayerEdit(add=v) for la, v in adds.items()})
-            student = _position_logprobs(model, x, lengths)
-            loss = _kl(teacher, student)
+            loss = _kl(teacher, _steered_logprobs(runner, texts, adds))
             opt.zero_grad()
             loss.backward()
         opt.step()

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .labels import load_labels
 from .library import FeatureLibrary
@@ -273,7 +272,7 @@ def show_feature(library: FeatureLibrary, ref: str) -> dict:
         core, sign = split_sign(key)
         return {"id": ref, "kind": "concept", "description": core, "sign": sign, "layers": sorted(vec.directions),
                 "addFraction": vec.add_fraction, "examples": vec.meta.get("examples", []),
-                "features": concept_features(library, vec.directions, sign)}
+                "features": concept_features(library, vec.unit_directions(), sign)}
     if source == "vector":
         vec = library.vector(key)
         return {"id": ref, "kind": "vector", "layer": vec.layer, "scale": vec.scale, **vec.meta,
@@ -299,7 +298,7 @@ def concept_features(library: FeatureLibrary, directions: dict[int, torch.Tensor
         layer = min(directions, key=lambda layer: abs(layer - sae.layer))
         if abs(layer - sae.layer) > 3:
             continue
-        cos = sae.directions @ (sign * F.normalize(directions[layer].float(), dim=0))
+        cos = sae.directions @ (sign * directions[layer].float())
         usable = torch.tensor([sae.usable(i) for i in range(sae.d_sae)])
         cos = torch.where(usable, cos, torch.full_like(cos, -2.0))
         feats = labels.get("features", [])

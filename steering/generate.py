@@ -132,10 +132,12 @@ def cut_at_stop(text: str, options: GenerationOptions) -> str | None:
     return text[: min(cuts)] if cuts else None
 
 
-def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """llama.cpp's repetition penalty: the logits of `seen` tokens (a bool mask like `logits`) move
-    towards "less likely" by `penalty` (divided when positive, multiplied when negative)."""
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+def penalize_repeats(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
+    """llama.cpp's repetition penalty: the logits of the token ids in `recent` ([..., k], one row of
+    ids per row of `logits`; repeats allowed) move towards "less likely" by `penalty` (divided when
+    positive, multiplied when negative). Touches k entries, not the vocabulary."""
+    picked = logits.gather(-1, recent)
+    return logits.scatter(-1, recent, torch.where(picked > 0, picked / penalty, picked * penalty))
 
 
 def sample(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None,
@@ -146,9 +148,7 @@ def sample(logits: torch.Tensor, options: GenerationOptions, generator: torch.Ge
     and he'd be there" loops, which greedy decoding otherwise falls into quickly.
     """
     if recent and options.repetition_penalty != 1.0:
-        seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
-        seen[torch.tensor(recent, dtype=torch.long)] = True
-        logits = penalize_repeats(logits, seen, options.repetition_penalty)
+        logits = penalize_repeats(logits, torch.tensor(recent, dtype=torch.long), options.repetition_penalty)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if options.temperature < GREEDY_BELOW:  # tiny temperatures overflow the softmax: same as greedy

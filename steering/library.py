@@ -154,14 +154,9 @@ class FeatureLibrary:
         sign = split_sign(key)[1]
         fraction = vec.add_fraction if vec.add_fraction is not None else CAP
         pushes = vec.pushes(fraction)
-        out = []
-        for layer in sorted(vec.directions):
-            size = float(vec.directions[layer].norm())
-            if size > 0:  # a layer the concept does not use (its add trained to nothing)
-                unit = vec.directions[layer] * (sign / size)
-                out.append(FeatureHandle(ref, layer, unit, float(pushes[layer].norm()), vec.resid_norms[layer],
-                                         _projection(unit)))
-        return out
+        return [FeatureHandle(ref, layer, sign * unit, float(pushes[layer].norm()), vec.resid_norms[layer],
+                              _projection(sign * unit))
+                for layer, unit in vec.unit_directions().items()]
 
     def handle(self, ref: str) -> FeatureHandle:
         """One direction: an SAE feature or a saved vector (a concept: its middle layer)."""
