@@ -7,11 +7,14 @@ direction we try a few pushes on held-out neutral prompts, continue each as the 
   with the description written in front of it; for a feature or vector, how far the continuation,
   read back by the unsteered model, lies along the direction at its layer (no lexicon needed);
 - fluency: perplexity of the continuation under the unsteered model, and repeated 3-grams.
-The chosen push is the strongest one that still raises presence, keeps perplexity within
-`MAX_PPL_RATIO` of unsteered and repetition at most unsteered's (+ a small margin); presence grows
-with the push, so that is the most concept the fluency budget allows. It becomes "strength 1".
-Results are stored per model/reference under the user's cache dir (`CalibrationStore`) or in a
-concept vector's metadata.
+The chosen push is where the perplexity ratio, fitted over the pushes tried (log ratio linear in the
+push: six or eight prompts make each point noisy), reaches `MAX_PPL_RATIO`, no further than the
+strongest push that keeps repetition at most unsteered's (+ a small margin) and raises presence;
+presence grows with the push, so that is the most concept the fluency budget allows. A fitted
+crossing instead of the strongest passing grid point: the grid's steps are ~0.1 of perplexity ratio
+apart, so the strongest passing point sat on average half a step under the budget. It becomes
+"strength 1". Results are stored per model/reference under the user's cache dir
+(`CalibrationStore`) or in a concept vector's metadata.
 """
 
 from __future__ import annotations
@@ -30,17 +33,25 @@ from .batch import BatchRunner
 from .files import write_atomically
 from .steering import LayerEdit
 
-GRID = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)  # multiples of the default push that are tried
+GRID = (0.25, 0.5, 0.75, 1.0, 1.5)  # multiples of the default push that are tried
+CONCEPT_GRID = (0.5, 0.75, 1.0, 1.25)  # for a described concept: multiples of the push it was trained at
 MAX_PPL_RATIO = 1.5  # the fluency budget: perplexity under the unsteered model at most 1.5x unsteered
 REP_MARGIN = 0.05  # the eval target: repetition at most unsteered + 0.05
-TOKENS = 24
-CALIBRATION_PROMPTS = [  # held out from the eval's prompts; full sentences, as in a real document
-    "Yesterday afternoon I finally had some time to myself, so I",
-    "The plan for next week is simple: first we finish the report, and then",
-    "He put down his cup, looked at the clock on the wall and",
-    "We arrived a few minutes early, so we sat in the car and",
-    "When I think back on that summer, what I remember most is",
-    "The email from my manager came in just before lunch. It said that",
+# Fluency is judged over a continuation as long as `steer eval`'s: the perplexity ratio shrinks as a
+# continuation goes on (its first tokens carry the turn to the concept; prompting's own ratio on these
+# prompts is 1.82x over 24 tokens, 1.69x over 32), so a shorter window holds strength 1 below the
+# budget the eval measures.
+TOKENS = 40
+METHOD = "fitted-crossing-40"  # stored with every calibration: one made by another rule is made again
+CALIBRATION_PROMPTS = [  # held out from the eval's prompts and the neutral contexts; openings of prose
+    "On Saturday morning I woke up early and",
+    "The first thing you notice when you walk in is",
+    "Before we left the house, she",
+    "Last summer my brother and I",
+    "The room was quiet when",
+    "I have always wanted to",
+    "The bus was late again, so",
+    "The best part of the trip was",
 ]
 
 
@@ -54,7 +65,7 @@ class Calibration:
 def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int | None = None,
               read_direction: torch.Tensor | None = None, description: str | None = None,
               prompts: Sequence[str] = CALIBRATION_PROMPTS, runner: BatchRunner | None = None,
-              grid: Sequence[float] = GRID) -> Calibration:
+              grid: Sequence[float] = GRID, tokens: int = TOKENS) -> Calibration:
     """Pick the multiple of `pushes` (residual delta per layer at the default strength 1) that puts
     the most of the concept into the text while staying fluent. Presence: with a `description`, how
     much likelier the continuation is when the description is written in front of the prompt
@@ -69,7 +80,7 @@ def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int | None = 
     rows = [(m, p) for m in multiples for p in ids]
     plan = {layer: LayerEdit(add=torch.stack([m * delta.float() for m, _ in rows])[:, None, :])
             for layer, delta in pushes.items()}
-    outs = runner.generate([p for _, p in rows], TOKENS, plan, sorted(engine.eos_ids))
+    outs = runner.generate([p for _, p in rows], tokens, plan, sorted(engine.eos_ids))
     outs = [[t for t in o if t not in engine.eos_ids] or [0] for o in outs]
     if description is not None:
         head = engine.tokenize(PROMPT_TEMPLATE.format(description=description))
@@ -88,15 +99,32 @@ def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int | None = 
             "rep3": statistics.fmean(rep3(engine.detokenize(outs[i])) for i in idx),
             "presence": statistics.fmean(presence[i] for i in idx),
         }
-    base = stats[0.0]
-    ok = [s for m, s in stats.items() if m > 0 and s["ppl"] <= MAX_PPL_RATIO * base["ppl"]
-          and s["rep3"] <= base["rep3"] + REP_MARGIN and s["presence"] > base["presence"]]
-    # presence grows with the push (on 6 prompts it is noisy step to step): the strongest fluent push
-    best = max(ok, key=lambda s: s["multiplier"]) if ok else stats[min(grid)]
-    table = [{**s, "ppl_ratio": s["ppl"] / base["ppl"]} for s in stats.values()]
+    best = _fitted_multiplier(stats, min(grid))
+    table = [{**s, "ppl_ratio": s["ppl"] / stats[0.0]["ppl"]} for s in stats.values()]
+    shown = min(grid, key=lambda m: abs(m - best))  # the tried push nearest the chosen one
     examples = [prompts[j] + engine.detokenize(outs[i])
-                for j, i in enumerate(i for i, (m, _) in enumerate(rows) if m == best["multiplier"])][:3]
-    return Calibration(best["multiplier"], table, examples)
+                for j, i in enumerate(i for i, (m, _) in enumerate(rows) if m == shown)][:3]
+    return Calibration(best, table, examples)
+
+
+def _fitted_multiplier(stats: dict[float, dict], floor: float) -> float:
+    """Where the fitted log perplexity ratio reaches the budget, capped at the strongest push that
+    keeps repetition and raises presence; `floor` when no push does both."""
+    base = stats[0.0]
+    tried = sorted(m for m in stats if m > 0)
+    usable = [m for m in tried if stats[m]["rep3"] <= base["rep3"] + REP_MARGIN
+              and stats[m]["presence"] > base["presence"]]
+    if not usable:
+        return floor
+    points = [(m, math.log(max(stats[m]["ppl"], 1e-9) / base["ppl"])) for m in tried]
+    mean_m = statistics.fmean(m for m, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    spread = sum((m - mean_m) ** 2 for m, _ in points)
+    slope = sum((m - mean_m) * (y - mean_y) for m, y in points) / spread if spread else 0.0
+    if slope <= 0:  # perplexity does not grow with the push over the range tried
+        return max(usable)
+    crossing = mean_m + (math.log(MAX_PPL_RATIO) - mean_y) / slope
+    return max(floor, min(crossing, max(usable)))
 
 
 class CalibrationStore:
@@ -117,7 +145,7 @@ class CalibrationStore:
 
     @staticmethod
     def key(model: str, ref: str, layer: int) -> str:
-        return f"{model}|{ref}|{layer}"
+        return f"{METHOD}|{model}|{ref}|{layer}"
 
     def get(self, model: str, ref: str, layer: int) -> float | None:
         return self._load().get(self.key(model, ref, layer))

@@ -84,7 +84,7 @@ class FeatureLibrary:
     def concept(self, description: str):
         """The `ConceptVector` of `description` (sign words like "less" stripped), built and
         calibrated on first use, then read from the user's cache."""
-        from .calibration import calibrate
+        from .calibration import CONCEPT_GRID, METHOD, calibrate
         from .concepts import cached_concept, save_concept, split_sign
         from .distill import CAP
 
@@ -99,9 +99,10 @@ class FeatureLibrary:
                 try:
                     vec, path = cached_concept(engine.model, engine.tokenizer, self.model_key, core,
                                                self.concept_layers, engine.special_ids)
-                    if vec.add_fraction is None:
-                        cal = calibrate(engine, vec.pushes(CAP), description=core)
+                    if vec.add_fraction is None or vec.meta.get("calibration_method") != METHOD:
+                        cal = calibrate(engine, vec.pushes(CAP), description=core, grid=CONCEPT_GRID)
                         vec.add_fraction = CAP * cal.multiplier
+                        vec.meta["calibration_method"] = METHOD
                         vec.meta["calibration"] = cal.table
                         vec.meta["examples"] = cal.examples
                         save_concept(vec, path)

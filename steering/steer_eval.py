@@ -59,12 +59,11 @@ class Concept:
 class EvalSet:
     concepts: list[Concept]
     prompts: list[str]
-    calibration_prompts: list[str]
 
 
 def load_eval_set(path: str | Path | None = None) -> EvalSet:
     data = json.loads(Path(path or DATA).read_text())
-    return EvalSet([Concept(**c) for c in data["concepts"]], data["prompts"], data["calibration_prompts"])
+    return EvalSet([Concept(**c) for c in data["concepts"]], data["prompts"])
 
 
 def feature_on_concept(info: dict, pattern: re.Pattern) -> bool:
@@ -261,6 +260,7 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
              methods: Sequence[str] | None = None, concepts: Sequence[str] | None = None,
              log: Callable[[str], None] = lambda _m: None) -> EvalReport:
     """Evaluate every method on the shipped concept set (see module docstring)."""
+    from .calibration import TOKENS
     from .concepts import NEUTRAL_CONTEXTS
     from .features import search_features, show_feature
     from .library import ADD_FRACTION
@@ -273,7 +273,7 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
     prompts = es.prompts[:6] if quick else es.prompts
     strengths = list(strengths or ([0.5, 1.0, 2.0] if quick else [0.5, 1.0, 1.5, 2.0, 3.0]))
     methods = list(methods or ["unsteered", "prompting", "search", "described", "examples"])
-    gen = Generator(engine, tokens=32 if quick else 40)
+    gen = Generator(engine, tokens=TOKENS)  # quick or not: the length calibration judges fluency over
     d_model, n_layers = engine.info.d_model, engine.info.layers
     results: list[Result] = []
     search_top1: dict[str, str] = {}

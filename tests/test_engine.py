@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tinymorph.steering.context import ContextPolicy, select_window
@@ -385,3 +386,34 @@ def test_concept_distillation_runs_in_any_grad_mode(tiny_model_dir):
     assert all(0.0 < n <= 1.0 + 1e-4 for n in norms), norms  # a share of the cap, never more
     pushes = vec.pushes(CAP)
     assert all(float(p.norm()) <= CAP * vec.resid_norms[la] / len(layers) * (1 + 1e-4) for la, p in pushes.items())
+
+
+def test_calibration_stops_where_the_fitted_perplexity_ratio_meets_the_budget():
+    """Strength 1 is where perplexity, fitted over the pushes tried, reaches `MAX_PPL_RATIO` of
+    unsteered: not the strongest grid point under it (half a grid step short on average), never past
+    the strongest push that keeps repetition down and raises presence, and the floor when none does."""
+    import math
+
+    from tinymorph.steering.calibration import MAX_PPL_RATIO, REP_MARGIN, _fitted_multiplier
+
+    def stats(ratios, rep3=None, presence=None):
+        out = {0.0: {"ppl": 4.0, "rep3": 0.0, "presence": 0.0}}
+        for i, (m, r) in enumerate(ratios.items()):
+            out[m] = {"ppl": 4.0 * r, "rep3": (rep3 or {}).get(m, 0.0), "presence": (presence or [1.0] * 9)[i]}
+        return out
+
+    # log ratio exactly linear in the push, 0.6 per unit: the budget is met at ln(1.5) / 0.6
+    linear = {m: math.exp(0.6 * m) for m in (0.5, 0.75, 1.0, 1.25)}
+    crossing = math.log(MAX_PPL_RATIO) / 0.6
+    assert _fitted_multiplier(stats(linear), 0.5) == pytest.approx(crossing)
+    assert 0.5 < crossing < 0.75  # between grid points: the old rule would have stopped at 0.5
+    # noise around the line moves the answer a little, not to a grid point
+    noisy = {m: r * f for (m, r), f in zip(linear.items(), (1.03, 0.97, 1.02, 0.99), strict=True)}
+    assert abs(_fitted_multiplier(stats(noisy), 0.5) - crossing) < 0.08
+    # looping from 0.75 on caps it at the strongest push without the loop, even under the budget
+    flat = {m: 1.0 + 0.1 * m for m in (0.5, 0.75, 1.0, 1.25)}
+    looping = {0.75: REP_MARGIN * 2, 1.0: REP_MARGIN * 2, 1.25: REP_MARGIN * 2}
+    assert _fitted_multiplier(stats(flat, rep3=looping), 0.5) == 0.5
+    assert _fitted_multiplier(stats(flat), 0.5) == 1.25  # perplexity barely moves: the strongest tried
+    # a push that never makes the concept more present is no concept push: the floor
+    assert _fitted_multiplier(stats(linear, presence=[-1.0] * 4), 0.5) == 0.5

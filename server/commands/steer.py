@@ -60,7 +60,7 @@ def register(sub) -> None:
 
     ev = s.add_parser("eval", help="concept hit rate, perplexity, repetition and speed cost of every steering "
                                    "method on the shipped concept set")
-    ev.add_argument("--quick", action="store_true", help="6 prompts, 3 strengths, 32 tokens (a few minutes)")
+    ev.add_argument("--quick", action="store_true", help="6 of the 12 prompts, 3 strengths")
     ev.add_argument("--concepts", default=None, help="comma-separated concept names (default: all)")
     ev.add_argument("--methods", default=None,
                     help="comma-separated: unsteered,prompting,search,described,examples (default: all)")
