@@ -183,7 +183,8 @@ def load_concept(path: Path) -> ConceptVector:
 
 def cached_concept(model, tokenizer, model_key: str, description: str, layers: Sequence[int],
                    special_ids=()) -> tuple[ConceptVector, Path]:
-    """`build_concept`, read from / written to the user's cache (keyed by method, model, layers, text)."""
+    """`build_concept`, read from the user's cache (keyed by method, model, layers, text) where it is
+    there; the caller saves a new one (`save_concept`) once it is calibrated, so it is written once."""
     path = concept_path(model_key, description, layers)
     if path.is_file():
         try:
@@ -192,5 +193,4 @@ def cached_concept(model, tokenizer, model_key: str, description: str, layers: S
             pass
     vec = build_concept(model, tokenizer, description, layers, special_ids)
     vec.meta["model"] = model_key
-    save_concept(vec, path)
     return vec, path
