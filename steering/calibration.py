@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .batch import BatchRunner
+from .distill import PROMPT_TEMPLATE
 from .files import write_atomically
 from .steering import LayerEdit
 
@@ -55,6 +57,14 @@ CALIBRATION_PROMPTS = [  # held out from the eval's prompts and the neutral cont
 ]
 
 
+def rep3(text: str) -> float:
+    """Share of word 3-grams that already occurred earlier in the text ("the the the" loops;
+    `steer eval` reports it too)."""
+    words = re.findall(r"\w+", text.lower())
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
+
+
 @dataclass
 class Calibration:
     multiplier: float  # of the default push: strength 1 becomes this many default pushes
@@ -71,9 +81,6 @@ def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int | None = 
     much likelier the continuation is when the description is written in front of the prompt
     (nats per token; it reads what the words say, for any description); else how far the
     continuation lies along `read_direction` at `read_layer`."""
-    from .distill import PROMPT_TEMPLATE
-    from .steer_eval import rep3
-
     runner = runner or BatchRunner(engine.model, engine.hooks, engine.special_ids)
     ids = [engine.tokenize(p) for p in prompts]
     multiples = [0.0, *grid]
@@ -116,14 +123,13 @@ def _fitted_multiplier(stats: dict[float, dict], floor: float) -> float:
               and stats[m]["presence"] > base["presence"]]
     if not usable:
         return floor
-    points = [(m, math.log(max(stats[m]["ppl"], 1e-9) / base["ppl"])) for m in tried]
-    mean_m = statistics.fmean(m for m, _ in points)
-    mean_y = statistics.fmean(y for _, y in points)
-    spread = sum((m - mean_m) ** 2 for m, _ in points)
-    slope = sum((m - mean_m) * (y - mean_y) for m, y in points) / spread if spread else 0.0
+    if len(tried) < 2:  # no line through one point: the one push tried
+        return max(usable)
+    log_ratio = [math.log(max(stats[m]["ppl"], 1e-9) / base["ppl"]) for m in tried]
+    slope, intercept = statistics.linear_regression(tried, log_ratio)
     if slope <= 0:  # perplexity does not grow with the push over the range tried
         return max(usable)
-    crossing = mean_m + (math.log(MAX_PPL_RATIO) - mean_y) / slope
+    crossing = (math.log(MAX_PPL_RATIO) - intercept) / slope
     return max(floor, min(crossing, max(usable)))
 
 

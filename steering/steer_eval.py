@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .batch import BatchRunner
+from .calibration import TOKENS, rep3
 from .distill import PROMPT_TEMPLATE as PROMPTING_TEMPLATE  # the eval's prompting is what vectors distil
 from .steering import LayerEdit, ResolvedPlan
 
@@ -78,13 +79,6 @@ def feature_on_concept(info: dict, pattern: re.Pattern) -> bool:
 
 def count_hits(text: str, pattern: re.Pattern) -> int:
     return len(pattern.findall(text))
-
-
-def rep3(text: str) -> float:
-    """Share of word 3-grams that already occurred earlier in the text."""
-    words = re.findall(r"\w+", text.lower())
-    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
-    return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
 
 
 @dataclass
@@ -260,7 +254,6 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
              methods: Sequence[str] | None = None, concepts: Sequence[str] | None = None,
              log: Callable[[str], None] = lambda _m: None) -> EvalReport:
     """Evaluate every method on the shipped concept set (see module docstring)."""
-    from .calibration import TOKENS
     from .concepts import NEUTRAL_CONTEXTS
     from .features import search_features, show_feature
     from .library import ADD_FRACTION
