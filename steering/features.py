@@ -110,6 +110,13 @@ def library_labels(library: FeatureLibrary, names: Sequence[str] | None = None) 
 QUERY_TEMPLATES = ("{q}", "I want to write about {q}.", "This is a story about {q}.", "Let me tell you about {q}:")
 NEUTRAL_WORD = "something"
 WEIGHTS = {"activation": 1.0, "output": 0.3, "label": 0.5}  # measured: firing on the query ranks best
+# The best candidates by those signals are re-ranked by what steering them does (`effect_scores`):
+# of features that fire on the query, the one that also makes the model write about it. Measured on
+# the eval's 24 concepts with the previous shipped SAE (top-1 at 0.25 of the residual norm, 6 prompts,
+# 40 tokens): 26 % of continuations on the concept at 1.30x perplexity before, 43 % at 1.38x after.
+EFFECT_WEIGHT = 1.0  # relative to the other signals' sum normalised to 1 (3.0 measured the same)
+EFFECT_CANDIDATES = 12  # how many of the best candidates are steered to measure their effect
+EFFECT_POSITIONS = 4  # next-token distributions read at the last this many positions of each context
 
 
 @dataclass
@@ -198,6 +205,42 @@ def activation_scores(sae, model, tokenizer, query: str) -> torch.Tensor:
     return (mean_code(query) - mean_code(NEUTRAL_WORD)) / sae.max_act.clamp_min(1e-6)
 
 
+@torch.inference_mode()
+def effect_scores(sae, engine, query: str, candidates: Sequence[int]) -> torch.Tensor | None:
+    """What steering each candidate feature does for the query: the change in log-probability the
+    model gives the query's words (and their nearest tokens) at the end of a few neutral prose
+    openings, with the feature added at every position at the default push (`ADD_FRACTION` of the
+    residual norm) → [len(candidates)]. None without the engine's own model (a transformers model
+    has no batched steering here) or without query tokens.
+
+    Why: firing on the query says a feature *reads* the concept; steering needs one that also makes
+    the model *write* it (the "output score" of Arad et al., measured through the remaining layers
+    instead of the logit lens at the SAE's layer)."""
+    from .batch import BatchRunner, plan_with_rows
+    from .calibration import CALIBRATION_PROMPTS
+    from .library import ADD_FRACTION, FALLBACK_NORM
+
+    model, hooks = getattr(engine, "model", None), getattr(engine, "hooks", None)
+    if hooks is None or not hasattr(model, "new_cache") or not candidates:
+        return None
+    ids = _query_tokens(engine.tokenizer, query)
+    if not ids:
+        return None
+    ue = _unembed(model)
+    related = list(dict.fromkeys(ids + ue.neighbours(ids, 6)))
+    contexts = [engine.tokenize(p) for p in CALIBRATION_PROMPTS[:4]]
+    push = ADD_FRACTION * float(sae.resid_norm or FALLBACK_NORM)
+    rows, adds = [], []
+    for c in [None, *candidates]:
+        rows += contexts
+        adds += [None if c is None else push * sae.direction(c).float()] * len(contexts)
+    runner = BatchRunner(model, hooks, getattr(engine, "special_ids", ()))
+    x, _ = runner.hidden(rows, plan_with_rows(sae.layer, adds, model.cfg.dim))
+    logp = torch.log_softmax(model.lm_head(model.norm(x[:, -EFFECT_POSITIONS:])).float(), -1)
+    mass = logp[..., related].logsumexp(-1).view(len(candidates) + 1, -1).mean(-1)  # log P(a related token)
+    return mass[1:] - mass[0]
+
+
 def _normalized(x: torch.Tensor) -> torch.Tensor:
     top = float(x.max()) if x.numel() else 0.0
     return x.clamp_min(0) / top if top > 0 else torch.zeros_like(x)
@@ -208,8 +251,10 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
 
     With a model (an `Engine`, or anything with `.model` and `.tokenizer`) features are ranked by
     three signals: what adding the feature makes the model say (its output effect on the query's
-    words and their neighbours), how much it fires when the query is read, and its label's words.
-    Without one, by label words alone. Dead and positional features never appear.
+    words and their neighbours), how much it fires when the query is read, and its label's words;
+    with the engine's own model the best few are then re-ranked by what steering them does
+    (`effect_scores`). Without a model, by label words alone. Dead and positional features never
+    appear.
     """
     labels_by_sae = library_labels(library)
     index = FeatureIndex(labels_by_sae)
@@ -247,6 +292,13 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
                 signals["activation"] = act
                 total = total + WEIGHTS["activation"] * _normalized(act * usable)
         total = torch.where(usable, total, torch.zeros_like(total))
+        if "activation" in signals:  # the model is there: steer the best candidates and re-rank
+            best = [i for i in total.topk(min(EFFECT_CANDIDATES, n)).indices.tolist() if float(total[i]) > 0]
+            effect = effect_scores(sae, model, query, best)
+            if effect is not None:
+                signals["effect"] = torch.zeros(n).index_put((torch.tensor(best),), effect)
+                total = total / float(total[best].max())
+                total[best] += EFFECT_WEIGHT * _normalized(effect)
         for i in total.topk(min(limit, n)).indices.tolist():
             if float(total[i]) <= 0:
                 continue

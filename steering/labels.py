@@ -119,24 +119,34 @@ def readable_labels(features: list[dict]) -> list[dict]:
     from statistics import median
 
     per_feature: list[Counter] = []
+    recurring: list[Counter] = []
     background: Counter = Counter()
     for f in features:
         counts: Counter = Counter()
-        for c in f.get("contexts") or []:
-            word, near = _marked_word(c["text"] if isinstance(c, dict) else str(c))
+        seen: Counter = Counter()  # in how many distinct contexts a word occurs
+        texts = dict.fromkeys(c["text"] if isinstance(c, dict) else str(c) for c in f.get("contexts") or [])
+        for text in texts:  # a context read twice (overlapping training windows) counts once
+            word, near = _marked_word(text)
+            found = set()
             if word and word.lower() not in STOPWORDS and len(word) > 1:
                 counts[word.lower()] += 3
+                found.add(word.lower())
             for w in near:
                 if w.lower() not in STOPWORDS and len(w) > 2:
                     counts[w.lower()] += 1
+                    found.add(w.lower())
+            seen.update(found)
         per_feature.append(counts)
+        recurring.append(seen)
         background.update(set(counts))
     n = max(1, len(features))
     live = [f.get("max_act", 0.0) for f in features if f.get("max_act", 0.0) > 0]
     med = median(live) if live else 0.0
     out = []
-    for f, counts in zip(features, per_feature, strict=True):
-        lift = {w: c * math.log(n / (1 + background[w])) for w, c in counts.items() if c >= 2}
+    for f, counts, seen in zip(features, per_feature, recurring, strict=True):
+        # lift, times the number of contexts a word occurs in: a word that recurs over the feature's
+        # contexts says more about it than one context's odd name ("shelterdeals")
+        lift = {w: c * seen[w] * math.log(n / (1 + background[w])) for w, c in counts.items() if c >= 2}
         words = [w for w, _ in sorted(lift.items(), key=lambda kv: -kv[1])[:3]]
         promotes = []
         for t in f.get("top_tokens") or []:

@@ -143,6 +143,15 @@ class FeatureLibrary:
         self.calibrations.set(self.model_key, self._calibration_ref(ref), handle.layer, fraction)
         return fraction
 
+    def calibrated(self, ref: str) -> float:
+        """`add` strength 1 of a feature or vector as a fraction of the residual norm: the stored
+        calibration, or a new one (as `steer add` makes it) when there is none yet."""
+        if self.calibrations is not None:
+            found = self.calibrations.get(self.model_key, self._calibration_ref(ref), self.handle(ref).layer)
+            if found is not None:
+                return found
+        return self.calibrate(ref)
+
     def handles(self, ref: str) -> list[FeatureHandle]:
         """The directions `ref` steers: one for a feature or vector, one per layer for a concept."""
         from .concepts import split_sign

@@ -33,10 +33,13 @@ class TrainSettings:
     """Knobs for one training run (defaults = the shipped SAE)."""
 
     layer: int = 15
-    tokens: int = 3_000_000
+    tokens: int = 4_000_000
     d_sae: int = 4096
-    k: int = 48
+    k: int = 64
     lr: float = 2e-3
+    # the last fraction of steps decays the learning rate linearly to 0: the loss was still falling at
+    # the end of constant-lr runs, and the decay settles it (the usual TopK SAE recipe)
+    lr_decay_fraction: float = 0.2
     context_size: int = 256
     batch_tokens: int = 4096
     seed: int = 42
@@ -190,6 +193,7 @@ def train_sae(files: Sequence[Path | str], out_dir: Path | str, settings: TrainS
         n_batches_for_norm_estimate=20,
         lr=s.lr,
         lr_warm_up_steps=50,
+        lr_decay_steps=int(s.tokens // s.batch_tokens * s.lr_decay_fraction),
         device="cpu",
         dtype="float32",
         autocast=s.autocast_bf16,
@@ -214,6 +218,7 @@ def train_sae(files: Sequence[Path | str], out_dir: Path | str, settings: TrainS
         shutil.copy2(final / name, out / name)
     meta = {"layer": s.layer, "tokens": s.tokens, "files": [f.name for f in files], "model": s.model,
             "context_size": s.context_size, "k": s.k, "d_sae": s.d_sae, "lr": s.lr,
+            "lr_decay_fraction": s.lr_decay_fraction,
             "dead_feature_window": s.dead_feature_window}
     (out / "training.json").write_text(json.dumps(meta, indent=2))
     log(f"SAE written to {out}")
@@ -305,9 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layer", type=int, default=15)
-    ap.add_argument("--tokens", type=int, default=3_000_000)
-    ap.add_argument("--d-sae", type=int, default=4096)
-    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=TrainSettings.tokens)
+    ap.add_argument("--d-sae", type=int, default=TrainSettings.d_sae)
+    ap.add_argument("--k", type=int, default=TrainSettings.k)
     ap.add_argument("--no-resume", action="store_true")
     a = ap.parse_args(argv)
     train_sae(a.files, a.out, TrainSettings(layer=a.layer, tokens=a.tokens, d_sae=a.d_sae, k=a.k),

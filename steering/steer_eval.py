@@ -15,8 +15,8 @@ hooks):
 - rep3: share of repeated word 3-grams in the continuation ("the the the" loops);
 - speed cost: decode tokens/s with steering vs without, on the engine's normal path.
 Methods: unsteered, prompting (the concept written before the prompt), the top search result
-(SAE feature), the described concept vector (raw strengths and calibrated), and a DiffMean
-vector from the concept's examples.
+(SAE feature, at strengths calibrated as `steer add` calibrates them), the described concept vector
+(raw strengths and calibrated), and a DiffMean vector from the concept's examples.
 """
 
 from __future__ import annotations
@@ -294,6 +294,7 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
             if found:
                 search_top1[c.name] = f"{found[0]['id']} {found[0].get('label', '')}"
                 on_concept[c.name] = feature_on_concept(show_feature(library, found[0]["id"]), c.pattern())
+                library.calibrated(found[0]["id"])  # strength 1 as `steer add` gives it
                 handles[c.name] = library.handles(found[0]["id"])
         for s in strengths:
             evaluate("search", s, [Row(c, p, p, pushes_of(handles[c.name], s))

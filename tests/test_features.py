@@ -13,7 +13,7 @@ import torch
 from test_sae import make_sae
 
 from tinymorph.steering.features import FeatureIndex, rank_by_examples, search_features, show_feature
-from tinymorph.steering.labels import compute_labels, make_label, save_labels, snippet
+from tinymorph.steering.labels import compute_labels, make_label, readable_labels, save_labels, snippet
 from tinymorph.steering.library import FeatureLibrary
 from tinymorph.steering.sae import load_sae
 from tinymorph.steering.steering import SteeringError
@@ -102,6 +102,17 @@ def test_labels_end_to_end(tmp_path: Path, tokenizer, tiny_model) -> None:
     with pytest.raises(SteeringError, match="features 0..31"):
         show_feature(lib, "tiny:32")
     json.dumps(shown)  # protocol results must be JSON
+
+
+def test_a_phrase_leads_with_words_that_recur_over_the_contexts() -> None:
+    """One context's odd name must not head a phrase, and a context read twice counts once."""
+    odd = "Follow us at @S«helter»Deals for more"
+    feature = {"max_act": 5.0, "density": 0.01, "contexts": [
+        {"text": odd}, {"text": odd}, {"text": odd}, {"text": "she trimmed the roses in her «garden» before"},
+        {"text": "weeds grew all over the «garden» path"}]}
+    others = [{"max_act": 5.0, "density": 0.01, "contexts": [{"text": f"word{i} «thing» here"}]} for i in range(20)]
+    phrase = readable_labels([feature, *others])[0]["phrase"]
+    assert phrase.split(", ")[0] == "garden", phrase
 
 
 def test_snippet_and_label_format(tokenizer) -> None:

@@ -29,8 +29,9 @@ PROMPTS = [
 # Concept features of the shipped SAE, found by `tinymorph features search` (see `features show default:ID`).
 # id -> (concept of the eval set, strength; 1 = half the layer's typical residual norm along the direction)
 EVIDENCE_FEATURES = {
-    2274: ("sea", 1.0),  # 'sea, seas, vessel' (measured: 2/6 → 5/6 continuations with a sea word)
-    191: ("music", 1.0),  # 'choral, music, violin' (measured: 0/6 → 3/6)
+    2078: ("music", 1.0),  # 'song, songbird, songs' (measured: 0/6 → 5/6 continuations with a music word)
+    2427: ("computers", 1.0),  # 'computer, choice' (1/6 → 5/6)
+    624: ("religion", 1.0),  # 'religious, episcopal, christian' (0/6 → 4/6)
 }
 MAX_TOKENS = 16
 
@@ -171,6 +172,20 @@ def test_distilled_vector_does_what_the_prompt_does_on_unseen_text(engine: Engin
     plain = kl_to_prompted(engine.model, engine.tokenizer, "about the sea", texts)
     steered = kl_to_prompted(engine.model, engine.tokenizer, "about the sea", texts, vec.pushes(CAP))
     assert steered < 0.9 * plain, (steered, plain)
+
+
+def test_steering_effect_tells_a_concept_feature_from_another(library: FeatureLibrary, engine: Engine) -> None:
+    """Search re-ranks its best candidates by what steering them does: each evidence feature makes
+    the model likelier to say its own concept's words, and more so than the other concept's feature."""
+    from tinymorph.steering.features import effect_scores
+
+    sae = library.sae("default")
+    for feature, (name, _strength) in EVIDENCE_FEATURES.items():
+        others = [f for f in EVIDENCE_FEATURES if f != feature]
+        effect = effect_scores(sae, engine, name, [feature, *others])
+        assert effect is not None and float(effect[0]) > 0, (name, effect)
+        assert float(effect[0]) > float(effect[1:].max()), (name, effect)
+    assert effect_scores(sae, engine, "sea", []) is None
 
 
 def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engine) -> None:
