@@ -170,17 +170,23 @@ def _query_tokens(tokenizer, query: str) -> list[int]:
     return out
 
 
+def _related_tokens(model, tokenizer, query: str) -> tuple[list[int], list[int]]:
+    """(the query's word tokens, those and their nearest tokens in the unembedding): what a feature
+    about the query should make the model say."""
+    ids = _query_tokens(tokenizer, query)
+    return ids, (list(dict.fromkeys(ids + _unembed(model).neighbours(ids, 6))) if ids else [])
+
+
 _STOP = frozenset("a an the of and or to in on about with for more less very some".split())
 
 
 def output_scores(sae, model, tokenizer, query: str) -> torch.Tensor | None:
     """How strongly each feature's direction promotes the query's words and their nearest tokens
     (mean z-score of their logits among all tokens) → [d_sae]."""
-    ids = _query_tokens(tokenizer, query)
+    ids, related = _related_tokens(model, tokenizer, query)
     if not ids:
         return None
     ue = _unembed(model)
-    related = list(dict.fromkeys(ids + ue.neighbours(ids, 6)))
     dirs = sae.directions * ue.norm_w  # [F, d]: what the final norm does to an added direction
     logits = dirs @ ue.rows(torch.tensor(related)).T  # [F, R]
     mu = dirs @ ue.mean
@@ -223,11 +229,9 @@ def effect_scores(sae, engine, query: str, candidates: Sequence[int]) -> torch.T
     model, hooks = getattr(engine, "model", None), getattr(engine, "hooks", None)
     if hooks is None or not hasattr(model, "new_cache") or not candidates:
         return None
-    ids = _query_tokens(engine.tokenizer, query)
+    ids, related = _related_tokens(model, engine.tokenizer, query)
     if not ids:
         return None
-    ue = _unembed(model)
-    related = list(dict.fromkeys(ids + ue.neighbours(ids, 6)))
     contexts = [engine.tokenize(p) for p in CALIBRATION_PROMPTS[:4]]
     push = ADD_FRACTION * float(sae.resid_norm or FALLBACK_NORM)
     rows, adds = [], []

@@ -119,13 +119,15 @@ class FeatureLibrary:
             return ref
         return f"{ref}@{self.sae(source).fingerprint()}"
 
+    def _stored_fraction(self, ref: str, layer: int) -> float | None:
+        if self.calibrations is None:
+            return None
+        return self.calibrations.get(self.model_key, self._calibration_ref(ref), layer)
+
     def add_fraction(self, ref: str, layer: int) -> float:
         """The calibrated push of `ref` as a fraction of the residual norm (default `ADD_FRACTION`)."""
-        if self.calibrations is not None:
-            found = self.calibrations.get(self.model_key, self._calibration_ref(ref), layer)
-            if found is not None:
-                return found
-        return ADD_FRACTION
+        found = self._stored_fraction(ref, layer)
+        return ADD_FRACTION if found is None else found
 
     def calibrate(self, ref: str) -> float:
         """Calibrate `add` strength 1 of a feature or vector on the attached engine, remember it in
@@ -146,11 +148,8 @@ class FeatureLibrary:
     def calibrated(self, ref: str) -> float:
         """`add` strength 1 of a feature or vector as a fraction of the residual norm: the stored
         calibration, or a new one (as `steer add` makes it) when there is none yet."""
-        if self.calibrations is not None:
-            found = self.calibrations.get(self.model_key, self._calibration_ref(ref), self.handle(ref).layer)
-            if found is not None:
-                return found
-        return self.calibrate(ref)
+        found = self._stored_fraction(ref, self.handle(ref).layer)
+        return self.calibrate(ref) if found is None else found
 
     def handles(self, ref: str) -> list[FeatureHandle]:
         """The directions `ref` steers: one for a feature or vector, one per layer for a concept."""
