@@ -61,6 +61,7 @@ class Timings:
     """Where the time of one generation went. TTFT counts from when the request was queued."""
 
     queue_ms: float = 0.0
+    prepare_ms: float = 0.0  # tokenizing, token healing, finding the cached prefix
     prefill_ms: float = 0.0
     ttft_ms: float = 0.0
     decode_ms: float = 0.0
@@ -233,13 +234,15 @@ def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int
              history: list[int] | None = None, healing: Healing | None = None,
              cancel: CancelToken | None = None, max_new: int | None = None,
              prefill_chunk: int = 2048, rewind: Callable[[int], None] | None = None,
-             max_draft: int = 0) -> Iterator[TokenEvent]:
+             max_draft: int = 0, started: float | None = None) -> Iterator[TokenEvent]:
     """Prefill `prompt_tail` through `step` (which appends to the KV cache), then decode.
 
     Returns (as the generator's return value) the `Completion`. `timings` is filled in place;
-    its queue_ms must already be set by the caller, `tokens_reused` too. `history` is the prompt's
-    token ids (for the repetition penalty and draft lookup). With `healing`, `prompt_tail` must hold
-    at least two tokens and the healed token's text is not part of the returned text.
+    its queue_ms must already be set by the caller, `tokens_reused` too; `started` is when the
+    caller began on the request (TTFT counts from there; default: now). `history` is the prompt's
+    token ids (for the repetition penalty and draft lookup). With `healing`, the last prefill step
+    asks for the logits of two positions (before and after the healed token) whatever the length of
+    `prompt_tail`, and the healed token's text is not part of the returned text.
 
     With `max_draft` > 0 and `rewind` (drops the last n tokens from the KV cache), greedy decoding
     is speculative: each forward pass also runs up to `max_draft` tokens drafted by `PromptLookup`
@@ -248,7 +251,9 @@ def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int
     tokens are the same as without drafts. When generation ends the KV cache holds the prompt and
     every generated token but the last, with or without drafts.
     """
-    started = time.perf_counter()
+    began = time.perf_counter()
+    started = began if started is None else started
+    timings.prepare_ms = (began - started) * 1000
     rng = None
     if options.temperature > 0 and options.seed is not None:
         rng = torch.Generator().manual_seed(options.seed)
@@ -262,7 +267,7 @@ def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int
         logits = step(piece, n_last if i == len(pieces) - 1 else 1)
     assert logits is not None, "prompt_tail must not be empty"
     timings.tokens_prefilled = len(prompt_tail)
-    timings.prefill_ms = (time.perf_counter() - started) * 1000
+    timings.prefill_ms = (time.perf_counter() - began) * 1000
     first_token_at = time.perf_counter()
     heal = healing.text if healing is not None else ""
     ids: list[int] = []
@@ -270,7 +275,8 @@ def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int
     reason = "max-tokens"
     need_forward = False
     speculate = max_draft > 0 and rewind is not None and options.temperature < GREEDY_BELOW
-    lookup = PromptLookup(history or prompt_tail) if speculate else None
+    lookup: PromptLookup | None = None  # built at the first decode pass (a keystroke may need none)
+    recent_history = (history or [])[-options.repetition_window:]
     drafted: list[int] = []  # drafted tokens in the KV cache whose check is still to come
     ready: list[torch.Tensor] = []  # the logits after each of them
     fed = 0  # generated tokens (and drafts) fed to the KV cache
@@ -279,12 +285,14 @@ def generate(step: StepFn, prompt_tail: list[int], *, decode: Callable[[list[int
             if cancel is not None and cancel.cancelled:
                 reason = "cancelled"
                 break
+            if speculate and lookup is None:
+                lookup = PromptLookup((history or prompt_tail) + ids)
             drafted = lookup.draft(min(max_draft, budget - index - 1)) if lookup is not None else []
             logits = step(ids[-1:] + drafted, 1 + len(drafted))
             fed += 1 + len(drafted)
             if drafted:
                 logits, *ready = logits
-        recent = ((history or []) + ids)[-options.repetition_window:]
+        recent = (recent_history + ids)[-options.repetition_window:]
         if index == 0 and healing is not None:
             token = sample(logits[0], options, rng, recent, healing.mask)
             if token == healing.token_id:

@@ -59,6 +59,7 @@ class LlamaConfig:
 
 
 KV_DTYPE = torch.float32
+KEPT_LOGITS = 2  # next-token logits a KV cache keeps (see `KVCache`)
 
 
 class KVCache:
@@ -69,13 +70,17 @@ class KVCache:
     256 cached tokens, 157 vs 1,140 µs over 2,048), for twice the cache's memory.
 
     `ids` mirrors the tokens whose keys/values are stored, so a new request can find its longest
-    common prefix with the cache by comparing token ids.
+    common prefix with the cache by comparing token ids. `logits_after` keeps next-token logits by
+    prefix length (the engine keeps those of a prompt's last positions): a keystroke that heals the
+    prompt's last token needs the logits before that token, and finds them here instead of running
+    it again.
     """
 
     def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = KV_DTYPE, capacity: int = 256):
         self.cfg = cfg
         self.dtype = dtype
         self.ids: list[int] = []
+        self.logits_after: dict[int, torch.Tensor] = {}
         self.k = torch.empty(cfg.n_layers, 1, cfg.n_kv_heads, capacity, cfg.head_dim, dtype=dtype)
         self.v = torch.empty_like(self.k)
 
@@ -103,6 +108,18 @@ class KVCache:
 
     def truncate(self, n: int) -> None:
         del self.ids[n:]
+        self.logits_after = {k: v for k, v in self.logits_after.items() if k <= n}
+
+    def keep_logits(self, logits: torch.Tensor) -> None:
+        """Remember the logits ([vocab] or [n, vocab]) of the last positions; the cache holds those of
+        the last `KEPT_LOGITS` prefix lengths it was given."""
+        rows = logits.view(-1, logits.shape[-1])[-KEPT_LOGITS:]
+        if rows.shape[0] < logits.view(-1, logits.shape[-1]).shape[0]:
+            rows = rows.clone()  # do not hold a long prompt's logits alive
+        end = self.length
+        self.logits_after.update({end - rows.shape[0] + 1 + i: row for i, row in enumerate(rows)})
+        for n in sorted(self.logits_after)[:-KEPT_LOGITS]:
+            del self.logits_after[n]
 
     def common_prefix(self, ids: list[int]) -> int:
         n = min(len(ids), len(self.ids))

@@ -47,16 +47,20 @@ class PrefixCache:
         self._lock = threading.Lock()
         self.stats = CacheStats()
 
-    def checkout(self, key: CacheKey, ids: list[int], min_new: int = 1) -> tuple[KVCache, int]:
+    def checkout(self, key: CacheKey, ids: list[int], logits_after: int | None = None) -> tuple[KVCache, int]:
         """The cache for `key` truncated to its common prefix with `ids`, and that prefix length.
 
-        At least `min_new` tokens are always left to run, so the caller gets fresh logits for them.
+        At least one token is always left to run, so the caller gets fresh logits. `logits_after`:
+        a prefix length whose next-token logits the caller needs too (token healing); the prefix
+        is kept that long only if the cache holds them, else one more token is run.
         """
         with self._lock:
             cache = self._entries.pop(key, None)
             if cache is None:
                 cache = self._new_cache()
-            keep = max(0, min(cache.common_prefix(ids), len(ids) - min_new))
+            keep = max(0, min(cache.common_prefix(ids), len(ids) - 1))
+            if logits_after is not None and keep >= logits_after and logits_after not in cache.logits_after:
+                keep = max(0, logits_after - 1)
             cache.truncate(keep)
             self._entries[key] = cache
             if keep:

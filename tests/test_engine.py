@@ -209,6 +209,71 @@ def test_token_healing_keeps_cache_consistent(tiny_model_dir):
     assert engine.healing(engine.tokenize("A line\n")) == ("", None)
 
 
+def test_healing_mask_is_every_token_starting_with_the_text(tiny_model_dir):
+    """The mask found by bisecting the sorted vocabulary equals a scan of every token's text."""
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    texts = engine.vocab_text()
+    for prompt in ("The function returns a li", "She opened the door and ", "So Th", "un café"):
+        ids = engine.tokenize(prompt)
+        heal, mask = engine.healing(ids)
+        scan = torch.tensor([t.startswith(heal) for t in texts])
+        assert heal and torch.equal(mask, scan), prompt
+
+
+def test_a_one_token_edit_runs_one_token_and_heals_as_a_fresh_cache(tiny_model_dir):
+    """Typing that changes only the last token runs that token alone (the logits before it, which
+    healing needs, come from the cache) and continues exactly as a cold request for the same text."""
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    opts = GenerationOptions(max_tokens=6, stop="none")
+    first = "The harbour was quiet in the early morning and the bo"
+    typed = first + "at"
+    assert engine.tokenize(first)[:-1] == engine.tokenize(typed)[:-1]
+    engine.complete(CompletionRequest(first, "typing", opts))
+    warm = engine.complete(CompletionRequest(typed, "typing", opts))
+    cold = engine.complete(CompletionRequest(typed, "fresh", opts))
+    assert warm.timings.tokens_prefilled == 1 and cold.timings.tokens_prefilled == len(engine.tokenize(typed))
+    assert warm.token_ids == cold.token_ids and warm.text == cold.text
+    # a document the cache has no logits for re-runs the token before the healed one
+    engine.caches.peek(("typing", "none")).logits_after.clear()
+    again = engine.complete(CompletionRequest(typed + "s", "typing", opts))
+    assert again.timings.tokens_prefilled == 2
+    assert again.token_ids == engine.complete(CompletionRequest(typed + "s", "fresh2", opts)).token_ids
+
+
+def test_ttft_counts_tokenizing_and_healing(tiny_model_dir):
+    """TTFT is what the user waits for: from the request to the first token, preparation included."""
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    t = engine.complete(CompletionRequest(PROSE + "The gu", "ttft", GenerationOptions(max_tokens=2))).timings
+    assert t.prepare_ms > 0 and t.ttft_ms >= t.prepare_ms + t.prefill_ms
+
+
+def test_typing_tokenizer_gives_the_tokens_of_the_whole_text(tiny_model_dir):
+    """Re-tokenizing only the end gives the full tokenization through typing, deletions and edits far
+    back; a tokenizer that cutting would change (it adds a prefix space) is never cut."""
+    import random
+
+    from tinymorph.steering.tokenizer import TypingTokenizer
+
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    typing = TypingTokenizer(engine.tokenize, margin=64)
+    assert typing.exact
+    rng = random.Random(0)
+    text = ""
+    for step in range(400):
+        roll = rng.random()
+        if roll < 0.8:
+            text += rng.choice(["a", "e", " ", "th", ".", "\n", "é", " the", "9", "'s"])
+        elif roll < 0.95:
+            text = text[:-rng.randint(1, 5)]
+        else:  # an edit far from the end
+            at = rng.randrange(len(text) + 1)
+            text = text[:at] + "X" + text[at:]
+        assert typing("doc", text) == engine.tokenize(text), step
+    prefix_space = TypingTokenizer(lambda s: engine.tokenize(" " + s))
+    assert not prefix_space.exact
+    assert prefix_space("doc", PROSE) == engine.tokenize(" " + PROSE)
+
+
 def test_token_healing_both_branches(tiny_model_dir):
     """Force the model to keep (mask = own token) or replace (mask without it) the healed token."""
     engine = Engine.load(str(tiny_model_dir), dtype="float32")
