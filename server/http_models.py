@@ -259,6 +259,7 @@ class SteeringBody(StrictModel):
 class Timings(BaseModel):
     model_config = ConfigDict(extra="allow")
     queue_ms: float
+    prepare_ms: float = 0.0  # tokenizing, token healing, finding the cached prefix
     prefill_ms: float
     ttft_ms: float
     decode_ms: float

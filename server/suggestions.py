@@ -198,6 +198,7 @@ def metrics_payload(s: Suggestion, completion: Completion) -> dict[str, Any]:
     payload = {
         "uri": s.uri, "version": s.version, "id": s.id,
         "ttftMs": round(t.ttft_ms, 2), "prefillMs": round(t.prefill_ms, 2), "queueMs": round(t.queue_ms, 2),
+        "prepareMs": round(t.prepare_ms, 2),
         "tokensPerSecond": round(t.decode_tokens_per_s, 2), "tokensReused": t.tokens_reused,
         "tokensPrefilled": t.tokens_prefilled, "tokensGenerated": t.tokens_generated,
         "stopReason": completion.stop_reason, "steering": list(completion.steering or s.steering),
