@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import quant
+from . import attention, quant
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -58,16 +58,19 @@ class LlamaConfig:
         )
 
 
-KV_DTYPE = torch.float32
+KV_DTYPE = torch.float32  # the cache's dtype where the attention kernel is not used
 KEPT_LOGITS = 2  # next-token logits a KV cache keeps (see `KVCache`)
 
 
 class KVCache:
     """Keys/values of one token sequence for every layer, growable, truncatable in O(1).
 
-    Stored in float32 whatever the model's dtype: CPU attention over cached keys is several times
-    faster in float32 than in bf16 (SDPA, one new token, 2 threads, one layer: 31 vs 156 µs over
-    256 cached tokens, 157 vs 1,140 µs over 2,048), for twice the cache's memory.
+    A bf16 model's cache is bf16 (its keys and values are computed in bf16: storing them so loses
+    nothing) and few new tokens attend over it with the `attention` kernel, which reads it at twice
+    the speed PyTorch's float32 attention reads a float32 cache. Otherwise (a float32 model, no
+    kernel on this machine, or more than `attention.MAX_ROWS` new tokens) attention is PyTorch's
+    SDPA in float32: its bf16 CPU attention is several times slower than its float32 one (one new
+    token, 2 threads, one layer: 31 vs 156 µs over 256 cached tokens, 157 vs 1,140 µs over 2,048).
 
     `ids` mirrors the tokens whose keys/values are stored, so a new request can find its longest
     common prefix with the cache by comparing token ids. `logits_after` keeps next-token logits by
@@ -76,9 +79,11 @@ class KVCache:
     it again.
     """
 
-    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = KV_DTYPE, capacity: int = 256):
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = KV_DTYPE, capacity: int = 256,
+                 kernel: attention.DecodeAttention | None = None):
         self.cfg = cfg
         self.dtype = dtype
+        self.kernel = kernel  # attention over this (bf16) cache for a few new tokens
         self.ids: list[int] = []
         self.logits_after: dict[int, torch.Tensor] = {}
         self.k = torch.empty(cfg.n_layers, 1, cfg.n_kv_heads, capacity, cfg.head_dim, dtype=dtype)
@@ -181,11 +186,15 @@ class DecoderLayer(nn.Module):
         cache.v[self.index, :, :, start:end] = v
         if start == 0 and mask is True:  # cold prefill: the new keys are all there is
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # over the cache, in its float32 (see `KVCache`)
+        else:  # over the cache (see `KVCache`)
             keys = cache.k[self.index, :, :, :end]
             values = cache.v[self.index, :, :, :end]
-            attn = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask,
-                                                  enable_gqa=True).to(x.dtype)
+            kernel = getattr(cache, "kernel", None)  # it applies the offset causal mask `forward` makes
+            attn = kernel(q, keys, values) if kernel is not None and t <= attention.MAX_ROWS and b == 1 else None
+            if attn is None:
+                attn = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                                      enable_gqa=True)
+            attn = attn.to(x.dtype)
         x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
@@ -207,11 +216,14 @@ class LlamaModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Activation dtype (the KV cache is float32, see `KVCache`; weights may be quantized, see `quant.py`)."""
+        """Activation dtype (the KV cache's: see `KVCache`; weights may be quantized, see `quant.py`)."""
         return self.norm.weight.dtype
 
     def new_cache(self, capacity: int = 256) -> KVCache:
-        return KVCache(self.cfg, KV_DTYPE, capacity)
+        """A bf16 cache read by the attention kernel for a bf16 model where the kernel builds here,
+        else a float32 one (see `KVCache`)."""
+        kernel = attention.kernel() if self.dtype == torch.bfloat16 else None
+        return KVCache(self.cfg, torch.bfloat16 if kernel else KV_DTYPE, capacity, kernel)
 
     def weight_bytes(self) -> int:
         """Bytes read per forward pass (tied embeddings counted once: the lm_head reads them)."""

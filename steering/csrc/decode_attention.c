@@ -1,0 +1,83 @@
+/* Attention of a few new queries over a bfloat16 KV cache, for decode steps and keystrokes.
+ *
+ * Why: PyTorch's CPU attention is slow for 1-4 queries over a long cache (its float32 kernel reads
+ * the cache at ~10 GB/s, its bf16 kernel is slower still). This loop reads the bf16 keys once and
+ * the values once, computing every query of a key/value head's group against each row as it
+ * streams by, in float32. Plain C: gcc/clang vectorize it for the machine it is built on
+ * (`tinymorph.steering.attention` builds it there, once, and checks it against SDPA).
+ *
+ * q: float [H][T][Dh]; k, v: bf16 [KV][capacity][Dh] (head stride given in elements);
+ * out: float [H][T][Dh]; scores: float scratch, at least H*T*L. Query j (0-based, of T) sees keys
+ * 0 .. L-T+j (the new queries are the last T positions). Head h reads key/value head h / (H/KV).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_ROWS 64 /* query rows per key/value head (group size x T) */
+#define MAX_DIM 256
+
+static inline void load_bf16(const uint16_t *src, float *dst, int n) {
+    for (int d = 0; d < n; d++) {
+        uint32_t u = (uint32_t)src[d] << 16;
+        memcpy(dst + d, &u, sizeof u);
+    }
+}
+
+static inline void attend_head(const float *q, const uint16_t *kh, const uint16_t *vh, float *out, float *sc,
+                               int G, int T, int L, int Dh, int g, float scale) {
+    const int R = G * T;
+    float qs[MAX_ROWS][MAX_DIM], acc[MAX_ROWS][MAX_DIM], row[MAX_DIM];
+    for (int r = 0; r < R; r++) {
+        const float *qr = q + ((int64_t)(g * G + r / T) * T + r % T) * Dh;
+        for (int d = 0; d < Dh; d++) qs[r][d] = qr[d] * scale;
+    }
+    for (int i = 0; i < L; i++) {
+        load_bf16(kh + (int64_t)i * Dh, row, Dh);
+        for (int r = 0; r < R; r++) {
+            float s = 0.f;
+            for (int d = 0; d < Dh; d++) s += qs[r][d] * row[d];
+            sc[(int64_t)r * L + i] = s;
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float *sr = sc + (int64_t)r * L;
+        const int visible = L - T + r % T + 1;
+        float m = -INFINITY, sum = 0.f;
+        for (int i = 0; i < visible; i++) m = sr[i] > m ? sr[i] : m;
+        for (int i = 0; i < visible; i++) {
+            sr[i] = expf(sr[i] - m);
+            sum += sr[i];
+        }
+        const float inv = 1.f / sum;
+        for (int i = 0; i < visible; i++) sr[i] *= inv;
+        for (int i = visible; i < L; i++) sr[i] = 0.f;
+        for (int d = 0; d < Dh; d++) acc[r][d] = 0.f;
+    }
+    for (int i = 0; i < L; i++) {
+        load_bf16(vh + (int64_t)i * Dh, row, Dh);
+        for (int r = 0; r < R; r++) {
+            const float p = sc[(int64_t)r * L + i];
+            for (int d = 0; d < Dh; d++) acc[r][d] += p * row[d];
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float *o = out + ((int64_t)(g * G + r / T) * T + r % T) * Dh;
+        for (int d = 0; d < Dh; d++) o[d] = acc[r][d];
+    }
+}
+
+/* Returns 0, or -1 when the shapes are outside what the kernel holds (the caller falls back). */
+int decode_attention(const float *q, const uint16_t *k, const uint16_t *v, float *out, float *scores,
+                     int H, int KV, int T, int L, int Dh, int64_t head_stride, float scale) {
+    if (KV <= 0 || H % KV || (H / KV) * T > MAX_ROWS || Dh > MAX_DIM || T > L) return -1;
+    const int G = H / KV;
+    for (int g = 0; g < KV; g++) {
+        const uint16_t *kh = k + g * head_stride, *vh = v + g * head_stride;
+        if (Dh == 64) /* the common head size: a constant lets the compiler unroll the row loops */
+            attend_head(q, kh, vh, out, scores, G, T, L, 64, g, scale);
+        else
+            attend_head(q, kh, vh, out, scores, G, T, L, Dh, g, scale);
+    }
+    return 0;
+}

@@ -1,0 +1,87 @@
+"""The attention kernel for a few new tokens over a bf16 KV cache: built here, exact, with a fallback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinymorph.steering import attention
+from tinymorph.steering.llama import KV_DTYPE, load_llama
+
+
+def _kernel_or_skip() -> attention.DecodeAttention:
+    kernel = attention.kernel()
+    if kernel is None:
+        pytest.skip(f"no attention kernel on this machine: {attention.disabled_reason()}")
+    return kernel
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 2, 16), (8, 8, 32), (6, 1, 128)])
+def test_kernel_equals_sdpa_over_the_same_cache(heads, kv_heads, dim):
+    """Every supported row count, cache lengths from one token up, a cache view with spare capacity
+    (as `KVCache` hands it over), the offset causal mask of a forward pass over a cached prefix."""
+    kernel = _kernel_or_skip()
+    gen = torch.Generator().manual_seed(heads * dim)
+    for t in range(1, attention.MAX_ROWS + 1):
+        for length in (t, t + 1, 63, 1000):
+            store = (torch.randn(2, 1, kv_heads, length + 7, dim, generator=gen) * 3).to(torch.bfloat16)
+            keys, values = store[0, :, :, :length], store[1, :, :, :length]
+            q = torch.randn(1, heads, t, dim, generator=gen).to(torch.bfloat16)
+            mask = torch.zeros(t, length).masked_fill_(
+                torch.ones(t, length, dtype=torch.bool).triu_(length - t + 1), float("-inf"))
+            want = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                                  enable_gqa=True)
+            got = kernel(q, keys, values)
+            assert got is not None and got.dtype == torch.float32
+            assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (t, length, (got - want).abs().max())
+
+
+def test_a_bf16_model_keeps_a_bf16_cache_and_decodes_as_with_sdpa(default_model_dir):
+    """The default model in bf16: the cache is bf16 and read by the kernel; one- to four-token
+    forwards over a cached prefix give the logits SDPA over a float32 cache gives (bf16 rounding of
+    the layers' outputs aside) and the same next token wherever it is not a near tie."""
+    from tinymorph.steering.tokenizer import load_fast_tokenizer
+
+    _kernel_or_skip()
+    model = load_llama(default_model_dir, torch.bfloat16, "auto")
+    tokenizer = load_fast_tokenizer(default_model_dir)
+    text = ("The harbour was quiet in the early morning. Fishing boats rocked gently against the pier, and "
+            "gulls circled above the masts, calling to one another over the sound of the waves. ") * 3
+    ids = tokenizer.encode(text)[:-20]
+    tail = tokenizer.encode(text)[-20:]
+    fast = model.new_cache(400)
+    assert fast.dtype == torch.bfloat16 and fast.kernel is not None
+    plain = type(fast)(model.cfg, KV_DTYPE, 400)
+    model(ids, fast)
+    model(ids, plain)
+    for n in (1, 2, 4, 8):
+        new = tail[:n]
+        a, b = model(new, fast, n).view(n, -1), model(new, plain, n).view(n, -1)
+        fast.truncate(len(ids))
+        plain.truncate(len(ids))
+        assert (a - b).abs().max() < 0.6, n
+        top2 = b.topk(2).values
+        clear = top2[:, 0] - top2[:, 1] > 0.5  # bf16 noise can swap a near tie
+        assert clear.any() and torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear]), n
+    assert fast.nbytes() * 2 == plain.nbytes()  # half the memory
+
+
+def test_without_the_kernel_the_cache_is_float32(default_model_dir, tmp_path):
+    """TINYMORPH_ATTENTION_KERNEL=0 (or a machine where it does not build) keeps PyTorch's attention
+    on a float32 cache; a fresh cache dir builds the kernel again (a process of its own, as a user's)."""
+    code = ("import pathlib, torch; from tinymorph.steering import attention; from tinymorph.steering.llama import "
+            f"load_llama; m = load_llama(pathlib.Path({str(default_model_dir)!r}), torch.bfloat16, 'auto'); "
+            "c = m.new_cache(); print(c.dtype, c.kernel is not None, attention.disabled_reason())")
+    cases = (("0", "torch.float32 False TINYMORPH_ATTENTION_KERNEL=0"), ("1", "torch.bfloat16 True None"))
+    for flag, expected in cases:
+        env = {"TINYMORPH_ATTENTION_KERNEL": flag, "TINYMORPH_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-500:]
+        if flag == "1" and "True" not in out.stdout:
+            pytest.skip(f"no C compiler here: {out.stdout.strip()}")
+        assert out.stdout.strip() == expected
+    assert list((tmp_path / "kernels").glob("decode_attention-*.so"))
