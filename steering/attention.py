@@ -50,7 +50,7 @@ class DecodeAttention:
         if keys.stride(-1) != 1 or keys.stride(-2) != dim or keys.stride() != values.stride():
             return None
         q = q.to(torch.float32).contiguous()
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q)
         need = heads * t * length
         if self._scratch.numel() < need:
             self._scratch = torch.empty(max(need, 2 * self._scratch.numel()))
@@ -105,8 +105,10 @@ def _build() -> ctypes.CDLL:
             src.write_bytes(source)
             built = Path(tmp) / target.name
             errors = ""
-            for arch in (["-march=native"], []):  # -march=native is not known to every compiler/CPU
-                cmd = [compiler, "-O3", "-ffast-math", *arch, "-shared", "-fPIC", str(src), "-o", str(built), "-lm"]
+            # -fopenmp links libgomp.so.1, which is torch's own copy once torch is loaded (one thread pool);
+            # -march=native and OpenMP are not known to every compiler
+            for flags in (["-fopenmp", "-march=native"], ["-fopenmp"], ["-march=native"], []):
+                cmd = [compiler, "-O3", "-ffast-math", *flags, "-shared", "-fPIC", str(src), "-o", str(built), "-lm"]
                 run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
                 if run.returncode == 0:
                     break

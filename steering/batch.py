@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .generate import GenerationOptions, penalize_repeats
 from .steering import LayerEdit, ResolvedPlan, SteeringHooks
@@ -19,29 +20,25 @@ from .steering import LayerEdit, ResolvedPlan, SteeringHooks
 DECODING = GenerationOptions()  # the engine's defaults: greedy with its mild repetition penalty
 
 
-class _PerLayer(list):
-    """One tensor per layer, indexed like a single [layer, ...] tensor (`DecoderLayer.forward` writes
-    `cache.k[index, :, :, start:end]`). Separate tensors, because a later layer's in-place write
-    must not touch a tensor an earlier layer saved for backward (`hidden` with grad enabled)."""
-
-    def __getitem__(self, key):
-        return super().__getitem__(key[0])[key[1:]] if isinstance(key, tuple) else super().__getitem__(key)
-
-    def __setitem__(self, key, value):
-        if isinstance(key, tuple):
-            super().__getitem__(key[0])[key[1:]] = value
-        else:
-            super().__setitem__(key, value)
-
-
 class _Cache:
-    """The KV storage `DecoderLayer.forward` writes into, with a batch dimension."""
+    """The KV storage `DecoderLayer.forward` writes into and attends over, with a batch dimension.
+    One tensor per layer, because a later layer's in-place write must not touch a tensor an earlier
+    layer saved for backward (`hidden` with grad enabled). Attention runs in the model's dtype, with
+    the per-row masks of left-padded rows."""
 
     def __init__(self, model, batch: int, width: int):
         cfg = model.cfg
         shape = (batch, cfg.n_kv_heads, width, cfg.head_dim)
-        self.k = _PerLayer(torch.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layers))
-        self.v = _PerLayer(torch.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layers))
+        self.k = [torch.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layers)]
+
+    def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer][:, :, start:start + k.shape[2]] = k
+        self.v[layer][:, :, start:start + v.shape[2]] = v
+
+    def attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor:
+        keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=True)
 
 
 class BatchRunner:

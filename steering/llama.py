@@ -95,7 +95,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.v.shape[3]
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
@@ -110,6 +110,23 @@ class KVCache:
             new = torch.empty(*old.shape[:3], new_cap, old.shape[4], dtype=old.dtype)
             new[:, :, :, : self.length] = old[:, :, :, : self.length]
             setattr(self, name, new)
+
+    def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write a layer's keys and values [1, kv_heads, t, head_dim] of positions start..start+t."""
+        self.k[layer, :, :, start:start + k.shape[2]] = k
+        self.v[layer, :, :, start:start + v.shape[2]] = v
+
+    def attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q [1, heads, t, head_dim] (the last t of `end` positions) over the layer's
+        first `end` keys with `mask` (the offset causal mask; None for one query) → float32. The
+        kernel applies that mask itself."""
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if self.kernel is not None and q.shape[2] <= attention.MAX_ROWS:
+            out = self.kernel(q, keys, values)
+            if out is not None:
+                return out
+        return F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                              enable_gqa=True)
 
     def truncate(self, n: int) -> None:
         del self.ids[n:]
@@ -181,20 +198,11 @@ class DecoderLayer(nn.Module):
         qk = apply_rope(qkv[..., : heads * cfg.head_dim].view(b, t, heads, cfg.head_dim).transpose(1, 2), cos, sin)
         q, k = qk[:, : cfg.n_heads], qk[:, cfg.n_heads :]
         v = qkv[..., heads * cfg.head_dim :].view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        end = start + t
-        cache.k[self.index, :, :, start:end] = k
-        cache.v[self.index, :, :, start:end] = v
+        cache.store(self.index, start, k, v)
         if start == 0 and mask is True:  # cold prefill: the new keys are all there is
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # over the cache (see `KVCache`)
-            keys = cache.k[self.index, :, :, :end]
-            values = cache.v[self.index, :, :, :end]
-            kernel = getattr(cache, "kernel", None)  # it applies the offset causal mask `forward` makes
-            attn = kernel(q, keys, values) if kernel is not None and t <= attention.MAX_ROWS and b == 1 else None
-            if attn is None:
-                attn = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
-                                                      enable_gqa=True)
-            attn = attn.to(x.dtype)
+        else:  # over the cache (see `KVCache.attend`)
+            attn = cache.attend(self.index, q, start + t, mask).to(x.dtype)
         x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)

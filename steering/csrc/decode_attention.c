@@ -13,6 +13,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MAX_ROWS 64 /* query rows per key/value head (group size x T) */
 #define MAX_DIM 256
@@ -24,25 +27,35 @@ static inline void load_bf16(const uint16_t *src, float *dst, int n) {
     }
 }
 
-static inline void attend_head(const float *q, const uint16_t *kh, const uint16_t *vh, float *out, float *sc,
-                               int G, int T, int L, int Dh, int g, float scale) {
-    const int R = G * T;
-    float qs[MAX_ROWS][MAX_DIM], acc[MAX_ROWS][MAX_DIM], row[MAX_DIM];
-    for (int r = 0; r < R; r++) {
-        const float *qr = q + ((int64_t)(g * G + r / T) * T + r % T) * Dh;
-        for (int d = 0; d < Dh; d++) qs[r][d] = qr[d] * scale;
-    }
-    for (int i = 0; i < L; i++) {
-        load_bf16(kh + (int64_t)i * Dh, row, Dh);
+/* One thread's share of a call: keys [lo, hi) of every head in the score and value passes, every
+ * nt-th query row in the softmax. Barriers between the passes; each thread adds its partial values
+ * into `out` (zeroed by the caller) at the end. */
+static inline void attend_share(const float *q, const uint16_t *k, const uint16_t *v, float *out, float *scores,
+                                int H, int KV, int T, int L, int Dh, int64_t head_stride, float scale,
+                                int id, int nt) {
+    const int G = H / KV, R = G * T;
+    const int lo = (int)((int64_t)L * id / nt), hi = (int)((int64_t)L * (id + 1) / nt);
+    float qs[MAX_ROWS][MAX_DIM], row[MAX_DIM];
+    for (int g = 0; g < KV; g++) {
+        const uint16_t *kh = k + g * head_stride;
+        float *sc = scores + (int64_t)g * R * L;
         for (int r = 0; r < R; r++) {
-            float s = 0.f;
-            for (int d = 0; d < Dh; d++) s += qs[r][d] * row[d];
-            sc[(int64_t)r * L + i] = s;
+            const float *qr = q + ((int64_t)(g * G + r / T) * T + r % T) * Dh;
+            for (int d = 0; d < Dh; d++) qs[r][d] = qr[d] * scale;
+        }
+        for (int i = lo; i < hi; i++) {
+            load_bf16(kh + (int64_t)i * Dh, row, Dh);
+            for (int r = 0; r < R; r++) {
+                float s = 0.f;
+                for (int d = 0; d < Dh; d++) s += qs[r][d] * row[d];
+                sc[(int64_t)r * L + i] = s;
+            }
         }
     }
-    for (int r = 0; r < R; r++) {
-        float *sr = sc + (int64_t)r * L;
-        const int visible = L - T + r % T + 1;
+#pragma omp barrier
+    for (int gr = id; gr < KV * R; gr += nt) { /* softmax of each query row over its visible keys */
+        float *sr = scores + (int64_t)gr * L;
+        const int visible = L - T + (gr % R) % T + 1;
         float m = -INFINITY, sum = 0.f;
         for (int i = 0; i < visible; i++) m = sr[i] > m ? sr[i] : m;
         for (int i = 0; i < visible; i++) {
@@ -52,32 +65,46 @@ static inline void attend_head(const float *q, const uint16_t *kh, const uint16_
         const float inv = 1.f / sum;
         for (int i = 0; i < visible; i++) sr[i] *= inv;
         for (int i = visible; i < L; i++) sr[i] = 0.f;
-        for (int d = 0; d < Dh; d++) acc[r][d] = 0.f;
     }
-    for (int i = 0; i < L; i++) {
-        load_bf16(vh + (int64_t)i * Dh, row, Dh);
-        for (int r = 0; r < R; r++) {
-            const float p = sc[(int64_t)r * L + i];
-            for (int d = 0; d < Dh; d++) acc[r][d] += p * row[d];
+#pragma omp barrier
+    for (int g = 0; g < KV; g++) {
+        const uint16_t *vh = v + g * head_stride;
+        const float *sc = scores + (int64_t)g * R * L;
+        float acc[MAX_ROWS][MAX_DIM];
+        for (int r = 0; r < R; r++)
+            for (int d = 0; d < Dh; d++) acc[r][d] = 0.f;
+        for (int i = lo; i < hi; i++) {
+            load_bf16(vh + (int64_t)i * Dh, row, Dh);
+            for (int r = 0; r < R; r++) {
+                const float p = sc[(int64_t)r * L + i];
+                for (int d = 0; d < Dh; d++) acc[r][d] += p * row[d];
+            }
         }
-    }
-    for (int r = 0; r < R; r++) {
-        float *o = out + ((int64_t)(g * G + r / T) * T + r % T) * Dh;
-        for (int d = 0; d < Dh; d++) o[d] = acc[r][d];
+#pragma omp critical
+        for (int r = 0; r < R; r++) {
+            float *o = out + ((int64_t)(g * G + r / T) * T + r % T) * Dh;
+            for (int d = 0; d < Dh; d++) o[d] += acc[r][d];
+        }
     }
 }
 
-/* Returns 0, or -1 when the shapes are outside what the kernel holds (the caller falls back). */
+/* Returns 0, or -1 when the shapes are outside what the kernel holds (the caller falls back).
+ * `out` must be zeros. Runs on the calling thread's OpenMP team (torch's own runtime: it is the
+ * libgomp.so.1 already loaded), so the threads torch keeps warm between its ops do this too. */
 int decode_attention(const float *q, const uint16_t *k, const uint16_t *v, float *out, float *scores,
                      int H, int KV, int T, int L, int Dh, int64_t head_stride, float scale) {
     if (KV <= 0 || H % KV || (H / KV) * T > MAX_ROWS || Dh > MAX_DIM || T > L) return -1;
-    const int G = H / KV;
-    for (int g = 0; g < KV; g++) {
-        const uint16_t *kh = k + g * head_stride, *vh = v + g * head_stride;
+#pragma omp parallel
+    {
+        int id = 0, nt = 1;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
         if (Dh == 64) /* the common head size: a constant lets the compiler unroll the row loops */
-            attend_head(q, kh, vh, out, scores, G, T, L, 64, g, scale);
+            attend_share(q, k, v, out, scores, H, KV, T, L, 64, head_stride, scale, id, nt);
         else
-            attend_head(q, kh, vh, out, scores, G, T, L, Dh, g, scale);
+            attend_share(q, k, v, out, scores, H, KV, T, L, Dh, head_stride, scale, id, nt);
     }
     return 0;
 }
