@@ -322,7 +322,7 @@ def load_llama(folder: Path, dtype: torch.dtype, weights: str | None = None) -> 
     head = take("lm_head.weight") if "lm_head.weight" in where and not cfg.tie_embeddings else None
     if weights:
         # the lm_head is 8-bit even under "int4" (as llama.cpp's Q4 files keep token_embd at 8 bits)
-        quantized["lm_head"] = quant.Int8Linear(embed if head is None else head, None, dtype)
+        quantized["lm_head"] = quant.Int8Linear(embed if head is None else head, None, dtype, float_output=True)
         if head is None:
             quantized["embed"] = quant.Int8Embedding(quantized["lm_head"])
         else:

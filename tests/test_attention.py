@@ -1,4 +1,5 @@
-"""The attention kernel for a few new tokens over a bf16 KV cache: built here, exact, with a fallback."""
+"""The C kernels (attention of a few new tokens over a bf16 KV cache, the int8 lm_head): built here,
+exact, with a fallback to PyTorch's ops."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinymorph.steering import attention
+from tinymorph.steering import attention, kernels, quant
 from tinymorph.steering.llama import KV_DTYPE, load_llama
 
 
 def _kernel_or_skip() -> attention.DecodeAttention:
     kernel = attention.kernel()
     if kernel is None:
-        pytest.skip(f"no attention kernel on this machine: {attention.disabled_reason()}")
+        pytest.skip(f"no attention kernel on this machine: {kernels.reason()}")
     return kernel
 
 
@@ -70,18 +71,32 @@ def test_a_bf16_model_keeps_a_bf16_cache_and_decodes_as_with_sdpa(default_model_
     assert fast.nbytes() * 2 == plain.nbytes()  # half the memory
 
 
-def test_without_the_kernel_the_cache_is_float32(default_model_dir, tmp_path):
-    """TINYMORPH_ATTENTION_KERNEL=0 (or a machine where it does not build) keeps PyTorch's attention
-    on a float32 cache; a fresh cache dir builds the kernel again (a process of its own, as a user's)."""
-    code = ("import pathlib, torch; from tinymorph.steering import attention; from tinymorph.steering.llama import "
+def test_int8_kernel_equals_a_float_matmul():
+    """The lm_head's int8 kernel: float32 logits of the dequantized weight, one and two rows."""
+    gen = torch.Generator().manual_seed(1)
+    layer = quant.Int8Linear(torch.randn(4096, 1100, generator=gen), None, torch.bfloat16, float_output=True)
+    assert layer.weight.numel() >= quant.C_KERNEL_MIN_WEIGHTS
+    if quant.int8_gemv() is None:
+        pytest.skip(f"no int8 kernel on this machine: {kernels.reason()}")
+    for n in (1, 2):
+        rows = torch.randn(n, 1100, generator=gen).to(torch.bfloat16)
+        want = rows.float() @ (layer.weight.float() * layer.scales.float()[:, None]).T
+        got = layer(rows)
+        assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-3, rtol=1e-4)
+
+
+def test_without_the_kernels_the_cache_is_float32(default_model_dir, tmp_path):
+    """TINYMORPH_KERNELS=0 (or a machine where they do not build) keeps PyTorch's attention on a
+    float32 cache; a fresh cache dir builds the kernels again (a process of its own, as a user's)."""
+    code = ("import pathlib, torch; from tinymorph.steering import kernels; from tinymorph.steering.llama import "
             f"load_llama; m = load_llama(pathlib.Path({str(default_model_dir)!r}), torch.bfloat16, 'auto'); "
-            "c = m.new_cache(); print(c.dtype, c.kernel is not None, attention.disabled_reason())")
-    cases = (("0", "torch.float32 False TINYMORPH_ATTENTION_KERNEL=0"), ("1", "torch.bfloat16 True None"))
+            "c = m.new_cache(); print(c.dtype, c.kernel is not None, kernels.reason())")
+    cases = (("0", "torch.float32 False TINYMORPH_KERNELS=0"), ("1", "torch.bfloat16 True None"))
     for flag, expected in cases:
-        env = {"TINYMORPH_ATTENTION_KERNEL": flag, "TINYMORPH_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+        env = {"TINYMORPH_KERNELS": flag, "TINYMORPH_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
         assert out.returncode == 0, out.stderr[-500:]
         if flag == "1" and "True" not in out.stdout:
             pytest.skip(f"no C compiler here: {out.stdout.strip()}")
         assert out.stdout.strip() == expected
-    assert list((tmp_path / "kernels").glob("decode_attention-*.so"))
+    assert list((tmp_path / "kernels").glob("tinymorph-kernels-*.so"))

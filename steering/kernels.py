@@ -1,0 +1,109 @@
+"""C kernels for what PyTorch's CPU ops do slowly at decode sizes, built on the user's machine.
+
+Why built here: `-march=native` vectorizes the plain C loops of `csrc/*.c` for the CPU at hand
+(AVX-512 here, AVX2 elsewhere), and a C compiler is there on most machines a developer types on.
+Every source is compiled once per machine (`cc`, `gcc` or `clang`; `-O3 -fopenmp -march=native`,
+falling back to fewer flags) into one shared library in the user cache dir and loaded with ctypes.
+`-fopenmp` links `libgomp.so.1`, which is torch's own copy once torch is loaded: the kernels run on
+the threads torch keeps warm between its ops. Users of a kernel check it against PyTorch before its
+first use (`attention.py`, `quant.py`). Without a compiler, or when the build fails, `library()` is
+None and PyTorch's ops run as before. `TINYMORPH_KERNELS=0` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernels' shared library, built on first call (None where it cannot be; see `reason`)."""
+    with _lock:
+        if "library" not in _state:
+            _state["library"] = None
+            if os.environ.get("TINYMORPH_KERNELS", "1") == "0":
+                _state["reason"] = "TINYMORPH_KERNELS=0"
+            else:
+                try:
+                    _state["library"] = ctypes.CDLL(str(_build()))
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    _state["reason"] = f"not built: {exc}"
+        return _state["library"]  # type: ignore[return-value]
+
+
+def reason() -> str | None:
+    """Why `library()` is None, or why a kernel's check failed (`disable`)."""
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def disable(why: str) -> None:
+    """Record that a kernel is not used (its check against PyTorch failed)."""
+    _state["reason"] = why
+
+
+def _sources() -> list[tuple[str, bytes]]:
+    folder = resources.files("tinymorph.steering") / "csrc"
+    return sorted((f.name, f.read_bytes()) for f in folder.iterdir() if f.name.endswith(".c"))
+
+
+def _build() -> Path:
+    sources = _sources()
+    compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    digest = hashlib.sha256(_machine_id().encode())
+    for name, text in sources:
+        digest.update(name.encode() + text)
+    target = _cache_dir() / f"tinymorph-kernels-{digest.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        paths = []
+        for name, text in sources:
+            (Path(tmp) / name).write_bytes(text)
+            paths.append(str(Path(tmp) / name))
+        built = Path(tmp) / target.name
+        errors = ""
+        for flags in (["-fopenmp", "-march=native"], ["-fopenmp"], ["-march=native"], []):
+            cmd = [compiler, "-O3", "-ffast-math", *flags, "-shared", "-fPIC", *paths, "-o", str(built), "-lm"]
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if run.returncode == 0:
+                break
+            errors = run.stderr.strip()[-300:]
+        else:
+            raise RuntimeError(f"{compiler} failed: {errors}")
+        os.replace(built, target)  # atomic: another process may be building it too
+    return target
+
+
+def _machine_id() -> str:
+    """What a -march=native build depends on: a cache dir shared by machines with other CPUs must not
+    hand one of them a build with instructions it lacks."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = "".join(line for line in fh if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.node()}|{platform.processor()}|{cpu}"
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("TINYMORPH_CACHE_DIR")
+    if env:
+        return Path(env) / "kernels"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("tinymorph")) / "kernels"
