@@ -341,6 +341,9 @@ def load_llama(folder: Path, dtype: torch.dtype, weights: str | None = None) -> 
     model.rope_cos, model.rope_sin = cos, sin
     model.quantized = quant.weight_format(model)
     model.eval()
+    if dtype == torch.bfloat16:  # build (once per machine) and check the C kernels now, not in a first request
+        attention.kernel()
+        quant.int8_gemv()
     release_freed_memory()
     return model
 
