@@ -30,7 +30,7 @@ class DecodeAttention:
 
     def __init__(self, fn):
         self._fn = fn
-        self._scratch = torch.empty(0)
+        self._local = threading.local()  # a scratch buffer per thread: forwards may run in several
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
         """q [1, H, T, Dh] (any float dtype), keys/values [1, KV, L, Dh] bf16 views of a cache whose
@@ -42,9 +42,10 @@ class DecodeAttention:
         q = q.to(torch.float32).contiguous()
         out = torch.zeros_like(q)
         need = heads * t * length
-        if self._scratch.numel() < need:
-            self._scratch = torch.empty(max(need, 2 * self._scratch.numel()))
-        status = self._fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), self._scratch.data_ptr(),
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or scratch.numel() < need:
+            scratch = self._local.scratch = torch.empty(max(need, 2 * (0 if scratch is None else scratch.numel())))
+        status = self._fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), scratch.data_ptr(),
                           heads, kv_heads, t, length, dim, keys.stride(1), dim ** -0.5)
         return out if status == 0 else None
 

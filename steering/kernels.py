@@ -3,6 +3,7 @@
 Why built here: `-march=native` vectorizes the plain C loops of `csrc/*.c` for the CPU at hand
 (AVX-512 here, AVX2 elsewhere), and a C compiler is there on most machines a developer types on.
 Every source is compiled once per machine (`cc`, `gcc` or `clang`; `-O3 -fopenmp -march=native`,
+`OPTIMIZE`,
 falling back to fewer flags) into one shared library in the user cache dir and loaded with ctypes.
 `-fopenmp` links `libgomp.so.1`, which is torch's own copy once torch is loaded: the kernels run on
 the threads torch keeps warm between its ops. Users of a kernel check it against PyTorch before its
@@ -23,6 +24,12 @@ import threading
 from importlib import resources
 from pathlib import Path
 
+# -ffast-math without what it does to the whole process: a shared library linked with it sets the
+# CPU's flush-to-zero/denormals-are-zero flags when loaded, and then `5e-324 > 0` is False in Python
+# (an HTTP request with top_p=5e-324 was refused as "not greater than 0"). Reassociation is what
+# vectorizes the sums.
+OPTIMIZE = ("-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+            "-freciprocal-math")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -62,7 +69,7 @@ def _build() -> Path:
     compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    digest = hashlib.sha256(_machine_id().encode())
+    digest = hashlib.sha256((_machine_id() + " ".join(OPTIMIZE)).encode())
     for name, text in sources:
         digest.update(name.encode() + text)
     target = _cache_dir() / f"tinymorph-kernels-{digest.hexdigest()[:16]}.so"
@@ -77,7 +84,7 @@ def _build() -> Path:
         built = Path(tmp) / target.name
         errors = ""
         for flags in (["-fopenmp", "-march=native"], ["-fopenmp"], ["-march=native"], []):
-            cmd = [compiler, "-O3", "-ffast-math", *flags, "-shared", "-fPIC", *paths, "-o", str(built), "-lm"]
+            cmd = [compiler, *OPTIMIZE, *flags, "-shared", "-fPIC", *paths, "-o", str(built), "-lm"]
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if run.returncode == 0:
                 break

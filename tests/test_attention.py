@@ -71,6 +71,14 @@ def test_a_bf16_model_keeps_a_bf16_cache_and_decodes_as_with_sdpa(default_model_
     assert fast.nbytes() * 2 == plain.nbytes()  # half the memory
 
 
+def test_loading_the_kernels_leaves_floating_point_alone():
+    """A library built with -ffast-math turns on flush-to-zero for the whole process when loaded:
+    then `5e-324 > 0` is False and the HTTP API refused top_p=5e-324 as "not greater than 0"."""
+    if kernels.library() is None:
+        pytest.skip(f"no kernels on this machine: {kernels.reason()}")
+    assert 5e-324 > 0.0 and 2.2250738585072014e-308 / 2 > 0.0
+
+
 def test_int8_kernel_equals_a_float_matmul():
     """The lm_head's int8 kernel: float32 logits of the dequantized weight, one and two rows."""
     gen = torch.Generator().manual_seed(1)
