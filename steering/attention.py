@@ -21,8 +21,6 @@ import torch.nn.functional as F
 from . import kernels
 
 MAX_ROWS = 4  # new tokens per forward up to which the kernel runs (at 5 it only matched SDPA)
-_lock = threading.Lock()
-_loaded: dict[str, DecodeAttention | None] = {}
 
 
 class DecodeAttention:
@@ -52,24 +50,14 @@ class DecodeAttention:
 
 def kernel() -> DecodeAttention | None:
     """The kernel for this machine, built and checked on first call (None where it cannot be)."""
-    with _lock:
-        if "kernel" not in _loaded:
-            _loaded["kernel"] = _load_and_check()
-        return _loaded["kernel"]
+    return kernels.load("decode_attention", _wrap, _agrees_with_sdpa)
 
 
-def _load_and_check() -> DecodeAttention | None:
-    library = kernels.library()
-    if library is None:
-        return None
+def _wrap(library: ctypes.CDLL) -> DecodeAttention:
     fn = library.decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_float]
-    attention = DecodeAttention(fn)
-    if not _agrees_with_sdpa(attention):
-        kernels.disable("the attention kernel's output differs from scaled_dot_product_attention here")
-        return None
-    return attention
+    return DecodeAttention(fn)
 
 
 def _agrees_with_sdpa(attention: DecodeAttention) -> bool:

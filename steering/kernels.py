@@ -21,8 +21,12 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # -ffast-math without what it does to the whole process: a shared library linked with it sets the
 # CPU's flush-to-zero/denormals-are-zero flags when loaded, and then `5e-324 > 0` is False in Python
@@ -32,31 +36,47 @@ OPTIMIZE = ("-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
             "-freciprocal-math")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+_kernels: dict[str, object] = {}
 
 
 def library() -> ctypes.CDLL | None:
     """The kernels' shared library, built on first call (None where it cannot be; see `reason`)."""
     with _lock:
-        if "library" not in _state:
-            _state["library"] = None
-            if os.environ.get("TINYMORPH_KERNELS", "1") == "0":
-                _state["reason"] = "TINYMORPH_KERNELS=0"
-            else:
-                try:
-                    _state["library"] = ctypes.CDLL(str(_build()))
-                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                    _state["reason"] = f"not built: {exc}"
-        return _state["library"]  # type: ignore[return-value]
+        return _library()
+
+
+def _library() -> ctypes.CDLL | None:
+    if "library" not in _state:
+        _state["library"] = None
+        if os.environ.get("TINYMORPH_KERNELS", "1") == "0":
+            _state["reason"] = "TINYMORPH_KERNELS=0"
+        else:
+            try:
+                _state["library"] = ctypes.CDLL(str(_build()))
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _state["reason"] = f"not built: {exc}"
+    return _state["library"]  # type: ignore[return-value]
+
+
+def load(name: str, make: Callable[[ctypes.CDLL], T], check: Callable[[T], bool]) -> T | None:
+    """Kernel `name`: `make(library)` wraps the library's function, `check` compares it with PyTorch.
+    Done once per process; None (and `reason()` says why) where the library or the check fails."""
+    with _lock:
+        if name not in _kernels:
+            _kernels[name] = None
+            library = _library()
+            if library is not None:
+                kernel = make(library)
+                if check(kernel):
+                    _kernels[name] = kernel
+                else:
+                    _state["reason"] = f"the {name} kernel's output differs from PyTorch's on this machine"
+        return _kernels[name]
 
 
 def reason() -> str | None:
     """Why `library()` is None, or why a kernel's check failed (`disable`)."""
     return _state.get("reason")  # type: ignore[return-value]
-
-
-def disable(why: str) -> None:
-    """Record that a kernel is not used (its check against PyTorch failed)."""
-    _state["reason"] = why
 
 
 def _sources() -> list[tuple[str, bytes]]:

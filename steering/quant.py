@@ -16,7 +16,6 @@ weight is dequantized once per forward and the bf16 GEMM does the work, as for i
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -170,30 +169,24 @@ class Int8Gemv:
         return out
 
 
-_gemv_lock = threading.Lock()
-_gemv: dict[str, Int8Gemv | None] = {}
-
-
 def int8_gemv() -> Int8Gemv | None:
     """The C int8 kernel, built (`kernels.py`) and checked against a float matmul on first call."""
-    with _gemv_lock:
-        if "gemv" not in _gemv:
-            _gemv["gemv"] = None
-            library = kernels.library()
-            if library is not None:
-                fn = library.int8_linear
-                fn.restype = None
-                fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-                gemv = Int8Gemv(fn)
-                gen = torch.Generator().manual_seed(0)
-                weight = torch.randint(-127, 128, (300, 96), generator=gen, dtype=torch.int8)
-                scales, rows = torch.rand(300, generator=gen) / 100, torch.randn(2, 96, generator=gen)
-                want = rows @ (weight.float() * scales[:, None]).T
-                if torch.allclose(gemv(rows, weight, scales), want, atol=1e-4, rtol=1e-4):
-                    _gemv["gemv"] = gemv
-                else:
-                    kernels.disable("the int8 kernel's output differs from a float matmul here")
-        return _gemv["gemv"]
+    return kernels.load("int8_linear", _wrap_gemv, _gemv_is_exact)
+
+
+def _wrap_gemv(library: ctypes.CDLL) -> Int8Gemv:
+    fn = library.int8_linear
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+    return Int8Gemv(fn)
+
+
+def _gemv_is_exact(gemv: Int8Gemv) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (300, 96), generator=gen, dtype=torch.int8)
+    scales, rows = torch.rand(300, generator=gen) / 100, torch.randn(2, 96, generator=gen)
+    want = rows @ (weight.float() * scales[:, None]).T
+    return torch.allclose(gemv(rows, weight, scales), want, atol=1e-4, rtol=1e-4)
 
 
 class Int8Embedding(nn.Module):
