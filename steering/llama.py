@@ -8,6 +8,7 @@ gate/up projections. Weights come from any HF Llama/Mistral/Qwen2-style folder.
 
 from __future__ import annotations
 
+import ctypes
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attention, quant
+from . import attention, kernels, quant
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -152,13 +153,53 @@ class KVCache:
 
 
 class RMSNorm(nn.Module):
+    """`F.rms_norm`, or for a few bf16 rows the C kernel (`csrc/rms_norm.c`: one call instead of ~8 ops)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.numel() <= NORM_KERNEL_MAX_ELEMENTS and not torch.is_grad_enabled():
+            kernel = rms_norm_kernel()
+            if kernel is not None and self.weight.dtype == torch.bfloat16:
+                return kernel(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one op (the sum in fp32)
+
+
+NORM_KERNEL_MAX_ELEMENTS = 1 << 14  # a few rows (decode, keystrokes); prefill stays with F.rms_norm
+
+
+class RmsNormKernel:
+    def __init__(self, fn):
+        self._fn = fn
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        self._fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+        return out
+
+
+def rms_norm_kernel() -> RmsNormKernel | None:
+    """The C rms norm, built (`kernels.py`) and checked against `F.rms_norm` on first call."""
+    return kernels.load("rms_norm", _wrap_rms_norm, _rms_norm_agrees)
+
+
+def _wrap_rms_norm(library) -> RmsNormKernel:
+    fn = library.rms_norm_bf16
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
+    return RmsNormKernel(fn)
+
+
+def _rms_norm_agrees(kernel: RmsNormKernel) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 576, generator=gen) * 20).to(torch.bfloat16)
+    weight = torch.rand(576, generator=gen).to(torch.bfloat16)
+    want = F.rms_norm(x, weight.shape, weight, 1e-5).float()
+    return bool(((kernel(x, weight, 1e-5).float() - want).abs() <= 0.01 * want.abs() + 1e-3).all())
 
 
 def rope_tables(cfg: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,6 +385,7 @@ def load_llama(folder: Path, dtype: torch.dtype, weights: str | None = None) -> 
     if dtype == torch.bfloat16:  # build (once per machine) and check the C kernels now, not in a first request
         attention.kernel()
         quant.int8_gemv()
+        rms_norm_kernel()
     release_freed_memory()
     return model
 

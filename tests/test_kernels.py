@@ -1,5 +1,5 @@
-"""The C kernels (attention of a few new tokens over a bf16 KV cache, the int8 lm_head): built here,
-exact, with a fallback to PyTorch's ops."""
+"""The C kernels (attention of a few new tokens over a bf16 KV cache, the int8 lm_head, the rms norm):
+built here, exact, with a fallback to PyTorch's ops."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tinymorph.steering import attention, kernels, quant
-from tinymorph.steering.llama import KV_DTYPE, load_llama
+from tinymorph.steering.llama import KV_DTYPE, RMSNorm, load_llama, rms_norm_kernel
 
 
 def _kernel_or_skip() -> attention.DecodeAttention:
@@ -91,6 +91,25 @@ def test_int8_kernel_equals_a_float_matmul():
         want = rows.float() @ (layer.weight.float() * layer.scales.float()[:, None]).T
         got = layer(rows)
         assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-3, rtol=1e-4)
+
+
+def test_rms_norm_kernel_equals_torch():
+    """The C rms norm gives F.rms_norm's bf16 values (the sum of squares in another order may move
+    one value by one bf16 step); the module uses it for a few bf16 rows only."""
+    if rms_norm_kernel() is None:
+        pytest.skip(f"no rms norm kernel on this machine: {kernels.reason()}")
+    gen = torch.Generator().manual_seed(2)
+    norm = RMSNorm(576, 1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(576, generator=gen) * 3)
+    for scale in (1e-3, 1.0, 300.0):
+        x = (torch.randn(1, 3, 576, generator=gen) * scale).to(torch.bfloat16)
+        with torch.inference_mode():
+            got = norm(x)
+        want = F.rms_norm(x, (576,), norm.weight, 1e-5)
+        assert got.dtype == torch.bfloat16 and got.shape == x.shape
+        ulp = want.float().abs().clamp_min(1e-30) * 2 ** -7
+        assert ((got.float() - want.float()).abs() <= ulp).all() and (got != want).float().mean() < 0.01
 
 
 def test_without_the_kernels_the_cache_is_float32(default_model_dir, tmp_path):

@@ -1,0 +1,37 @@
+/* RMS norm of a few bf16 rows: y = x / sqrt(mean(x^2) + eps) * weight, in float32, rounded once.
+ *
+ * Why: `F.rms_norm` on one 576-wide bf16 row is ~8 PyTorch ops (~10-14 µs); a decode step has 61 of
+ * them. Here it is one call (~2 µs with the ctypes call and the output allocation).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's conversion */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+void rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int rows, int dim, float eps) {
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *xr = x + (int64_t)r * dim;
+        float ss = 0.f;
+        for (int d = 0; d < dim; d++) {
+            const float v = from_bf16(xr[d]);
+            ss += v * v;
+        }
+        const float inv = 1.f / sqrtf(ss / dim + eps);
+        uint16_t *o = out + (int64_t)r * dim;
+        for (int d = 0; d < dim; d++) o[d] = to_bf16(from_bf16(xr[d]) * inv * from_bf16(weight[d]));
+    }
+}
