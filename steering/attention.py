@@ -24,10 +24,12 @@ MAX_ROWS = 4  # new tokens per forward up to which the kernel runs (at 5 it only
 
 
 class DecodeAttention:
-    """The built kernel: `__call__(q, keys, values)` → attention output like SDPA's."""
+    """The built kernel: `__call__(q, keys, values)` → attention output like SDPA's;
+    `rope_store_attend` → a decoder layer's whole attention for the new tokens from its q|k|v."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, fused):
         self._fn = fn
+        self._fused = fused
         self._local = threading.local()  # a scratch buffer per thread: forwards may run in several
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
@@ -39,12 +41,37 @@ class DecodeAttention:
             return None
         q = q.to(torch.float32).contiguous()
         out = torch.zeros_like(q)
-        need = heads * t * length
-        scratch = getattr(self._local, "scratch", None)
-        if scratch is None or scratch.numel() < need:
-            scratch = self._local.scratch = torch.empty(max(need, 2 * (0 if scratch is None else scratch.numel())))
+        scratch = self._scratch(heads * t * length)
         status = self._fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), scratch.data_ptr(),
                           heads, kv_heads, t, length, dim, keys.stride(1), dim ** -0.5)
+        return out if status == 0 else None
+
+    def _scratch(self, n: int) -> torch.Tensor:
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or scratch.numel() < n:
+            scratch = self._local.scratch = torch.empty(max(n, 2 * (0 if scratch is None else scratch.numel())))
+        return scratch
+
+    def rope_store_attend(self, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, keys: torch.Tensor,
+                          values: torch.Tensor, start: int, heads: int) -> torch.Tensor | None:
+        """qkv [1, T, (H + 2 KV) Dh] bf16 (a layer's fused projection of T new tokens), cos/signed_sin
+        [T, Dh] bf16 (`llama.rope_tables` at their positions), keys/values [1, KV, capacity, Dh] (the
+        layer's bf16 cache): rope, the new keys and values written at start..start+T, attention over
+        all start+T → bf16 [1, T, H Dh], the values PyTorch's ops give on the same path; None for
+        shapes the kernel does not hold."""
+        _, t, width = qkv.shape
+        kv_heads, dim = keys.shape[1], keys.shape[-1]
+        if (qkv.dtype != torch.bfloat16 or cos.dtype != torch.bfloat16 or width != (heads + 2 * kv_heads) * dim
+                or not (keys.is_contiguous() and values.is_contiguous() and cos.is_contiguous()
+                        and signed_sin.is_contiguous())):
+            return None
+        qkv = qkv.contiguous()
+        out = torch.empty(1, t, heads * dim, dtype=torch.bfloat16)
+        work = torch.empty(2 * heads * t * dim)
+        scratch = self._scratch(heads * t * (start + t))
+        status = self._fused(qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), keys.data_ptr(),
+                             values.data_ptr(), work.data_ptr(), work.data_ptr() + 4 * heads * t * dim,
+                             out.data_ptr(), scratch.data_ptr(), heads, kv_heads, t, start, dim, keys.stride(1))
         return out if status == 0 else None
 
 
@@ -57,7 +84,10 @@ def _wrap(library: ctypes.CDLL) -> DecodeAttention:
     fn = library.decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_float]
-    return DecodeAttention(fn)
+    fused = library.rope_store_attend
+    fused.restype = ctypes.c_int
+    fused.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 5 + [ctypes.c_int64]
+    return DecodeAttention(fn, fused)
 
 
 def _agrees_with_sdpa(attention: DecodeAttention) -> bool:
@@ -73,4 +103,27 @@ def _agrees_with_sdpa(attention: DecodeAttention) -> bool:
         got = attention(q, keys, values)
         if got is None or not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
             return False
-    return True
+    return _fused_agrees(attention)
+
+
+def _fused_agrees(attention: DecodeAttention) -> bool:
+    """rope_store_attend against the same steps in PyTorch (bf16 rope, cache writes, attention): the
+    same cache contents and output but for the attention's last float bits."""
+    gen = torch.Generator().manual_seed(1)
+    heads, kv_heads, dim, start, t, capacity = 9, 3, 64, 40, 3, 50
+    qkv = torch.randn(1, t, (heads + 2 * kv_heads) * dim, generator=gen).to(torch.bfloat16)
+    cos = torch.rand(t, dim, generator=gen).to(torch.bfloat16)
+    sin = torch.rand(t, dim, generator=gen).to(torch.bfloat16)
+    cache = torch.randn(2, 1, kv_heads, capacity, dim, generator=gen).to(torch.bfloat16)
+    mine = cache.clone()
+    rows = qkv.view(1, t, heads + 2 * kv_heads, dim).transpose(1, 2)
+    qk = rows[:, : heads + kv_heads] * cos + rows[:, : heads + kv_heads].roll(dim // 2, dims=-1) * sin
+    cache[0, :, :, start:start + t] = qk[:, heads:]
+    cache[1, :, :, start:start + t] = rows[:, heads + kv_heads:]
+    end = start + t
+    want = attention(qk[:, :heads], cache[0, :, :, :end], cache[1, :, :, :end])
+    got = attention.rope_store_attend(qkv, cos, sin, mine[0], mine[1], start, heads)
+    if want is None or got is None or not torch.equal(mine, cache):
+        return False
+    want = want.to(torch.bfloat16).transpose(1, 2).reshape(1, t, -1)
+    return bool(((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all())

@@ -117,6 +117,16 @@ class KVCache:
         self.k[layer, :, :, start:start + k.shape[2]] = k
         self.v[layer, :, :, start:start + v.shape[2]] = v
 
+    def attend_new(self, layer: int, qkv: torch.Tensor, start: int, cos: torch.Tensor,
+                   signed_sin: torch.Tensor) -> torch.Tensor | None:
+        """A layer's attention for a few new tokens in one kernel call: rope, cache writes and
+        attention from the fused q|k|v projection [1, t, ...] → [1, t, heads*head_dim] (bf16), or None
+        where the kernel does not run (then `store` and `attend`)."""
+        if self.kernel is None or qkv.shape[1] > attention.MAX_ROWS or qkv.shape[0] != 1:
+            return None
+        return self.kernel.rope_store_attend(qkv, cos, signed_sin, self.k[layer], self.v[layer], start,
+                                             self.cfg.n_heads)
+
     def attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention of q [1, heads, t, head_dim] (the last t of `end` positions) over the layer's
         first `end` keys with `mask` (the offset causal mask; None for one query) → float32. The
@@ -235,16 +245,20 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         qkv = self.qkv(self.input_norm(x))
-        heads = cfg.n_heads + cfg.n_kv_heads  # queries and keys rotate together: one rope, not two
-        qk = apply_rope(qkv[..., : heads * cfg.head_dim].view(b, t, heads, cfg.head_dim).transpose(1, 2), cos, sin)
-        q, k = qk[:, : cfg.n_heads], qk[:, cfg.n_heads :]
-        v = qkv[..., heads * cfg.head_dim :].view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        cache.store(self.index, start, k, v)
-        if start == 0 and mask is True:  # cold prefill: the new keys are all there is
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # over the cache (see `KVCache.attend`)
-            attn = cache.attend(self.index, q, start + t, mask).to(x.dtype)
-        x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
+        # decode steps and keystrokes: rope, cache writes and attention in one kernel call
+        attn = cache.attend_new(self.index, qkv, start, cos, sin)
+        if attn is None:
+            heads = cfg.n_heads + cfg.n_kv_heads  # queries and keys rotate together: one rope, not two
+            qk = apply_rope(qkv[..., : heads * cfg.head_dim].view(b, t, heads, cfg.head_dim).transpose(1, 2), cos, sin)
+            q, k = qk[:, : cfg.n_heads], qk[:, cfg.n_heads :]
+            v = qkv[..., heads * cfg.head_dim :].view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+            cache.store(self.index, start, k, v)
+            if start == 0 and mask is True:  # cold prefill: the new keys are all there is
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:  # over the cache (see `KVCache.attend`)
+                attn = cache.attend(self.index, q, start + t, mask).to(x.dtype)
+            attn = attn.transpose(1, 2).reshape(b, t, -1)
+        x = x + self.o(attn)
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 

@@ -79,6 +79,31 @@ def test_loading_the_kernels_leaves_floating_point_alone():
     assert 5e-324 > 0.0 and 2.2250738585072014e-308 / 2 > 0.0
 
 
+def test_fused_layer_attention_gives_the_ops_bits(default_model_dir, monkeypatch):
+    """Rope, cache writes and attention in one call (`KVCache.attend_new`) give the same cache and the
+    same logits, bit for bit, as the PyTorch ops with the attention kernel, for 1-4 new tokens."""
+    from tinymorph.steering.llama import KVCache
+
+    _kernel_or_skip()
+    model = load_llama(default_model_dir, torch.bfloat16, "auto")
+    ids = list(range(3000, 3150))
+    fused, ops = model.new_cache(200), model.new_cache(200)
+    model(ids, fused)
+    model(ids, ops)
+    for n in (1, 2, 4):
+        new = list(range(7, 7 + n))
+        a = model(new, fused, n)
+        with monkeypatch.context() as patch:
+            patch.setattr(KVCache, "attend_new", lambda self, *args: None)
+            b = model(new, ops, n)
+        end = len(ids) + n
+        assert torch.equal(a, b), n
+        assert torch.equal(fused.k[:, :, :, :end], ops.k[:, :, :, :end]), n
+        assert torch.equal(fused.v[:, :, :, :end], ops.v[:, :, :, :end]), n
+        fused.truncate(len(ids))
+        ops.truncate(len(ids))
+
+
 def test_int8_kernel_equals_a_float_matmul():
     """The lm_head's int8 kernel: float32 logits of the dequantized weight, one and two rows."""
     gen = torch.Generator().manual_seed(1)
