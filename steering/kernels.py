@@ -80,8 +80,9 @@ def reason() -> str | None:
 
 
 def _sources() -> list[tuple[str, bytes]]:
+    """The C sources and their headers (both part of the build's cache key)."""
     folder = resources.files("tinymorph.steering") / "csrc"
-    return sorted((f.name, f.read_bytes()) for f in folder.iterdir() if f.name.endswith(".c"))
+    return sorted((f.name, f.read_bytes()) for f in folder.iterdir() if f.name.endswith((".c", ".h")))
 
 
 def _build() -> Path:
@@ -100,7 +101,8 @@ def _build() -> Path:
         paths = []
         for name, text in sources:
             (Path(tmp) / name).write_bytes(text)
-            paths.append(str(Path(tmp) / name))
+            if name.endswith(".c"):
+                paths.append(str(Path(tmp) / name))
         built = Path(tmp) / target.name
         errors = ""
         for flags in (["-fopenmp", "-march=native"], ["-fopenmp"], ["-march=native"], []):

@@ -13,6 +13,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "bf16.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -43,10 +45,7 @@ static inline float exp_nonpositive(float x) {
 }
 
 static inline void load_bf16(const uint16_t *src, float *dst, int n) {
-    for (int d = 0; d < n; d++) {
-        uint32_t u = (uint32_t)src[d] << 16;
-        memcpy(dst + d, &u, sizeof u);
-    }
+    for (int d = 0; d < n; d++) dst[d] = bf16_to_float(src[d]);
 }
 
 /* One thread's share of a call: keys [lo, hi) of every head in the score and value passes, every
@@ -129,21 +128,6 @@ int decode_attention(const float *q, const uint16_t *k, const uint16_t *v, float
             attend_share(q, k, v, out, scores, H, KV, T, L, Dh, head_stride, scale, id, nt);
     }
     return 0;
-}
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch's conversion */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
 }
 
 /* A decoder layer's attention for T new tokens from its fused q|k|v projection, in one call: rope on

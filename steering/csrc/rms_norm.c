@@ -7,31 +7,18 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's conversion */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 void rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int rows, int dim, float eps) {
     for (int r = 0; r < rows; r++) {
         const uint16_t *xr = x + (int64_t)r * dim;
         float ss = 0.f;
         for (int d = 0; d < dim; d++) {
-            const float v = from_bf16(xr[d]);
+            const float v = bf16_to_float(xr[d]);
             ss += v * v;
         }
         const float inv = 1.f / sqrtf(ss / dim + eps);
         uint16_t *o = out + (int64_t)r * dim;
-        for (int d = 0; d < dim; d++) o[d] = to_bf16(from_bf16(xr[d]) * inv * from_bf16(weight[d]));
+        for (int d = 0; d < dim; d++) o[d] = float_to_bf16(bf16_to_float(xr[d]) * inv * bf16_to_float(weight[d]));
     }
 }
