@@ -23,6 +23,13 @@ from . import kernels
 MAX_ROWS = 4  # new tokens per forward up to which the kernel runs (at 5 it only matched SDPA)
 
 
+def offset_causal_mask(t: int, length: int) -> torch.Tensor:
+    """Additive float32 mask [t, length] of the last t of `length` positions: query j sees keys up to
+    length - t + j. The kernel applies this mask itself; SDPA is given it."""
+    return torch.zeros(t, length).masked_fill_(torch.ones(t, length, dtype=torch.bool).triu_(length - t + 1),
+                                               float("-inf"))
+
+
 class DecodeAttention:
     """The built kernel: `__call__(q, keys, values)` → attention output like SDPA's;
     `rope_store_attend` → a decoder layer's whole attention for the new tokens from its q|k|v."""
@@ -97,9 +104,8 @@ def _agrees_with_sdpa(attention: DecodeAttention) -> bool:
         store = torch.randn(2, 1, kv_heads, length + 5, dim, generator=gen).to(torch.bfloat16)
         keys, values = store[0, :, :, :length], store[1, :, :, :length]
         q = torch.randn(1, heads, t, dim, generator=gen)
-        mask = torch.zeros(t, length).masked_fill_(torch.ones(t, length, dtype=torch.bool).triu_(length - t + 1),
-                                                   float("-inf"))
-        want = F.scaled_dot_product_attention(q, keys.float(), values.float(), attn_mask=mask, enable_gqa=True)
+        want = F.scaled_dot_product_attention(q, keys.float(), values.float(), attn_mask=offset_causal_mask(t, length),
+                                              enable_gqa=True)
         got = attention(q, keys, values)
         if got is None or not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
             return False

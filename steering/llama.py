@@ -146,8 +146,9 @@ class KVCache:
     def keep_logits(self, logits: torch.Tensor) -> None:
         """Remember the logits ([vocab] or [n, vocab]) of the last positions; the cache holds those of
         the last `KEPT_LOGITS` prefix lengths it was given."""
-        rows = logits.view(-1, logits.shape[-1])[-KEPT_LOGITS:]
-        if rows.shape[0] < logits.view(-1, logits.shape[-1]).shape[0]:
+        flat = logits.view(-1, logits.shape[-1])
+        rows = flat[-KEPT_LOGITS:]
+        if rows.shape[0] < flat.shape[0]:
             rows = rows.clone()  # do not hold a long prompt's logits alive
         end = self.length
         self.logits_after.update({end - rows.shape[0] + 1 + i: row for i, row in enumerate(rows)})
@@ -316,8 +317,7 @@ class LlamaModel(nn.Module):
         # converted again in every layer.
         mask: torch.Tensor | bool | None = None
         if t > 1:
-            mask = True if start == 0 else torch.zeros(t, start + t).masked_fill_(
-                torch.ones(t, start + t, dtype=torch.bool).triu_(start + 1), float("-inf"))
+            mask = True if start == 0 else attention.offset_causal_mask(t, start + t)
         for layer in self.layers:
             x = layer(x, cache, start, cos, sin, mask)
         cache.ids.extend(ids)
