@@ -44,6 +44,9 @@ class BenchConfig:
     steering: bool = True
     contention: bool = True  # repeat the largest size and decode beside a CPU-bound process
     text_path: Path | None = None
+    # a pause before each timed request of either engine: keystrokes come at a typist's pace, not
+    # back to back, and neither engine's request runs while the other's threads still spin
+    settle_s: float = 0.05
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -188,15 +191,20 @@ def _latency_rows(engine: Engine, worker: LlamaCppWorker | None, corpus: TextAtT
         new_tokens = []
         for _ in range(cfg.cold_repeats):
             engine.forget("bench")
+            time.sleep(cfg.settle_s)
             colds["tinymorph"].append(_tinymorph_first_token(engine, prefix)[0])
             if worker is not None:
+                time.sleep(cfg.settle_s)
                 colds["llama.cpp"].append(worker.ask(op="cold", ids=prefix_ids)["ms"])
         for text in corpus.typing(n, cfg.keystrokes):
+            time.sleep(cfg.settle_s)
             ms, prefilled = _tinymorph_first_token(engine, text)
             keys["tinymorph"].append(ms)
             new_tokens.append(prefilled)
             if worker is not None:
-                keys["llama.cpp"].append(worker.ask(op="first_token", ids=engine.tokenize(text))["ms"])
+                ids = engine.tokenize(text)
+                time.sleep(cfg.settle_s)
+                keys["llama.cpp"].append(worker.ask(op="first_token", ids=ids)["ms"])
         for backend, weight_bytes in (("tinymorph", engine.info.weight_bytes),
                                       ("llama.cpp", worker.model_bytes if worker else 0)):
             if not keys[backend]:

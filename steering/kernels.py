@@ -34,7 +34,7 @@ T = TypeVar("T")
 # vectorizes the sums.
 OPTIMIZE = ("-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
             "-freciprocal-math")
-_lock = threading.Lock()
+_lock = threading.RLock()  # a kernel's check may load the kernels it calls
 _state: dict[str, object] = {}
 _kernels: dict[str, object] = {}
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attention, kernels, quant
+from . import attention, fused_layer, kernels, quant
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -240,11 +240,16 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.gate_up = nn.Linear(cfg.dim, 2 * cfg.intermediate, bias=False)
         self.down = nn.Linear(cfg.intermediate, cfg.dim, bias=False)
+        self.fused: fused_layer.FusedStack | None = None  # the layer in C for a few tokens (`load_llama`)
 
     def forward(self, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | bool | None) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
+        if self.fused is not None and fused_layer_fits(x, cache):
+            out = self.fused(self.index, self.index + 1, x, cache.k, cache.v, start, cos, sin)
+            if out is not None:
+                return out
         qkv = self.qkv(self.input_norm(x))
         # decode steps and keystrokes: rope, cache writes and attention in one kernel call
         attn = cache.attend_new(self.index, qkv, start, cos, sin)
@@ -264,6 +269,13 @@ class DecoderLayer(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
+def fused_layer_fits(x: torch.Tensor, cache: KVCache) -> bool:
+    """Whether the C layers (`fused_layer.py`) can run this forward: a few tokens of one sequence over
+    a cache the attention kernel reads, without autograd."""
+    return (x.shape[0] == 1 and x.shape[1] <= fused_layer.DecoderLayerKernel.MAX_ROWS and isinstance(cache, KVCache)
+            and cache.kernel is not None and not torch.is_grad_enabled())
+
+
 class LlamaModel(nn.Module):
     """Embedding → decoder layers → final norm → logits of the last position."""
 
@@ -277,6 +289,7 @@ class LlamaModel(nn.Module):
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.fused: fused_layer.FusedStack | None = None  # every layer in C for a few tokens (`load_llama`)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -318,8 +331,19 @@ class LlamaModel(nn.Module):
         mask: torch.Tensor | bool | None = None
         if t > 1:
             mask = True if start == 0 else attention.offset_causal_mask(t, start + t)
-        for layer in self.layers:
-            x = layer(x, cache, start, cos, sin, mask)
+        fused = self.fused if self.fused is not None and fused_layer_fits(x, cache) else None
+        i, layers = 0, self.layers
+        while i < len(layers):
+            j = i  # layers i..j-1 run in one C call where no hook needs to see them
+            while fused is not None and j < len(layers) and not (layers[j]._forward_hooks
+                                                                  or layers[j]._forward_pre_hooks):
+                j += 1
+            out = fused(i, j, x, cache.k, cache.v, start, cos, sin) if j > i else None
+            if out is None:
+                x, j = layers[i](x, cache, start, cos, sin, mask), i + 1
+            else:
+                x = out
+            i = j
         cache.ids.extend(ids)
         logits = self.lm_head(self.norm(x[0, -n_logits:])).float()
         return logits if n_logits > 1 else logits.squeeze(0)
@@ -400,8 +424,68 @@ def load_llama(folder: Path, dtype: torch.dtype, weights: str | None = None) -> 
         attention.kernel()
         quant.int8_gemv()
         rms_norm_kernel()
+        if (layer_kernel := decoder_layer_kernel()) is not None:
+            model.fused = layer_kernel.bind(list(model.layers))
+            for layer in model.layers:
+                layer.fused = model.fused
     release_freed_memory()
     return model
+
+
+def decoder_layer_kernel() -> fused_layer.DecoderLayerKernel | None:
+    """The C decoder layer (`fused_layer.py`), built and checked against `DecoderLayer`'s PyTorch path
+    on first call (None where the attention or 4-bit kernels it calls are not there either)."""
+    if attention.kernel() is None or quant.int4_gemm() is None:
+        return None
+    return kernels.load("decoder_layer", fused_layer.wrap, _decoder_layer_agrees)
+
+
+def _decoder_layer_agrees(kernel: fused_layer.DecoderLayerKernel) -> bool:
+    """Two small random layers with 4-bit projections, both ways over the same cache: outputs and
+    cache writes within bf16 rounding of each other."""
+    gen = torch.Generator().manual_seed(2)
+    cfg = LlamaConfig(vocab_size=64, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, intermediate=256,
+                      norm_eps=1e-5, rope_theta=10000.0, max_positions=64, tie_embeddings=False, qkv_bias=False)
+    layers = [DecoderLayer(cfg, i) for i in range(cfg.n_layers)]
+    for layer in layers:
+        for name in ("qkv", "o", "gate_up", "down"):
+            n, k = getattr(layer, name).weight.shape
+            codes = torch.randint(0, 16, (n, k), generator=gen).float()
+            scale = torch.rand(n, k // quant.GROUP, 1, generator=gen) / 40
+            low = -torch.rand(n, k // quant.GROUP, 1, generator=gen) / 5
+            weight = (codes.view(n, k // quant.GROUP, quant.GROUP) * scale + low).view(n, k)
+            setattr(layer, name, quant.Int4Linear(weight, None, torch.bfloat16))
+        for norm in (layer.input_norm, layer.post_norm):
+            weight = (torch.rand(cfg.dim, generator=gen) + 0.5).to(torch.bfloat16)
+            norm.weight = nn.Parameter(weight, requires_grad=False)
+    stack = kernel.bind(layers)
+    cos, sin = (table.to(torch.bfloat16) for table in rope_tables(cfg))
+    start = 7
+    for t in (1, 3):
+        caches = [KVCache(cfg, torch.bfloat16, 16, attention.kernel()) for _ in range(2)]
+        prefix = torch.randn(2, cfg.n_layers, 1, cfg.n_kv_heads, start, cfg.head_dim, generator=gen).to(torch.bfloat16)
+        for cache in caches:
+            cache.k[:, :, :, :start], cache.v[:, :, :, :start] = prefix
+        x = (torch.randn(1, t, cfg.dim, generator=gen) * 3).to(torch.bfloat16)
+        mask = attention.offset_causal_mask(t, start + t) if t > 1 else None
+        rope = cos[start:start + t], sin[start:start + t]
+        with torch.inference_mode():
+            want = x
+            for layer in layers:
+                want = layer(want, caches[0], start, *rope, mask)
+            got = None if stack is None else stack(0, len(layers), x, caches[1].k, caches[1].v, start, *rope)
+        end = start + t
+        fused_cache, ops_cache = caches[1], caches[0]
+        pairs = [(got, want), (fused_cache.k[..., :end, :], ops_cache.k[..., :end, :]),
+                 (fused_cache.v[..., :end, :], ops_cache.v[..., :end, :])]
+        if got is None or not all(_close(a, b) for a, b in pairs):
+            return False
+    return True
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Within a few bf16 steps of each other, relative to the tensor's scale."""
+    return bool((got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max())
 
 
 def approx_flops_per_token(cfg: LlamaConfig) -> float:

@@ -9,13 +9,18 @@ activations: relative error of a projection 2.9e-3, like dense bf16's 2.8e-3; in
 Weights that are not 4-bit groups already (any bf16/fp32 HF model, the GGUF's Q8_0 embedding) stay
 8-bit under `auto`; `int4` forces 4 bits on every projection (lossy for such models, as in llama.cpp).
 
-The 4-bit kernel is PyTorch's own (`_weight_int4pack_mm_for_cpu`); for many rows (prefill) the
-weight is dequantized once per forward and the bf16 GEMM does the work, as for int8.
+For bf16 activations where the C kernels build (`kernels.py`), the 4-bit kernel is
+`csrc/int4_linear.c` (exact bf16 products summed in float32, float32 scales: ~1.5x PyTorch's
+`_weight_int4pack_mm_for_cpu` for one row, which rounds its output and scales to bf16), and the
+fused decoder layer (`csrc/decoder_layer.c`) reads the same packing; elsewhere it is PyTorch's.
+For many rows (prefill) the weight is dequantized once per forward and the bf16 GEMM does the work,
+as for int8.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +30,7 @@ from . import kernels
 
 GROUP = 32  # inputs sharing one scale and offset (GGUF Q4_0/Q4_1 blocks)
 PACK_BLOCK = 64  # output rows per block of PyTorch's CPU int4 packing (two nibbles: rows d and d+32)
+PAIR = 2 * GROUP  # inputs per 16 words of the C kernel's packing (see `pack_pairs`)
 INT8_KERNEL_MAX_ROWS = 16  # up to this many tokens per forward use the int8 GEMV kernel
 INT4_KERNEL_MAX_ROWS = 32  # up to this many tokens the int4 kernel beats dequantize + bf16 GEMM
 WEIGHT_MODES = ("auto", "int4", "int8")
@@ -89,8 +95,60 @@ class WeightOnlyLinear(nn.Module):
         return out.reshape(*shape[:-1], -1)
 
 
+def _pair_order() -> torch.Tensor:
+    """[16, 4]: which of a pair of groups' 64 inputs nibble k of word w holds in the C kernel's packing
+    (`csrc/int4_linear.c`: lane L = words 2L, 2L+1 belongs to group L % 2)."""
+    w, k = torch.arange(16)[:, None], torch.arange(4)[None, :]
+    return (w // 2 % 2) * GROUP + (w // 4) * 8 + 2 * k + w % 2
+
+
+PAIR_ORDER = _pair_order()
+
+
+BLOCK_ROWS = 8  # output rows the C kernel's packing stores together
+SCALE_BYTES = BLOCK_ROWS * 2 * 2  # a block's float16 scales (or offsets) of one pair of groups
+
+
+def pack_pairs(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """codes 0..15 [N, K], scale and offset [N, K/GROUP] → the C kernel's bytes [N/8, K/64, 384]: per
+    block of 8 rows, per pair of groups, each row's 16 little-endian words of four nibbles
+    (`PAIR_ORDER`), then each row's two scales, then its two offsets, in float16 (a GGUF's Q4_1 stores
+    both so: its values come back exactly)."""
+    n, k = codes.shape
+    nibbles = codes.view(n, k // PAIR, PAIR).to(torch.int32)[..., PAIR_ORDER]  # [N, pairs, 16, 4]
+    words = (nibbles << (4 * torch.arange(4))).sum(-1)
+    code_bytes = torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).view(n, k // PAIR, 32)
+
+    def by_block(rows: torch.Tensor) -> torch.Tensor:  # [N, pairs, width] → [N/8, pairs, 8 * width]
+        width = rows.shape[-1]
+        blocks = rows.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k // PAIR, width).transpose(1, 2)
+        return blocks.reshape(n // BLOCK_ROWS, k // PAIR, -1)
+
+    halves = [by_block(t.half().reshape(n, k // PAIR, 2).contiguous().view(torch.uint8)) for t in (scale, offset)]
+    return torch.cat([by_block(code_bytes), *halves], dim=-1).contiguous()
+
+
+def unpack_pairs(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pack_pairs` undone: → (codes [N, K] uint8, scale, offset [N, K/GROUP] float32 (float16 values))."""
+    blocks, pairs, _ = packed.shape
+    n, k = blocks * BLOCK_ROWS, pairs * PAIR
+
+    def by_row(part: torch.Tensor) -> torch.Tensor:  # [N/8, pairs, 8 * width] → [N, pairs, width]
+        return part.reshape(blocks, pairs, BLOCK_ROWS, -1).transpose(1, 2).reshape(n, pairs, -1)
+
+    code_bytes = by_row(packed[..., : BLOCK_ROWS * 32]).to(torch.int32).view(n, pairs, 16, 2)
+    words = code_bytes[..., 0] | (code_bytes[..., 1] << 8)
+    codes = torch.empty(n, pairs, PAIR, dtype=torch.uint8)
+    codes[..., PAIR_ORDER] = ((words[..., None] >> (4 * torch.arange(4))) & 15).to(torch.uint8)
+    start = BLOCK_ROWS * 32
+    scale, offset = (by_row(packed[..., at: at + SCALE_BYTES]).contiguous().view(torch.float16).reshape(n, k // GROUP)
+                     for at in (start, start + SCALE_BYTES))
+    return codes.view(n, k), scale.float(), offset.float()
+
+
 class Int4Linear(WeightOnlyLinear):
-    """Weight-only 4-bit linear: groups of 32 inputs with a scale and an offset per output row."""
+    """Weight-only 4-bit linear: groups of 32 inputs with a scale and an offset per output row.
+    Stored for the C kernel (`pairs`: bf16 activations, where it builds) or PyTorch's."""
 
     max_kernel_rows = INT4_KERNEL_MAX_ROWS
 
@@ -101,27 +159,111 @@ class Int4Linear(WeightOnlyLinear):
         n, k = weight.shape
         codes, scale, low = groups if groups is not None else int4_groups(weight)
         self.out_features, self.in_features = n, k
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
-        # the kernel computes (code - 8) * scale + zero, so zero = offset + 8 * scale; [K/GROUP, N, 2]
-        scales_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1)
-        self.register_buffer("scales_zeros", scales_zeros.contiguous().to(act_dtype))
+        self.gemm = int4_gemm() if act_dtype == torch.bfloat16 and not k % PAIR and not n % 8 else None
+        if self.gemm is not None:
+            self.register_buffer("blocks", pack_pairs(codes, scale, low))
+        else:
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
+            # the kernel computes (code - 8) * scale + zero, so zero = offset + 8 * scale; [K/GROUP, N, 2]
+            scales_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1)
+            self.register_buffer("scales_zeros", scales_zeros.contiguous().to(act_dtype))
+        self.act_dtype = act_dtype
         self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
 
     def codes(self) -> torch.Tensor:
-        """The [N, K] codes back from PyTorch's packing: per block of 64 rows, byte (k, d) holds row
-        d in its low nibble and row d + 32 in its high one (checked by `tests/test_engine.py`)."""
+        """The [N, K] codes back from the packing. PyTorch's: per block of 64 rows, byte (k, d) holds
+        row d in its low nibble and row d + 32 in its high one (checked by `tests/test_engine.py`)."""
         n, k = self.out_features, self.in_features
+        if self.gemm is not None:
+            return unpack_pairs(self.blocks)[0]
         blocks = self.packed.view(n // PACK_BLOCK, k, PACK_BLOCK // 2)
         return torch.cat([blocks & 15, blocks >> 4], dim=-1).transpose(1, 2).reshape(n, k)
 
     def dequantized(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
+        if self.gemm is not None:
+            return self.gemm.dequantize(self.blocks)
         scale, zero = self.scales_zeros.unbind(-1)  # [K/GROUP, N] each
         codes = self.codes().view(n, k // GROUP, GROUP).to(scale.dtype) - 8
         return (codes * scale.t()[..., None] + zero.t()[..., None]).view(n, k)
 
     def kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.gemm is not None:
+            return self.gemm(rows, self.blocks).to(rows.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, GROUP, self.scales_zeros)
+
+
+class Int4Gemm:
+    """`csrc/int4_linear.c`: bf16 rows [M, K] x a packed weight (`pack_pairs`) → float32 [M, N]."""
+
+    def __init__(self, fn, scratch_size, dequantize):
+        self._fn = fn
+        self._scratch_size = scratch_size
+        self._dequantize = dequantize
+        self._local = threading.local()  # a scratch buffer per thread: forwards may run in several
+
+    def __call__(self, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        x = rows.to(torch.bfloat16).contiguous()
+        (m, k), n = x.shape, blocks.shape[0] * BLOCK_ROWS
+        out = torch.empty(m, n)
+        scratch = self.scratch(self._scratch_size(m, k))
+        self._fn(x.data_ptr(), blocks.data_ptr(), out.data_ptr(), m, n, k, scratch.data_ptr())
+        return out
+
+    def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The packed weight as bf16 [N, K] (for the bf16 GEMM of a prefill)."""
+        n, k = blocks.shape[0] * BLOCK_ROWS, blocks.shape[1] * PAIR
+        out = torch.empty(n, k, dtype=torch.bfloat16)
+        self._dequantize(blocks.data_ptr(), n, k, out.data_ptr())
+        return out
+
+    def scratch(self, n: int) -> torch.Tensor:
+        """This thread's float scratch of at least `n` elements."""
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or scratch.numel() < n:
+            scratch = self._local.scratch = torch.empty(max(n, 2 * (0 if scratch is None else scratch.numel())))
+        return scratch
+
+
+def int4_gemm() -> Int4Gemm | None:
+    """The C 4-bit kernel, built (`kernels.py`) and checked against a float matmul on first call."""
+    return kernels.load("int4_linear", _wrap_int4, _int4_is_exact)
+
+
+def _wrap_int4(library: ctypes.CDLL) -> Int4Gemm:
+    fn = library.int4_linear
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+    size = library.int4_pair_scratch
+    size.restype = ctypes.c_int
+    size.argtypes = [ctypes.c_int, ctypes.c_int]
+    dequantize = library.int4_dequantize
+    dequantize.restype = None
+    dequantize.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    return Int4Gemm(fn, size, dequantize)
+
+
+def _int4_is_exact(gemm: Int4Gemm) -> bool:
+    """The kernel against the dense float matmul of the same 4-bit weight (bf16 inputs: exact
+    products, so only the float32 summation order differs)."""
+    gen = torch.Generator().manual_seed(0)
+    n, k = 72, 192
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(n, k // GROUP, generator=gen) / 10).half().float()
+    low = -torch.rand(n, k // GROUP, generator=gen).half().float()
+    weight = (codes.view(n, k // GROUP, GROUP).float() * scale[..., None] + low[..., None]).view(n, k)
+    blocks = pack_pairs(codes, scale, low)
+    back = unpack_pairs(blocks)
+    if not (torch.equal(back[0], codes) and torch.equal(back[1], scale) and torch.equal(back[2], low)):
+        return False
+    if not torch.allclose(gemm.dequantize(blocks).float(), weight, rtol=2 ** -8, atol=0):  # bf16 rounding
+        return False
+    for m in (1, 3, 6):
+        rows = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        want = rows.double() @ weight.double().T
+        if not torch.allclose(gemm(rows, blocks).double(), want, atol=1e-4, rtol=1e-4):
+            return False
+    return True
 
 
 class Int8Linear(WeightOnlyLinear):

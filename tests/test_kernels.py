@@ -1,16 +1,20 @@
-"""The C kernels (attention of a few new tokens over a bf16 KV cache, the int8 lm_head, the rms norm):
-built here, exact, with a fallback to PyTorch's ops."""
+"""The C kernels (attention of a few new tokens over a bf16 KV cache, the int8 lm_head, the rms norm,
+the 4-bit linears, whole decoder layers): built here, exact, with a fallback to PyTorch's ops."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tinymorph.steering import attention, kernels, quant
+from tinymorph.steering import attention, fused_layer, kernels, llama, quant
 from tinymorph.steering.llama import KV_DTYPE, RMSNorm, load_llama, rms_norm_kernel
 
 
@@ -79,6 +83,12 @@ def test_loading_the_kernels_leaves_floating_point_alone():
     assert 5e-324 > 0.0 and 2.2250738585072014e-308 / 2 > 0.0
 
 
+def _without_c_layers(model) -> None:
+    model.fused = None
+    for layer in model.layers:
+        layer.fused = None
+
+
 def test_fused_layer_attention_gives_the_ops_bits(default_model_dir, monkeypatch):
     """Rope, cache writes and attention in one call (`KVCache.attend_new`) give the same cache and the
     same logits, bit for bit, as the PyTorch ops with the attention kernel, for 1-4 new tokens."""
@@ -86,6 +96,7 @@ def test_fused_layer_attention_gives_the_ops_bits(default_model_dir, monkeypatch
 
     _kernel_or_skip()
     model = load_llama(default_model_dir, torch.bfloat16, "auto")
+    _without_c_layers(model)  # the layers' own PyTorch path (the C layers: the next test)
     ids = list(range(3000, 3150))
     fused, ops = model.new_cache(200), model.new_cache(200)
     model(ids, fused)
@@ -152,3 +163,93 @@ def test_without_the_kernels_the_cache_is_float32(default_model_dir, tmp_path):
             pytest.skip(f"no C compiler here: {out.stdout.strip()}")
         assert out.stdout.strip() == expected
     assert list((tmp_path / "kernels").glob("tinymorph-kernels-*.so"))
+
+
+def _random_4bit(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight, codes, scale, offset) of a 4-bit weight whose scales and offsets are float16 values."""
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(n, k // quant.GROUP, generator=gen) / 20).half().float()
+    offset = (-torch.rand(n, k // quant.GROUP, generator=gen) / 3).half().float()
+    weight = (codes.view(n, k // quant.GROUP, quant.GROUP).float() * scale[..., None] + offset[..., None]).view(n, k)
+    return weight, codes, scale, offset
+
+
+def test_int4_kernel_equals_a_float_matmul():
+    """The C 4-bit linear: its packing holds the codes, scales and offsets exactly; 1-32 bf16 rows give
+    the dense float64 matmul of the same weight to float32 rounding (bf16 x 4-bit products are exact);
+    its dequantized weight is that weight rounded to bf16; an `Int4Linear` of a bf16 model uses it."""
+    if quant.int4_gemm() is None:
+        pytest.skip(f"no int4 kernel on this machine: {kernels.reason()}")
+    gen = torch.Generator().manual_seed(3)
+    for n, k in ((960, 576), (576, 1536), (64, 128)):
+        weight, codes, scale, offset = _random_4bit(n, k, gen)
+        layer = quant.Int4Linear(weight, None, torch.bfloat16, (codes, scale, offset))
+        assert layer.gemm is not None
+        back = quant.unpack_pairs(layer.blocks)
+        assert torch.equal(back[0], codes) and torch.equal(back[1], scale) and torch.equal(back[2], offset)
+        assert torch.equal(layer.codes(), codes)
+        assert torch.allclose(layer.dequantized().float(), weight, rtol=2 ** -8, atol=0)
+        for m in (1, 2, 3, 4, 5, 8, 32):
+            rows = (torch.randn(m, k, generator=gen) * 4).to(torch.bfloat16)
+            want = rows.double() @ weight.double().T
+            got = layer.gemm(rows, layer.blocks)
+            assert got.dtype == torch.float32
+            assert ((got.double() - want).abs() <= 1e-5 * want.abs().max()).all(), (n, k, m)
+            assert torch.equal(layer(rows), got.to(torch.bfloat16))  # the module: the kernel's output in bf16
+
+
+def test_c_layers_give_the_pytorch_layers_bits(default_model_dir):
+    """All layers of a forward in one C call (`fused_layer.py`) give the logits and the KV cache of the
+    layers' PyTorch path (same 4-bit kernel) bit for bit, for 1-4 new tokens; with a forward hook on a
+    layer, the layers before and after it run in C and the hook sees and steers that layer's output."""
+    model = load_llama(default_model_dir, torch.bfloat16, "auto")
+    if model.fused is None:
+        pytest.skip(f"no C layers on this machine: {kernels.reason()}")
+    plain = load_llama(default_model_dir, torch.bfloat16, "auto")
+    _without_c_layers(plain)
+    ids = list(range(2000, 2150))
+    push = torch.randn(model.cfg.dim, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16) * 8
+    seen: list[int] = []
+
+    def steer(module, args, output):
+        seen.append(output.shape[1])
+        return output + push
+
+    for hooked in (False, True):
+        handles = [m.layers[15].register_forward_hook(steer) for m in (model, plain)] if hooked else []
+        caches = [model.new_cache(200), plain.new_cache(200)]
+        model(ids, caches[0])
+        plain(ids, caches[1])
+        for n in (1, 2, 4):
+            new = list(range(7, 7 + n))
+            seen.clear()
+            got, want = model(new, caches[0], n), plain(new, caches[1], n)
+            end = len(ids) + n
+            assert torch.equal(got, want), (hooked, n)
+            assert torch.equal(caches[0].k[:, :, :, :end], caches[1].k[:, :, :, :end]), (hooked, n)
+            assert torch.equal(caches[0].v[:, :, :, :end], caches[1].v[:, :, :, :end]), (hooked, n)
+            assert seen == ([n, n] if hooked else [])  # each model's hook ran once, on this forward's tokens
+            for cache in caches:
+                cache.truncate(len(ids))
+        for handle in handles:
+            handle.remove()
+    unhooked = model(list(range(7, 9)), model.new_cache(8), 2)
+    with_hook = model.layers[15].register_forward_hook(steer)
+    assert not torch.equal(unhooked, model(list(range(7, 9)), model.new_cache(8), 2))  # the push did steer
+    with_hook.remove()
+
+
+def test_the_plain_c_versions_of_the_4bit_kernels_agree(tmp_path):
+    """On a machine without AVX512-BF16 the 4-bit linear and the layers run plain C loops over the same
+    packing: built here without -march=native (so without the intrinsics), they pass the same checks."""
+    compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+    if compiler is None or quant.int4_gemm() is None:
+        pytest.skip("no C compiler or no native kernels here")
+    sources = [str(p) for p in Path(kernels.__file__).parent.joinpath("csrc").glob("*.c")]
+    target = tmp_path / "plain.so"
+    build = subprocess.run([compiler, *kernels.OPTIMIZE, "-fopenmp", "-shared", "-fPIC", *sources, "-o", str(target),
+                            "-lm"], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-500:]
+    library = ctypes.CDLL(str(target))
+    assert quant._int4_is_exact(quant._wrap_int4(library))
+    assert llama._decoder_layer_agrees(fused_layer.wrap(library))
