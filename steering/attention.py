@@ -13,7 +13,6 @@ PyTorch's attention.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,7 @@ class DecodeAttention:
     def __init__(self, fn, fused):
         self._fn = fn
         self._fused = fused
-        self._local = threading.local()  # a scratch buffer per thread: forwards may run in several
+        self.scratch = kernels.Scratch()
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
         """q [1, H, T, Dh] (any float dtype), keys/values [1, KV, L, Dh] bf16 views of a cache whose
@@ -48,16 +47,11 @@ class DecodeAttention:
             return None
         q = q.to(torch.float32).contiguous()
         out = torch.zeros_like(q)
-        scratch = self._scratch(heads * t * length)
+        scratch = self.scratch(heads * t * length)
         status = self._fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), scratch.data_ptr(),
                           heads, kv_heads, t, length, dim, keys.stride(1), dim ** -0.5)
         return out if status == 0 else None
 
-    def _scratch(self, n: int) -> torch.Tensor:
-        scratch = getattr(self._local, "scratch", None)
-        if scratch is None or scratch.numel() < n:
-            scratch = self._local.scratch = torch.empty(max(n, 2 * (0 if scratch is None else scratch.numel())))
-        return scratch
 
     def rope_store_attend(self, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, keys: torch.Tensor,
                           values: torch.Tensor, start: int, heads: int) -> torch.Tensor | None:
@@ -75,7 +69,7 @@ class DecodeAttention:
         qkv = qkv.contiguous()
         out = torch.empty(1, t, heads * dim, dtype=torch.bfloat16)
         work = torch.empty(2 * heads * t * dim)
-        scratch = self._scratch(heads * t * (start + t))
+        scratch = self.scratch(heads * t * (start + t))
         status = self._fused(qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), keys.data_ptr(),
                              values.data_ptr(), work.data_ptr(), work.data_ptr() + 4 * heads * t * dim,
                              out.data_ptr(), scratch.data_ptr(), heads, kv_heads, t, start, dim, keys.stride(1))

@@ -14,11 +14,10 @@ views, ctypes arguments): ~0.7 ms of a ~5 ms token.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
-from . import quant
+from . import kernels, quant
 
 
 class _Int4Weight(ctypes.Structure):
@@ -42,9 +41,9 @@ class DecoderLayerKernel:
     MAX_ROWS = 4
 
     def __init__(self, layers_fn, scratch_size):
-        self._layers_fn = layers_fn
-        self._scratch_size = scratch_size
-        self._local = threading.local()  # a scratch buffer per thread: forwards may run in several
+        self.layers_fn = layers_fn
+        self.scratch_size = scratch_size
+        self.scratch = kernels.Scratch()
 
     def bind(self, layers) -> FusedStack | None:
         """None unless every layer is one the kernel computes (see the module's docstring)."""
@@ -66,11 +65,6 @@ class DecoderLayerKernel:
                                cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate,
                                layer.input_norm.eps)
 
-    def scratch(self, n: int) -> torch.Tensor:
-        scratch = getattr(self._local, "scratch", None)
-        if scratch is None or scratch.numel() < n:
-            scratch = self._local.scratch = torch.empty(max(n, 2 * (0 if scratch is None else scratch.numel())))
-        return scratch
 
 
 class FusedStack:
@@ -96,10 +90,10 @@ class FusedStack:
         cfg, kernel = self._cfg, self._kernel
         x = x.contiguous()
         out = torch.empty_like(x)
-        size = kernel._scratch_size(t, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate)
+        size = kernel.scratch_size(t, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate)
         residual = (t * cfg.dim + 1) // 2  # floats for the bf16 residual between layers
         scratch = kernel.scratch(size + residual + cfg.n_heads * t * (start + t)).data_ptr()
-        status = kernel._layers_fn(self._address + first * ctypes.sizeof(_DecoderWeights), last - first,
+        status = kernel.layers_fn(self._address + first * ctypes.sizeof(_DecoderWeights), last - first,
                                    x.data_ptr(), out.data_ptr(), scratch + 4 * size, t, cos.data_ptr(),
                                    signed_sin.data_ptr(), keys[first].data_ptr(), values[first].data_ptr(),
                                    keys.stride(0), keys.stride(2), start, scratch, scratch + 4 * (size + residual))

@@ -26,6 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 # -ffast-math without what it does to the whole process: a shared library linked with it sets the
@@ -72,6 +74,20 @@ def load(name: str, make: Callable[[ctypes.CDLL], T], check: Callable[[T], bool]
                 else:
                     _state["reason"] = f"the {name} kernel's output differs from PyTorch's on this machine"
         return _kernels[name]
+
+
+class Scratch:
+    """A kernel's float32 work buffer, one per thread (forwards may run in several), grown
+    geometrically and kept between calls: `scratch(n)` has at least n elements."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def __call__(self, n: int) -> torch.Tensor:
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or buffer.numel() < n:
+            buffer = self._local.buffer = torch.empty(max(n, 2 * (0 if buffer is None else buffer.numel())))
+        return buffer
 
 
 def reason() -> str | None:

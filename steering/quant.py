@@ -20,7 +20,6 @@ as for int8.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -200,7 +199,7 @@ class Int4Gemm:
         self._fn = fn
         self._scratch_size = scratch_size
         self._dequantize = dequantize
-        self._local = threading.local()  # a scratch buffer per thread: forwards may run in several
+        self.scratch = kernels.Scratch()
 
     def __call__(self, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         x = rows.to(torch.bfloat16).contiguous()
@@ -217,12 +216,6 @@ class Int4Gemm:
         self._dequantize(blocks.data_ptr(), n, k, out.data_ptr())
         return out
 
-    def scratch(self, n: int) -> torch.Tensor:
-        """This thread's float scratch of at least `n` elements."""
-        scratch = getattr(self._local, "scratch", None)
-        if scratch is None or scratch.numel() < n:
-            scratch = self._local.scratch = torch.empty(max(n, 2 * (0 if scratch is None else scratch.numel())))
-        return scratch
 
 
 def int4_gemm() -> Int4Gemm | None:

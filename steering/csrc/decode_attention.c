@@ -16,9 +16,7 @@
 
 #include "bf16.h"
 #include "exp.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "team.h"
 
 #define MAX_ROWS 64 /* query rows per key/value head (group size x T) */
 #define MAX_DIM 256
@@ -96,11 +94,7 @@ int decode_attention(const float *q, const uint16_t *k, const uint16_t *v, float
     if (KV <= 0 || H % KV || (H / KV) * T > MAX_ROWS || Dh > MAX_DIM || T > L) return -1;
 #pragma omp parallel
     {
-        int id = 0, nt = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        const int id = team_id(), nt = team_size();
         if (Dh == 64) /* the common head size: a constant lets the compiler unroll the row loops */
             attend_share(q, k, v, out, scores, H, KV, T, L, 64, head_stride, scale, id, nt);
         else

@@ -22,6 +22,11 @@
 
 #include "bf16.h"
 #include "int4_linear.h"
+#include "team.h"
+
+/* Pairs of a block read ahead (into the next block at its end): the weights stream from memory, and
+ * asking for them ~2.5 KB early took the layers of a one-token forward 3.0-3.3 -> 2.9 ms. */
+#define PREFETCH_PAIRS 8
 
 /* Which of a pair's 64 inputs nibble k of word w holds. */
 static inline int pair_input(int w, int k) {
@@ -79,6 +84,8 @@ static inline void int4_block(const uint16_t *xp, const float *xsum, int K, cons
     for (int a = 0; a < R * M; a++) acc[a] = _mm256_setzero_ps();
     const __m256i low4 = _mm256_set1_epi16(15), bf16_128 = _mm256_set1_epi16(0x4300);
     for (int p = 0; p < pairs; p++) {
+        const uint8_t *ahead = block + (int64_t)(p + PREFETCH_PAIRS) * INT4_PAIR_BYTES;
+        for (int line = 0; line < INT4_PAIR_BYTES; line += 64) __builtin_prefetch(ahead + line);
         float scales[2 * INT4_BLOCK_ROWS], shifts[2 * INT4_BLOCK_ROWS]; /* shift = offset - 128 scale */
         const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)pair_halves(block, p, 0)));
         const __m512 off = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)pair_halves(block, p, 1)));
@@ -169,12 +176,7 @@ static void int4_linear_prepared(const uint16_t *xp, const float *xsum, const ui
                                  int N, int K) {
 #pragma omp parallel
     {
-        int id = 0, nt = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
-        const int blocks = N / INT4_BLOCK_ROWS;
+        const int id = team_id(), nt = team_size(), blocks = N / INT4_BLOCK_ROWS;
         int4_linear_rows(xp, xsum, packed, out, M, N, K, blocks * id / nt * INT4_BLOCK_ROWS,
                          blocks * (id + 1) / nt * INT4_BLOCK_ROWS);
     }

@@ -2,9 +2,6 @@
 #ifndef TINYMORPH_INT4_LINEAR_H
 #define TINYMORPH_INT4_LINEAR_H
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define INT4_GROUP 32
 #define INT4_BLOCK_ROWS 8 /* output rows stored together (see int4_linear.c) */
