@@ -3,12 +3,13 @@
 
 Why: at decode sizes a layer's ~15 PyTorch ops and their module and view calls cost more than the
 work (measured for the default model: ~6 ms of dispatch in an ~11 ms token). The C layer computes
-the same values (bf16 rounding where PyTorch rounds; its projections sum more exactly) from the same
-buffers: the `Int4Linear` packing the C 4-bit kernel reads and the bf16 KV cache the attention kernel
-reads. It serves layers whose four projections are such 4-bit linears without bias (the default
-model); any other layer, or more tokens, takes the PyTorch path. `llama.py` checks it against that
-path before first use. One call for all layers saves ~25 µs of Python per layer (module call,
-views, ctypes arguments): ~0.7 ms of a ~5 ms token.
+the same values (bf16 rounding where PyTorch rounds; bit-equal on the development machine, while
+elsewhere silu's exp may differ from PyTorch's in a last float bit) from the same buffers: the
+`Int4Linear` packing the C 4-bit kernel reads and the bf16 KV cache the attention kernel reads. It
+serves layers whose four projections are such 4-bit linears without bias (the default model); any
+other layer, or more tokens, takes the PyTorch path. `llama.py` checks it against that path before
+first use. One call for all layers saves ~25 µs of Python per layer (module call, views, ctypes
+arguments): ~0.6 ms of a ~4.8 ms token.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import ctypes
 
 import torch
 
-from . import kernels, quant
+from . import attention, kernels, quant
 
 
 class _Int4Weight(ctypes.Structure):
@@ -38,7 +39,7 @@ def _int4_weight(linear: quant.Int4Linear) -> _Int4Weight:
 class DecoderLayerKernel:
     """The built kernel; `bind(layers)` → a `FusedStack` for a model's `llama.DecoderLayer`s."""
 
-    MAX_ROWS = 4
+    MAX_ROWS = attention.MAX_ROWS  # new tokens per forward (csrc/decoder_layer.c holds up to 4)
 
     def __init__(self, layers_fn, scratch_size):
         self.layers_fn = layers_fn

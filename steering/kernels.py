@@ -1,14 +1,14 @@
 """C kernels for what PyTorch's CPU ops do slowly at decode sizes, built on the user's machine.
 
 Why built here: `-march=native` vectorizes the plain C loops of `csrc/*.c` for the CPU at hand
-(AVX-512 here, AVX2 elsewhere), and a C compiler is there on most machines a developer types on.
-Every source is compiled once per machine (`cc`, `gcc` or `clang`; `-O3 -fopenmp -march=native`,
-`OPTIMIZE`,
-falling back to fewer flags) into one shared library in the user cache dir and loaded with ctypes.
-`-fopenmp` links `libgomp.so.1`, which is torch's own copy once torch is loaded: the kernels run on
-the threads torch keeps warm between its ops. Users of a kernel check it against PyTorch before its
-first use (`attention.py`, `quant.py`). Without a compiler, or when the build fails, `library()` is
-None and PyTorch's ops run as before. `TINYMORPH_KERNELS=0` turns the kernels off.
+(AVX-512 here, AVX2 elsewhere; intrinsics where the CPU has AVX512-BF16), and a C compiler is there on
+most machines a developer types on. Every source is compiled once per machine (`cc`, `gcc` or
+`clang`; `-O3 -fopenmp -march=native` and `OPTIMIZE`, falling back to fewer flags) into one shared
+library in the user cache dir and loaded with ctypes. `-fopenmp` links `libgomp.so.1`, which is
+torch's own copy once torch is loaded: the kernels run on the threads torch keeps warm between its
+ops. Users of a kernel check it against PyTorch before its first use (`attention.py`, `quant.py`,
+`llama.py` for the whole layers of `fused_layer.py`). Without a compiler, or when the build fails,
+`library()` is None and PyTorch's ops run as before. `TINYMORPH_KERNELS=0` turns the kernels off.
 """
 
 from __future__ import annotations

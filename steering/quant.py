@@ -10,9 +10,9 @@ Weights that are not 4-bit groups already (any bf16/fp32 HF model, the GGUF's Q8
 8-bit under `auto`; `int4` forces 4 bits on every projection (lossy for such models, as in llama.cpp).
 
 For bf16 activations where the C kernels build (`kernels.py`), the 4-bit kernel is
-`csrc/int4_linear.c` (exact bf16 products summed in float32, float32 scales: ~1.5x PyTorch's
-`_weight_int4pack_mm_for_cpu` for one row, which rounds its output and scales to bf16), and the
-fused decoder layer (`csrc/decoder_layer.c`) reads the same packing; elsewhere it is PyTorch's.
+`csrc/int4_linear.c` (exact bf16 products summed in float32, Q4_1's own float16 scales and offsets:
+~1.6x PyTorch's `_weight_int4pack_mm_for_cpu` for one row, which rounds its output and scales to
+bf16), and the C decoder layers (`fused_layer.py`) read the same packing; elsewhere it is PyTorch's.
 For many rows (prefill) the weight is dequantized once per forward and the bf16 GEMM does the work,
 as for int8.
 """
@@ -109,7 +109,7 @@ SCALE_BYTES = BLOCK_ROWS * 2 * 2  # a block's float16 scales (or offsets) of one
 
 
 def pack_pairs(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """codes 0..15 [N, K], scale and offset [N, K/GROUP] → the C kernel's bytes [N/8, K/64, 384]: per
+    """codes 0..15 [N, K], scale and offset [N, K/GROUP] → the C kernel's bytes [N/8, K/64, 320]: per
     block of 8 rows, per pair of groups, each row's 16 little-endian words of four nibbles
     (`PAIR_ORDER`), then each row's two scales, then its two offsets, in float16 (a GGUF's Q4_1 stores
     both so: its values come back exactly)."""
@@ -147,7 +147,8 @@ def unpack_pairs(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 class Int4Linear(WeightOnlyLinear):
     """Weight-only 4-bit linear: groups of 32 inputs with a scale and an offset per output row.
-    Stored for the C kernel (`pairs`: bf16 activations, where it builds) or PyTorch's."""
+    Stored for the C kernel (`blocks`, see `pack_pairs`: bf16 activations, where it builds) or for
+    PyTorch's (`packed`, `scales_zeros`)."""
 
     max_kernel_rows = INT4_KERNEL_MAX_ROWS
 
@@ -158,7 +159,7 @@ class Int4Linear(WeightOnlyLinear):
         n, k = weight.shape
         codes, scale, low = groups if groups is not None else int4_groups(weight)
         self.out_features, self.in_features = n, k
-        self.gemm = int4_gemm() if act_dtype == torch.bfloat16 and not k % PAIR and not n % 8 else None
+        self.gemm = int4_gemm() if act_dtype == torch.bfloat16 and not k % PAIR and not n % BLOCK_ROWS else None
         if self.gemm is not None:
             self.register_buffer("blocks", pack_pairs(codes, scale, low))
         else:
@@ -215,7 +216,6 @@ class Int4Gemm:
         out = torch.empty(n, k, dtype=torch.bfloat16)
         self._dequantize(blocks.data_ptr(), n, k, out.data_ptr())
         return out
-
 
 
 def int4_gemm() -> Int4Gemm | None:

@@ -200,8 +200,11 @@ def test_int4_kernel_equals_a_float_matmul():
 
 def test_c_layers_give_the_pytorch_layers_bits(default_model_dir):
     """All layers of a forward in one C call (`fused_layer.py`) give the logits and the KV cache of the
-    layers' PyTorch path (same 4-bit kernel) bit for bit, for 1-4 new tokens; with a forward hook on a
-    layer, the layers before and after it run in C and the hook sees and steers that layer's output."""
+    layers' PyTorch path (same 4-bit kernel), for 1-4 new tokens; with a forward hook on a layer, the
+    layers before and after it run in C and the hook sees and steers that layer's output.
+    Tolerance: bit-equal on the development machine; elsewhere PyTorch's exp in silu may differ from
+    the kernel's in a last float bit, which can move a bf16 rounding: the logits within 0.05 and the
+    cache within one bf16 step."""
     model = load_llama(default_model_dir, torch.bfloat16, "auto")
     if model.fused is None:
         pytest.skip(f"no C layers on this machine: {kernels.reason()}")
@@ -225,9 +228,10 @@ def test_c_layers_give_the_pytorch_layers_bits(default_model_dir):
             seen.clear()
             got, want = model(new, caches[0], n), plain(new, caches[1], n)
             end = len(ids) + n
-            assert torch.equal(got, want), (hooked, n)
-            assert torch.equal(caches[0].k[:, :, :, :end], caches[1].k[:, :, :, :end]), (hooked, n)
-            assert torch.equal(caches[0].v[:, :, :, :end], caches[1].v[:, :, :, :end]), (hooked, n)
+            assert (got - want).abs().max() <= 0.05, (hooked, n)
+            for name in "kv":
+                a, b = (getattr(c, name)[:, :, :, :end].float() for c in caches)
+                assert ((a - b).abs() <= b.abs() * 2 ** -7 + 1e-6).all(), (hooked, n, name)
             assert seen == ([n, n] if hooked else [])  # each model's hook ran once, on this forward's tokens
             for cache in caches:
                 cache.truncate(len(ids))

@@ -4,8 +4,9 @@
  *
  * Why: in PyTorch this is ~15 ops and as many module and view calls per layer; at decode sizes their
  * dispatch (~6 ms of a ~11 ms token for the default model's 30 layers) cost more than the work. The
- * values are those of the PyTorch path (`llama.DecoderLayer`): every op's output is rounded to bf16
- * where PyTorch rounds it; only the projections sum more exactly (float32 throughout, float32 scales).
+ * values are those of the PyTorch path (`llama.DecoderLayer` with the same 4-bit kernel): every op's
+ * output is rounded to bf16 where PyTorch rounds it (bit-equal on the development machine; silu's exp
+ * here and PyTorch's may differ in a last float bit).
  *
  * x, out: bf16 [T][D]. cos, signed_sin: bf16 [T][Dh]. k, v: the layer's bf16 cache (see
  * rope_store_attend). scratch: float, at least decoder_layer_scratch(...); scores: float, at least
@@ -53,7 +54,7 @@ static inline float silu_mul(float g, float u) {
     return bf16_to_float(float_to_bf16(g * sig)) * u;
 }
 
-int decoder_layer(const decoder_weights *w, const uint16_t *x, uint16_t *out, int T, const uint16_t *cos,
+static int decoder_layer(const decoder_weights *w, const uint16_t *x, uint16_t *out, int T, const uint16_t *cos,
                   const uint16_t *signed_sin, uint16_t *k, uint16_t *v, int64_t head_stride, int start,
                   float *scratch, float *scores) {
     const int D = w->D, H = w->H, KV = w->KV, Dh = w->Dh, I = w->I;

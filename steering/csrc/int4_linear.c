@@ -71,7 +71,7 @@ static inline float half_to_float(uint16_t h) { /* IEEE half → float, without 
     return f;
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 
 /* R rows (from r0) of a block against M rows of x (R * M <= 8 independent accumulators). 256-bit
