@@ -3,8 +3,9 @@
 Why: a keystroke or a decode step attends 1-4 new queries over the whole cache, and PyTorch's CPU
 attention does that slowly: over 2,048 cached tokens its float32 kernel took 270-320 µs per layer
 for one query and 390-470 µs for two (~10 GB/s of cache read), its bf16 kernel 4-7x longer. The
-kernel reads a bf16 cache once per head group on torch's two threads: ~115 µs for one query (in the
-model: a one-token forward over 2,048 cached tokens 19.3 → 14.8 ms), and the cache is half the size.
+kernel reads a bf16 cache once per head group on torch's two threads: ~73 µs for one query and ~100
+µs for two (AVX-512: four keys' dot products reduced together, the value sums in registers; plain C
+loops elsewhere), and the cache is half the size.
 Built with the other kernels (`kernels.py`) and checked against `scaled_dot_product_attention`
 before first use; where either fails, `kernel()` is None and the model keeps a float32 cache with
 PyTorch's attention.

