@@ -10,8 +10,9 @@
  * Machines without AVX512-BF16 run the same sums in plain C.
  *
  * Layout (`quant.py` packs it), one stream in the order the loop reads it: blocks of 8 output rows;
- * per block, per pair of groups (64 inputs), INT4_PAIR_BYTES: each row's 16 16-bit words, then each
- * row's two scales, then its two offsets, in float16 (the GGUF's own Q4_1 values). Nibble k (bits
+ * per block, per pair of groups (64 inputs), INT4_PAIR_BYTES: the 8 rows' 16 16-bit words each, then
+ * their two scales each, then their two offsets each, in float16 (the GGUF's own Q4_1 values). The
+ * prefetch may name addresses past the weight's end: prefetches never fault. Nibble k (bits
  * 4k..4k+3) of word w holds input pair_input(w, k). The dot product sums words 2L and 2L+1 into lane
  * L; lane L belongs to the pair's group L % 2, so that the two scales broadcast as s0 s1 s0 s1 ...
  * The inputs are permuted the same way once per call (`pair_inputs`). (Rows stored apart, with their
