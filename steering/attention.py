@@ -53,7 +53,6 @@ class DecodeAttention:
                           heads, kv_heads, t, length, dim, keys.stride(1), dim ** -0.5)
         return out if status == 0 else None
 
-
     def rope_store_attend(self, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, keys: torch.Tensor,
                           values: torch.Tensor, start: int, heads: int) -> torch.Tensor | None:
         """qkv [1, T, (H + 2 KV) Dh] bf16 (a layer's fused projection of T new tokens), cos/signed_sin

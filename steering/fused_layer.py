@@ -67,7 +67,6 @@ class DecoderLayerKernel:
                                layer.input_norm.eps)
 
 
-
 class FusedStack:
     """A model's layers bound to the kernel: `__call__(first, last, ...)` is the forward of layers
     first..last-1 for a few tokens in one call (they must have no hooks: Python sees no layer between)."""

@@ -101,10 +101,21 @@ def _sources() -> list[tuple[str, bytes]]:
     return sorted((f.name, f.read_bytes()) for f in folder.iterdir() if f.name.endswith((".c", ".h")))
 
 
+def compiler() -> str | None:
+    """The C compiler kernels are built with: $CC, else the first of cc, gcc, clang on PATH."""
+    return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+
+
+def compile_library(cc: str, sources: list[str], flags: list[str], target: Path) -> subprocess.CompletedProcess:
+    """One build of `sources` into the shared library `target` with `OPTIMIZE` and `flags`."""
+    cmd = [cc, *OPTIMIZE, *flags, "-shared", "-fPIC", *sources, "-o", str(target), "-lm"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
 def _build() -> Path:
     sources = _sources()
-    compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     digest = hashlib.sha256((_machine_id() + " ".join(OPTIMIZE)).encode())
     for name, text in sources:
@@ -122,13 +133,12 @@ def _build() -> Path:
         built = Path(tmp) / target.name
         errors = ""
         for flags in (["-fopenmp", "-march=native"], ["-fopenmp"], ["-march=native"], []):
-            cmd = [compiler, *OPTIMIZE, *flags, "-shared", "-fPIC", *paths, "-o", str(built), "-lm"]
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            run = compile_library(cc, paths, flags, built)
             if run.returncode == 0:
                 break
             errors = run.stderr.strip()[-300:]
         else:
-            raise RuntimeError(f"{compiler} failed: {errors}")
+            raise RuntimeError(f"{cc} failed: {errors}")
         os.replace(built, target)  # atomic: another process may be building it too
     return target
 

@@ -167,7 +167,6 @@ class Int4Linear(WeightOnlyLinear):
             # the kernel computes (code - 8) * scale + zero, so zero = offset + 8 * scale; [K/GROUP, N, 2]
             scales_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1)
             self.register_buffer("scales_zeros", scales_zeros.contiguous().to(act_dtype))
-        self.act_dtype = act_dtype
         self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
 
     def codes(self) -> torch.Tensor:

@@ -4,8 +4,6 @@ the 4-bit linears, whole decoder layers): built here, exact, with a fallback to 
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -246,13 +244,12 @@ def test_c_layers_give_the_pytorch_layers_bits(default_model_dir):
 def test_the_plain_c_versions_of_the_4bit_kernels_agree(tmp_path):
     """On a machine without AVX512-BF16 the 4-bit linear and the layers run plain C loops over the same
     packing: built here without -march=native (so without the intrinsics), they pass the same checks."""
-    compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+    compiler = kernels.compiler()
     if compiler is None or quant.int4_gemm() is None:
         pytest.skip("no C compiler or no native kernels here")
     sources = [str(p) for p in Path(kernels.__file__).parent.joinpath("csrc").glob("*.c")]
     target = tmp_path / "plain.so"
-    build = subprocess.run([compiler, *kernels.OPTIMIZE, "-fopenmp", "-shared", "-fPIC", *sources, "-o", str(target),
-                            "-lm"], capture_output=True, text=True, timeout=300)
+    build = kernels.compile_library(compiler, sources, ["-fopenmp"], target)
     assert build.returncode == 0, build.stderr[-500:]
     library = ctypes.CDLL(str(target))
     assert quant._int4_is_exact(quant._wrap_int4(library))
