@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 
 from .files import write_atomically
+from .library import ADD_FRACTION
 from .sae import STATS_FILE, LoadedSAE
 
 N_CONTEXTS = 8
 N_TOKENS = 10
+TOP_ACTIVATIONS = 200  # a feature's strongest activations whose tokens and whole words are counted
 LEFT, RIGHT = 14, 4  # tokens of context each side of the marked token
 
 
@@ -71,6 +73,47 @@ def promoted_tokens(directions: torch.Tensor, norm_w: torch.Tensor, unembed: tor
     return promoted, suppressed
 
 
+EFFECT_CONTEXTS = ("I think that", "The next day, we", "She told me about the", "It was a")  # neutral openings
+
+
+@torch.no_grad()
+def steered_tokens(hf_model, tokenizer, layer: int, directions: torch.Tensor, push: float, n: int = N_TOKENS,
+                   chunk: int = 128) -> tuple[list[list[str]], list[list[str]]]:
+    """Tokens whose next-token log-probability rises (falls) most when each unit direction [F, d] is
+    added at `push` after decoder layer `layer`, at every position but BOS, averaged over a few neutral
+    openings. Why not the logit lens alone: halfway up the model a direction's own logits say little
+    ("says augusta, based" for a plant feature); this reads what the remaining layers make of it."""
+    delta: dict[str, torch.Tensor | None] = {"add": None}
+
+    def hook(_m, _i, out):
+        if delta["add"] is None:
+            return None
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hidden.clone()
+        hidden[:, 1:] += delta["add"].to(hidden.dtype)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    contexts = [[bos, *tokenizer(c, add_special_tokens=False)["input_ids"]] for c in EFFECT_CONTEXTS]
+    handle = hf_model.model.layers[layer].register_forward_hook(hook)
+    try:
+        base = [torch.log_softmax(hf_model(torch.tensor([c])).logits[0, -1].float(), -1) for c in contexts]
+        change = torch.zeros(directions.shape[0], base[0].shape[0])
+        for start in range(0, directions.shape[0], chunk):
+            dirs = directions[start:start + chunk].float()
+            delta["add"] = push * dirs[:, None, :]
+            for c, b in zip(contexts, base, strict=True):
+                ids = torch.tensor([c]).expand(dirs.shape[0], -1)
+                change[start:start + dirs.shape[0]] += torch.log_softmax(hf_model(ids).logits[:, -1].float(), -1) - b
+            delta["add"] = None
+    finally:
+        handle.remove()
+    def strings(rows: list[list[int]]) -> list[list[str]]:
+        return [[tokenizer.decode([t]) for t in row] for row in rows]
+
+    return strings(change.topk(n, dim=-1).indices.tolist()), strings((-change).topk(n, dim=-1).indices.tolist())
+
+
 def snippet(tokenizer, ids: Sequence[int], pos: int) -> str:
     """Context around `pos` with the token marked «like this» (newlines shown as ⏎)."""
     left = tokenizer.decode(list(ids[max(1, pos - LEFT) : pos]))
@@ -111,10 +154,43 @@ def _marked_word(text: str) -> tuple[str, list[str]]:
     return word.strip("'-"), near
 
 
+def _word_at(tokenizer, ids: Sequence[int], pos: int) -> str:
+    """The whole word that token `pos` of `ids` is part of ("fire" of «fire»clay is "fireclay")."""
+    left = tokenizer.decode(list(ids[max(1, pos - 3) : pos]))
+    right = tokenizer.decode(list(ids[pos + 1 : pos + 4]))
+    return _marked_word(f"{left}«{tokenizer.decode([ids[pos]])}»{right}")[0]
+
+
+def _content_word(word: str) -> bool:
+    return len(word) > 1 and word.lower() not in STOPWORDS and any(c.isalpha() for c in word)
+
+
+MIN_WORD_SHARE = 0.04  # a fired-on word names a feature once it is this share of its strongest activations
+
+
+def _fired_words(features: list[dict]) -> list[list[str]]:
+    """Per feature, up to three whole words it fires on most, each weighted by how few other features
+    fire on it most ("space, location, home" for a feature whose contexts are rare dictionary words)."""
+    import math
+
+    background: Counter = Counter()
+    for f in features:
+        background.update({w for w, _ in f.get("top_words") or []})
+    n = max(1, len(features))
+    out = []
+    for f in features:
+        total = max(1, f.get("n_top") or sum(c for _, c in f.get("top_words") or []))
+        scored = {w: c / total * math.log(n / (1 + background[w]) + 1) for w, c in f.get("top_words") or []
+                  if c / total >= MIN_WORD_SHARE}
+        out.append([w for w, _ in sorted(scored.items(), key=lambda kv: -kv[1])[:3]])
+    return out
+
+
 def readable_labels(features: list[dict]) -> list[dict]:
-    """Per feature: `phrase` (up to three whole words that distinguish its top contexts, by lift
-    over all features' contexts), `promotes` (whole words its direction pushes the model to say),
-    and `dead` / `positional` flags. Works from the evidence `compute_labels` stores."""
+    """Per feature: `phrase` (up to three whole words: first the words it fires on most, then
+    words that distinguish its top contexts, by lift over all features' contexts), `promotes` (whole
+    words its direction pushes the model to say), and `dead` / `positional` flags. Works from the
+    evidence `compute_labels` stores."""
     import math
     from statistics import median
 
@@ -143,11 +219,16 @@ def readable_labels(features: list[dict]) -> list[dict]:
     live = [f.get("max_act", 0.0) for f in features if f.get("max_act", 0.0) > 0]
     med = median(live) if live else 0.0
     out = []
-    for f, counts, seen in zip(features, per_feature, recurring, strict=True):
+    fired = _fired_words(features)
+    for f, counts, seen, words in zip(features, per_feature, recurring, fired, strict=True):
         # lift, times the number of contexts a word occurs in: a word that recurs over the feature's
         # contexts says more about it than one context's odd name ("shelterdeals")
         lift = {w: c * seen[w] * math.log(n / (1 + background[w])) for w, c in counts.items() if c >= 2}
-        words = [w for w, _ in sorted(lift.items(), key=lambda kv: -kv[1])[:3]]
+        for w, _ in sorted(lift.items(), key=lambda kv: -kv[1]):
+            if len(words) >= 3:
+                break
+            if w not in words:
+                words = [*words, w]
         promotes = []
         for t in f.get("top_tokens") or []:
             w = t.strip()
@@ -219,19 +300,26 @@ def compute_labels(sae: LoadedSAE, hf_model, tokenizer, rows: Sequence[Sequence[
     counts = torch.bincount(feats.long(), minlength=n_feat).tolist()
 
     resid_norm = round(float(torch.cat(norms).median()), 3) if norms else None
-    norm_w, unembed = unembed_parts(hf_model)
-    promoted, suppressed = promoted_tokens(sae.directions, norm_w, unembed, tokenizer)
+    if resid_norm:  # what steering a feature at the default push makes the model say
+        promoted, suppressed = steered_tokens(hf_model, tokenizer, sae.layer, sae.directions,
+                                              ADD_FRACTION * resid_norm)
+    else:
+        norm_w, unembed = unembed_parts(hf_model)
+        promoted, suppressed = promoted_tokens(sae.directions, norm_w, unembed, tokenizer)
 
     features = []
     start = 0
     flat_rows = [list(r) for r in rows]
     for f in range(n_feat):
         end = start + counts[f]
-        contexts, used_rows, act_tokens = [], set(), Counter()
+        contexts, used_rows, act_tokens, act_words = [], set(), Counter(), Counter()
         for j in range(start, min(end, start + 400)):  # the strongest activations only
             r, p = divmod(int(where[j]), ctx)
-            if j - start < 200:
+            if j - start < TOP_ACTIVATIONS:
                 act_tokens[tokenizer.decode([flat_rows[r][p]])] += 1
+                word = _word_at(tokenizer, flat_rows[r], p)
+                if _content_word(word):
+                    act_words[word.lower()] += 1
             if r not in used_rows and len(contexts) < N_CONTEXTS:
                 used_rows.add(r)
                 text = snippet(tokenizer, flat_rows[r], p)
@@ -244,6 +332,8 @@ def compute_labels(sae: LoadedSAE, hf_model, tokenizer, rows: Sequence[Sequence[
             "max_act": round(float(max_act[f]), 4),
             "density": float(fires[f]) / max(1, n_tokens),
             "top_act_tokens": top_act_tokens,
+            "top_words": [[w, n] for w, n in act_words.most_common(12)],
+            "n_top": min(counts[f], TOP_ACTIVATIONS),
             "top_tokens": promoted[f],
             "bottom_tokens": suppressed[f],
             "contexts": contexts,

@@ -4,7 +4,9 @@ Why a built-in evaluation: steering is judged by two numbers that pull against e
 concept presence and fluency — and every change to labels, search, units or calibration moves
 both. The concept set (steering/data/eval/concepts.json: topics and registers, each with a
 lexicon and a few examples) and the neutral prompts ship with the package, so the same run is
-how strengths are calibrated and how regressions are caught.
+how strengths are calibrated and how regressions are caught. A second set of 20 other concepts
+(`heldout.json`, no examples) was never used to choose anything: a change tuned on the first set
+has to hold there too.
 
 Metrics per method and strength (continuations of neutral prompts decoded as the editor's are —
 greedy with the engine's mild repetition penalty — batched on the engine's own model and steering
@@ -38,6 +40,7 @@ from .distill import PROMPT_TEMPLATE as PROMPTING_TEMPLATE  # the eval's prompti
 from .steering import LayerEdit, ResolvedPlan
 
 DATA = Path(__file__).parent / "data" / "eval" / "concepts.json"
+CONCEPT_SETS = {"main": DATA, "heldout": DATA.with_name("heldout.json")}  # shipped sets by name
 SUFFIXES = "(?:s|es|ed|d|ing|er|ers|ies|ly)?"
 
 
@@ -63,8 +66,12 @@ class EvalSet:
 
 
 def load_eval_set(path: str | Path | None = None) -> EvalSet:
-    data = json.loads(Path(path or DATA).read_text())
-    return EvalSet([Concept(**c) for c in data["concepts"]], data["prompts"])
+    """A shipped set by name (`CONCEPT_SETS`) or a JSON file of the same shape (default: main).
+    A set without prompts uses the main set's."""
+    path = CONCEPT_SETS.get(str(path), path) if path else DATA
+    data = json.loads(Path(path).read_text())
+    prompts = data.get("prompts") or json.loads(DATA.read_text())["prompts"]
+    return EvalSet([Concept(**c) for c in data["concepts"]], prompts)
 
 
 def feature_on_concept(info: dict, pattern: re.Pattern) -> bool:
@@ -252,7 +259,7 @@ def plot(report: EvalReport, path: Path) -> Path:
 
 def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float] | None = None,
              methods: Sequence[str] | None = None, concepts: Sequence[str] | None = None,
-             log: Callable[[str], None] = lambda _m: None) -> EvalReport:
+             concept_set: str | Path | None = None, log: Callable[[str], None] = lambda _m: None) -> EvalReport:
     """Evaluate every method on the shipped concept set (see module docstring)."""
     from .concepts import NEUTRAL_CONTEXTS
     from .features import search_features, show_feature
@@ -261,7 +268,7 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
     from .vectors import vector_from_examples
 
     started = time.perf_counter()
-    es = load_eval_set()
+    es = load_eval_set(concept_set)
     chosen = [c for c in es.concepts if not concepts or c.name in concepts]
     prompts = es.prompts[:6] if quick else es.prompts
     strengths = list(strengths or ([0.5, 1.0, 2.0] if quick else [0.5, 1.0, 1.5, 2.0, 3.0]))
@@ -325,7 +332,8 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
     except SteeringError as exc:  # the speed probe's concept cannot be built on this model
         log(f"speed: {exc}")
         speed = {}
-    config = {"quick": quick, "prompts": len(prompts), "concepts": [c.name for c in chosen], "tokens": gen.tokens,
-              "strengths": strengths, "model": engine.info.model, "dtype": engine.info.dtype,
+    config = {"quick": quick, "concept_set": str(concept_set or "main"), "prompts": len(prompts),
+              "concepts": [c.name for c in chosen], "tokens": gen.tokens, "strengths": strengths,
+              "model": engine.info.model, "dtype": engine.info.dtype,
               "concept_layers": library.concept_layers, "d_model": d_model}
     return EvalReport(results, speed, config, search_top1, time.perf_counter() - started, on_concept)

@@ -117,6 +117,25 @@ def test_steer_eval_quick_writes_table_json_and_plot(tiny_model_dir, tmp_path):
     assert not data["search_top1"]
 
 
+def test_steer_eval_on_the_held_out_concept_set_and_a_broken_one(tiny_model_dir, tmp_path):
+    """The held-out set (other concepts, the main set's prompts) runs by name; a file that is no
+    concept set is a one-line error, exit 2."""
+    from tinymorph.steering.steer_eval import load_eval_set
+
+    main, held = load_eval_set(), load_eval_set("heldout")
+    assert len(held.concepts) >= 20 and held.prompts == main.prompts
+    assert not {c.name for c in held.concepts} & {c.name for c in main.concepts}
+    out = run("steer", "eval", "--quick", "--concept-set", "heldout", "--concepts", "cats", "--methods",
+              "unsteered,prompting", "--model", str(tiny_model_dir), "--dtype", "float32", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "steer-eval.json").read_text())
+    assert data["config"]["concept_set"] == "heldout" and data["config"]["concepts"] == ["cats"]
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"concepts": [{"name": "x"}]}')
+    out = run("steer", "eval", "--concept-set", str(broken), "--model", str(tiny_model_dir))
+    assert out.returncode == 2 and "not a concept set" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_feature_on_concept_reads_the_phrase_and_what_it_fires_on():
     from tinymorph.steering.steer_eval import Concept, feature_on_concept
 

@@ -13,7 +13,14 @@ import torch
 from test_sae import make_sae
 
 from tinymorph.steering.features import FeatureIndex, rank_by_examples, search_features, show_feature
-from tinymorph.steering.labels import compute_labels, make_label, readable_labels, save_labels, snippet
+from tinymorph.steering.labels import (
+    compute_labels,
+    make_label,
+    readable_labels,
+    save_labels,
+    snippet,
+    steered_tokens,
+)
 from tinymorph.steering.library import FeatureLibrary
 from tinymorph.steering.sae import load_sae
 from tinymorph.steering.steering import SteeringError
@@ -113,6 +120,29 @@ def test_a_phrase_leads_with_words_that_recur_over_the_contexts() -> None:
     others = [{"max_act": 5.0, "density": 0.01, "contexts": [{"text": f"word{i} «thing» here"}]} for i in range(20)]
     phrase = readable_labels([feature, *others])[0]["phrase"]
     assert phrase.split(", ")[0] == "garden", phrase
+
+
+def test_a_phrase_leads_with_the_words_a_feature_fires_on_most() -> None:
+    """Rare words in a few contexts must not name a feature that fires on 'space' and 'place'."""
+    feature = {"max_act": 5.0, "density": 0.05, "n_top": 200,
+               "top_words": [["time", 45], ["space", 40], ["place", 30], ["manduca", 2]],
+               "contexts": [{"text": f"genus «manduca» columba {i}"} for i in range(4)]}
+    others = [{"max_act": 5.0, "density": 0.01, "n_top": 200, "top_words": [["time", 50], [f"w{i}", 50]],
+               "contexts": [{"text": f"word{i} «thing» here"}]} for i in range(20)]
+    phrase = readable_labels([feature, *others])[0]["phrase"].split(", ")
+    assert phrase == ["space", "place", "time"], phrase  # "time" is what every feature fires on
+
+
+def test_steered_tokens_are_what_the_remaining_layers_make_of_a_direction(tokenizer, tiny_model) -> None:
+    """A direction added after the last layer that points at a token's unembedding row (through the
+    final norm) makes that token the likeliest riser, and its opposite the likeliest faller."""
+    last = tiny_model.config.num_hidden_layers - 1
+    target = tokenizer(" ocean", add_special_tokens=False)["input_ids"][0]
+    row = tiny_model.lm_head.weight[target].detach().float() / tiny_model.model.norm.weight.detach().float()
+    unit = row / row.norm()
+    up, down = steered_tokens(tiny_model, tokenizer, last, torch.stack([unit, -unit]), push=50.0, n=3)
+    ocean = tokenizer.decode([target])
+    assert up[0][0] == ocean and down[1][0] == ocean, (up, down)
 
 
 def test_snippet_and_label_format(tokenizer) -> None:

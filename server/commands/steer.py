@@ -62,6 +62,8 @@ def register(sub) -> None:
                                    "method on the shipped concept set")
     ev.add_argument("--quick", action="store_true", help="6 of the 12 prompts, 3 strengths")
     ev.add_argument("--concepts", default=None, help="comma-separated concept names (default: all)")
+    ev.add_argument("--concept-set", default="main", metavar="NAME|FILE",
+                    help="main (the shipped set), heldout (20 other concepts, never tuned on) or a JSON file")
     ev.add_argument("--methods", default=None,
                     help="comma-separated: unsteered,prompting,search,described,examples (default: all)")
     ev.add_argument("--strengths", default=None, help="comma-separated strengths (default 0.5,1,2 with --quick)")
@@ -255,7 +257,10 @@ def run_eval(args: argparse.Namespace) -> int:
         strengths = [float(x) for x in csv(args.strengths)] if args.strengths else None
     except ValueError:
         raise UserError(f"--strengths {args.strengths!r}: give numbers separated by commas") from None
-    known = {c.name for c in steer_eval.load_eval_set().concepts}
+    try:
+        known = {c.name for c in steer_eval.load_eval_set(args.concept_set).concepts}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--concept-set {args.concept_set!r}: not a concept set ({exc})") from None
     unknown = set(csv(args.concepts) or []) - known
     if unknown:
         raise UserError(f"unknown concepts: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -264,7 +269,7 @@ def run_eval(args: argparse.Namespace) -> int:
     engine.set_steering_resolver(resolver)
     report = steer_eval.run_eval(engine, resolver.library, quick=args.quick, strengths=strengths,
                                  methods=csv(args.methods), concepts=csv(args.concepts),
-                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+                                 concept_set=args.concept_set, log=lambda m: print(m, file=sys.stderr, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "steer-eval.json").write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
     steer_eval.plot(report, args.out / "steer-eval.png")
