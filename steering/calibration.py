@@ -7,9 +7,8 @@ direction we try a few pushes on held-out neutral prompts, continue each as the 
   with the description written in front of it; for a feature or vector, how far the continuation,
   read back by the unsteered model, lies along the direction at its layer (no lexicon needed);
 - fluency: perplexity of the continuation under the unsteered model, and repeated 3-grams.
-The chosen push is where the perplexity ratio, fitted over the pushes tried (log ratio a convex
-quadratic through the origin in the push: six or eight prompts make each point noisy), reaches
-`MAX_PPL_RATIO`, no further than the
+The chosen push is where the perplexity ratio, fitted over the pushes tried (log ratio linear in the
+push: six or eight prompts make each point noisy), reaches `MAX_PPL_RATIO`, no further than the
 strongest push that keeps repetition at most unsteered's (+ a small margin) and raises presence;
 presence grows with the push, so that is the most concept the fluency budget allows. A fitted
 crossing instead of the strongest passing grid point: the grid's steps are ~0.1 of perplexity ratio
@@ -45,7 +44,7 @@ REP_MARGIN = 0.05  # the eval target: repetition at most unsteered + 0.05
 # prompts is 1.82x over 24 tokens, 1.69x over 32), so a shorter window holds strength 1 below the
 # budget the eval measures.
 TOKENS = 40
-METHOD = "convex-crossing-40"  # stored with every calibration: one made by another rule is made again
+METHOD = "fitted-crossing-40"  # stored with every calibration: one made by another rule is made again
 CALIBRATION_PROMPTS = [  # held out from the eval's prompts and the neutral contexts; openings of prose
     "On Saturday morning I woke up early and",
     "The first thing you notice when you walk in is",
@@ -124,26 +123,14 @@ def _fitted_multiplier(stats: dict[float, dict], floor: float) -> float:
               and stats[m]["presence"] > base["presence"]]
     if not usable:
         return floor
-    if len(tried) < 2:  # no curve through one point: the one push tried
+    if len(tried) < 2:  # no line through one point: the one push tried
         return max(usable)
     log_ratio = [math.log(max(stats[m]["ppl"], 1e-9) / base["ppl"]) for m in tried]
-    crossing = _convex_crossing(tried, log_ratio, math.log(MAX_PPL_RATIO))
-    return max(usable) if crossing is None else max(floor, min(crossing, max(usable)))
-
-
-def _convex_crossing(x: Sequence[float], y: Sequence[float], level: float) -> float | None:
-    """Where y = a·x + b·x² (least squares, through the origin: no push, no change) reaches `level`;
-    None when the fit does not grow. Why a curve through the origin: the log perplexity ratio grows
-    faster than linearly with the push, so a straight line fitted over the grid lies above it in the
-    middle and crossed the budget early (the eval measured strength 1 at 1.32x for a 1.5x budget)."""
-    s11, s12, s22 = (sum(v**k for v in x) for k in (2, 3, 4))
-    t1, t2 = sum(v * w for v, w in zip(x, y, strict=True)), sum(v * v * w for v, w in zip(x, y, strict=True))
-    det = s11 * s22 - s12 * s12
-    a, b = ((t1 * s22 - t2 * s12) / det, (s11 * t2 - s12 * t1) / det) if det > 1e-12 else (t1 / s11, 0.0)
-    if b <= 0:  # not convex over the range tried: the line through the origin
-        a, b = t1 / s11, 0.0
-    root = math.sqrt(a * a + 4 * b * level) if a * a + 4 * b * level > 0 else 0.0
-    return 2 * level / (a + root) if a + root > 0 else None  # the positive root, stable as b -> 0
+    slope, intercept = statistics.linear_regression(tried, log_ratio)
+    if slope <= 0:  # perplexity does not grow with the push over the range tried
+        return max(usable)
+    crossing = (math.log(MAX_PPL_RATIO) - intercept) / slope
+    return max(floor, min(crossing, max(usable)))
 
 
 class CalibrationStore:

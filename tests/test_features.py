@@ -145,6 +145,19 @@ def test_steered_tokens_are_what_the_remaining_layers_make_of_a_direction(tokeni
     assert up[0][0] == ocean and down[1][0] == ocean, (up, down)
 
 
+def test_word_scores_read_the_share_of_activations_on_the_query_words() -> None:
+    from tinymorph.steering.features import WORD_SHARE_FULL, word_scores
+
+    feats = [{"n_top": 200, "top_words": [["insects", 30], ["insect", 20], ["beetle", 10]]},
+             {"n_top": 200, "top_words": [["foul", 80], ["parasitic", 10]]},
+             {"n_top": 200, "top_words": [["warm", 100]]},  # not "war"
+             {}]  # labels from before top words existed
+    assert word_scores(feats, "insects").tolist() == [1.0, 0.0, 0.0, 0.0]  # 50/200 of any form: full
+    assert word_scores(feats, "beetles").tolist()[0] == pytest.approx(10 / 200 / WORD_SHARE_FULL)
+    assert word_scores(feats, "war").tolist() == [0.0] * 4
+    assert word_scores(feats, "about the war").tolist() == [0.0] * 4
+
+
 def test_snippet_and_label_format(tokenizer) -> None:
     text_ids = tokenizer("The cat sat on the mat.", add_special_tokens=False)["input_ids"]
     ids = [tokenizer.bos_token_id, *text_ids]
