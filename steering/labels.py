@@ -1,10 +1,12 @@
 """Feature labels: what each SAE feature reacts to and what it makes the model say.
 
 Why: a user steers features by meaning, so every feature needs a searchable description. We have no
-LLM to write explanations, so a label is built from evidence: the tokens a feature fires on most
-(top-activating contexts, the token marked «like this») and the tokens its decoder direction
-promotes (unit decoder row → final RMSNorm weight → unembedding). Per-feature max activation and
-density come from the same pass; max activation is also the unit of steering strength.
+LLM to write explanations, so a label is built from evidence: the whole words a feature fires on most
+(top-activating contexts, the token marked «like this») and the tokens steering it makes the model
+say (the direction added on a few neutral openings, read through the remaining layers; the logit
+lens — unit decoder row → final RMSNorm weight → unembedding — only where no residual norm was
+measured). Per-feature max activation and density come from the same pass; max activation is also
+the unit of `clamp`.
 
 Stored as ``labels.json`` beside the SAE (see `sae.STATS_FILE`).
 """
@@ -108,6 +110,7 @@ def steered_tokens(hf_model, tokenizer, layer: int, directions: torch.Tensor, pu
             delta["add"] = None
     finally:
         handle.remove()
+
     def strings(rows: list[list[int]]) -> list[list[str]]:
         return [[tokenizer.decode([t]) for t in row] for row in rows]
 

@@ -5,8 +5,8 @@ concept presence and fluency — and every change to labels, search, units or ca
 both. The concept set (steering/data/eval/concepts.json: topics and registers, each with a
 lexicon and a few examples) and the neutral prompts ship with the package, so the same run is
 how strengths are calibrated and how regressions are caught. A second set of 20 other concepts
-(`heldout.json`, no examples) was never used to choose anything: a change tuned on the first set
-has to hold there too.
+(`heldout.json`, no examples; `--concept-set heldout`) checks that a change tried on the first set
+holds on concepts it was not tried on.
 
 Metrics per method and strength (continuations of neutral prompts decoded as the editor's are —
 greedy with the engine's mild repetition penalty — batched on the engine's own model and steering
