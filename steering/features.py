@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .labels import load_labels
+from .labels import fired_word_shares, load_labels
 from .library import FeatureLibrary
 from .steering import SteeringError, parse_feature_ref
 from .vectors import drop_sinks, encode_texts, layer_activations
@@ -268,11 +268,8 @@ def word_scores(features: Sequence[dict], query: str) -> torch.Tensor:
     q = [w for w in words(query) if w not in _STOP] or words(query)
     out = torch.zeros(len(features))
     for i, f in enumerate(features):
-        top = f.get("top_words") or []
-        if top:
-            total = max(1, f.get("n_top") or sum(c for _, c in top))
-            share = sum(c for w, c in top if any(_same_word(w, t) for t in q)) / total
-            out[i] = min(1.0, share / WORD_SHARE_FULL)
+        share = sum(x for w, x in fired_word_shares(f).items() if any(_same_word(w, t) for t in q))
+        out[i] = min(1.0, share / WORD_SHARE_FULL)
     return out
 
 

@@ -14,6 +14,7 @@ Stored as ``labels.json`` beside the SAE (see `sae.STATS_FILE`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -99,14 +100,14 @@ def steered_tokens(hf_model, tokenizer, layer: int, directions: torch.Tensor, pu
     contexts = [[bos, *tokenizer(c, add_special_tokens=False)["input_ids"]] for c in EFFECT_CONTEXTS]
     handle = hf_model.model.layers[layer].register_forward_hook(hook)
     try:
-        base = [torch.log_softmax(hf_model(torch.tensor([c])).logits[0, -1].float(), -1) for c in contexts]
+        base = [torch.log_softmax(_last_logits(hf_model, torch.tensor([c]))[0].float(), -1) for c in contexts]
         change = torch.zeros(directions.shape[0], base[0].shape[0])
         for start in range(0, directions.shape[0], chunk):
             dirs = directions[start:start + chunk].float()
             delta["add"] = push * dirs[:, None, :]
             for c, b in zip(contexts, base, strict=True):
                 ids = torch.tensor([c]).expand(dirs.shape[0], -1)
-                change[start:start + dirs.shape[0]] += torch.log_softmax(hf_model(ids).logits[:, -1].float(), -1) - b
+                change[start:start + dirs.shape[0]] += torch.log_softmax(_last_logits(hf_model, ids).float(), -1) - b
             delta["add"] = None
     finally:
         handle.remove()
@@ -115,6 +116,11 @@ def steered_tokens(hf_model, tokenizer, layer: int, directions: torch.Tensor, pu
         return [[tokenizer.decode([t]) for t in row] for row in rows]
 
     return strings(change.topk(n, dim=-1).indices.tolist()), strings((-change).topk(n, dim=-1).indices.tolist())
+
+
+def _last_logits(hf_model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits at the last position only [B, vocab] (the unembedding of the others is wasted)."""
+    return hf_model(ids, logits_to_keep=1).logits[:, -1]
 
 
 def snippet(tokenizer, ids: Sequence[int], pos: int) -> str:
@@ -157,11 +163,12 @@ def _marked_word(text: str) -> tuple[str, list[str]]:
     return word.strip("'-"), near
 
 
-def _word_at(tokenizer, ids: Sequence[int], pos: int) -> str:
-    """The whole word that token `pos` of `ids` is part of ("fire" of «fire»clay is "fireclay")."""
+def _word_at(tokenizer, ids: Sequence[int], pos: int, token: str) -> str:
+    """The whole word that token `pos` of `ids` (decoded: `token`) is part of ("fire" of «fire»clay
+    is "fireclay")."""
     left = tokenizer.decode(list(ids[max(1, pos - 3) : pos]))
     right = tokenizer.decode(list(ids[pos + 1 : pos + 4]))
-    return _marked_word(f"{left}«{tokenizer.decode([ids[pos]])}»{right}")[0]
+    return _marked_word(f"{left}«{token}»{right}")[0]
 
 
 def _content_word(word: str) -> bool:
@@ -171,20 +178,25 @@ def _content_word(word: str) -> bool:
 MIN_WORD_SHARE = 0.04  # a fired-on word names a feature once it is this share of its strongest activations
 
 
+def fired_word_shares(feature: dict) -> dict[str, float]:
+    """Share of a feature's strongest activations that fell on each of its top whole words
+    (empty for labels made before `top_words` existed)."""
+    top = feature.get("top_words") or []
+    total = max(1, feature.get("n_top") or sum(c for _, c in top))
+    return {w: c / total for w, c in top}
+
+
 def _fired_words(features: list[dict]) -> list[list[str]]:
     """Per feature, up to three whole words it fires on most, each weighted by how few other features
     fire on it most ("space, location, home" for a feature whose contexts are rare dictionary words)."""
-    import math
-
+    shares = [fired_word_shares(f) for f in features]
     background: Counter = Counter()
-    for f in features:
-        background.update({w for w, _ in f.get("top_words") or []})
+    for share in shares:
+        background.update(share.keys())
     n = max(1, len(features))
     out = []
-    for f in features:
-        total = max(1, f.get("n_top") or sum(c for _, c in f.get("top_words") or []))
-        scored = {w: c / total * math.log(n / (1 + background[w]) + 1) for w, c in f.get("top_words") or []
-                  if c / total >= MIN_WORD_SHARE}
+    for share in shares:
+        scored = {w: x * math.log(n / (1 + background[w]) + 1) for w, x in share.items() if x >= MIN_WORD_SHARE}
         out.append([w for w, _ in sorted(scored.items(), key=lambda kv: -kv[1])[:3]])
     return out
 
@@ -194,7 +206,6 @@ def readable_labels(features: list[dict]) -> list[dict]:
     words that distinguish its top contexts, by lift over all features' contexts), `promotes` (whole
     words its direction pushes the model to say), and `dead` / `positional` flags. Works from the
     evidence `compute_labels` stores."""
-    import math
     from statistics import median
 
     per_feature: list[Counter] = []
@@ -319,8 +330,9 @@ def compute_labels(sae: LoadedSAE, hf_model, tokenizer, rows: Sequence[Sequence[
         for j in range(start, min(end, start + 400)):  # the strongest activations only
             r, p = divmod(int(where[j]), ctx)
             if j - start < TOP_ACTIVATIONS:
-                act_tokens[tokenizer.decode([flat_rows[r][p]])] += 1
-                word = _word_at(tokenizer, flat_rows[r], p)
+                token = tokenizer.decode([flat_rows[r][p]])
+                act_tokens[token] += 1
+                word = _word_at(tokenizer, flat_rows[r], p, token)
                 if _content_word(word):
                     act_words[word.lower()] += 1
             if r not in used_rows and len(contexts) < N_CONTEXTS:
