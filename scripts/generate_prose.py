@@ -8,6 +8,10 @@ and its own text is in-distribution for the activations the SAE must explain. To
 crossed so that every everyday concept appears in several registers.
 
 Usage: python scripts/generate_prose.py --out /work/corpus/text/generated.txt --samples 3000
+       [--topics-file nouns.txt] [--device cuda --batch 1024]
+
+`--topics-file` adds one topic per line (e.g. the commonest WordNet nouns) to the curated list, half
+of the prompts drawing from each, so the corpus covers more concepts than the curated list names.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=220)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="1 survives a busy machine far better than 2")
+    ap.add_argument("--topics-file", type=Path, default=None, help="more topics, one per line")
+    ap.add_argument("--device", default="cpu", help="torch device (cuda writes ~100x faster)")
     args = ap.parse_args(argv)
 
     import torch
@@ -67,10 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     model, tok = load_hf_model("default", dtype=torch.bfloat16)
+    model = model.to(args.device)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     topics = [t.strip() for t in TOPICS if t.strip()]
+    extra = args.topics_file.read_text().split("\n") if args.topics_file else []
+    extra = [t.strip() for t in extra if t.strip()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = 0
     t0 = time.time()
@@ -79,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         while done < args.samples:
             prompts = []
             for _ in range(args.batch):
-                msg = f"Write {rng.choice(FORMS)} {rng.choice(topics)}."
+                topic = rng.choice(extra if extra and rng.random() < 0.5 else topics)
+                msg = f"Write {rng.choice(FORMS)} {topic}."
                 prompts.append(tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
                                                        add_generation_prompt=True))
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
             with torch.no_grad():
                 gen = model.generate(**enc, do_sample=True, temperature=0.8, top_p=0.95,
                                      max_new_tokens=args.max_new_tokens, repetition_penalty=1.1,

@@ -276,10 +276,31 @@ def add_readable_labels(labels: dict) -> dict:
     return labels
 
 
+def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Make glibc serve every block of `nbytes` or more with its own mmap, returned on free.
+
+    Why: labelling allocates a dense [tokens, d_sae] block per batch and keeps small slices of it.
+    glibc's adaptive threshold moves such blocks onto the heap, where the kept slices pin them:
+    with 8192 features the process grew by ~14 MB per batch and filled 23 GB halfway through 1M
+    tokens (measured). With the threshold fixed it grows only by what it keeps. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 @torch.no_grad()
 def compute_labels(sae: LoadedSAE, hf_model, tokenizer, rows: Sequence[Sequence[int]], batch_size: int = 8,
                    progress: Callable[[int, int], None] | None = None) -> dict:
     """Run `rows` (each starting with BOS, which is skipped) through the model and the SAE."""
+    _fixed_mmap_threshold()
     n_feat = sae.d_sae
     max_act = torch.zeros(n_feat)
     fires = torch.zeros(n_feat, dtype=torch.long)

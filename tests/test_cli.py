@@ -46,6 +46,8 @@ def test_complete_reads_stdin_and_prints_timings(tiny_model_dir):
         (("complete", "-", "--model", "/no/such/model"), "not found"),
         (("complete", "-", "--model", "nobody/not-a-cached-model"), "not in the local Hugging Face cache"),
         (("complete", "-", "--max-tokens", "0"), "max_tokens"),
+        (("sae", "train", "README.md", "--out", "/tmp/x", "--device", "gpu0"), "not a torch device"),
+        (("sae", "train", "README.md", "--out", "/tmp/x", "--device", "meta"), "only cpu and cuda"),
     ],
 )
 def test_friendly_errors(args, message):
@@ -144,3 +146,30 @@ def test_feature_on_concept_reads_the_phrase_and_what_it_fires_on():
     assert feature_on_concept({"phrase": "harbour", "top_act_tokens": [" sea", " waves", "Sea", " ship"]}, sea)
     assert not feature_on_concept({"phrase": "q, put", "top_act_tokens": ["Q", " sea", " put", " bulb"]}, sea)
     assert not feature_on_concept({"phrase": "perl, thread", "promotes": ["sea"]}, sea)
+
+
+def test_sae_train_writes_an_sae_the_engine_loads(tiny_model_dir, tmp_path):
+    """`sae train` end to end on the tiny model (sae-lens underneath): the folder loads as an SAE,
+    its cfg says cpu (where the engine runs it) and training.json records the run."""
+    words = "the garden grows slowly while rain falls on the old stone wall and birds sing".split()
+    text = "\n\n".join(" ".join(words[(i + j) % len(words)] for j in range(60)) for i in range(300))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    out = run("sae", "train", str(corpus), "--out", str(tmp_path / "sae"), "--model", str(tiny_model_dir),
+              "--layer", "1", "--tokens", "20000", "--d-sae", "128", "--k", "8", "--device", "cpu")
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert (cfg["d_sae"], cfg["k"], cfg["device"]) == (128, 8, "cpu")
+    meta = json.loads((tmp_path / "sae" / "training.json").read_text())
+    assert (meta["device"], meta["layer"], meta["tokens"]) == ("cpu", 1, 20000)
+    from tinymorph.steering.sae import load_sae
+
+    sae = load_sae(tmp_path / "sae")
+    assert (sae.d_in, sae.d_sae, sae.layer) == (64, 128, 1)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_sae_train_on_a_missing_gpu_is_one_line(tmp_path):
+    out = run("sae", "train", "README.md", "--out", str(tmp_path / "x"), "--device", "cuda")
+    assert out.returncode == 2
+    assert "no CUDA GPU" in out.stderr and "Traceback" not in out.stderr

@@ -29,9 +29,9 @@ PROMPTS = [
 # Concept features of the shipped SAE, found by `tinymorph features search` (see `features show default:ID`).
 # id -> (concept of the eval set, strength; 1 = half the layer's typical residual norm along the direction)
 EVIDENCE_FEATURES = {
-    2078: ("music", 1.0),  # 'song, songbird, songs' (measured: 0/6 → 5/6 continuations with a music word)
-    2427: ("computers", 1.0),  # 'computer, choice' (1/6 → 5/6)
-    624: ("religion", 1.0),  # 'religious, episcopal, christian' (0/6 → 4/6)
+    1592: ("medicine", 1.0),  # 'medical, doctor, medicine → says patients, diagnosis, patient'
+    5632: ("football", 1.0),  # 'football, sports, baseball → says opponent, opposing, opponents'
+    632: ("driving", 1.0),  # 'car, vehicle, cars → says vehicle'
 }
 MAX_TOKENS = 16
 
@@ -189,9 +189,13 @@ def test_steering_effect_tells_a_concept_feature_from_another(library: FeatureLi
 
 
 def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engine) -> None:
-    """The features above are what a writer gets first when searching for their concept."""
+    """The features above are what a writer gets first when searching for their concept (by the
+    eval set's query: "car" for driving)."""
+    from tinymorph.steering.steer_eval import load_eval_set
+
+    queries = {c.name: c.query for c in load_eval_set().concepts}
     for feature, (name, _strength) in EVIDENCE_FEATURES.items():
-        hits = search_features(library, name, limit=5, model=engine)
+        hits = search_features(library, queries[name], limit=5, model=engine)
         assert hits and hits[0]["id"] == f"default:{feature}", (name, hits[:3])
     labels_only = search_features(library, "sea", limit=20)  # no model: label words alone
     assert labels_only and all(h["id"].startswith("default:") for h in labels_only)

@@ -23,6 +23,7 @@ def register(sub) -> None:
     t.add_argument("--k", type=int, default=64, help="active features per token (default 64)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy machine)")
     t.add_argument("--model", default="default")
+    t.add_argument("--device", default="cpu", help='torch device: "cpu" (default) or "cuda"')
     t.add_argument("--fresh", action="store_true", help="ignore checkpoints in OUT and start over")
     t.set_defaults(func=run_train)
 
@@ -55,6 +56,19 @@ def _check_files(files: list[Path]) -> list[Path]:
     return files
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: torch sees no CUDA GPU on this machine")
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: only cpu and cuda are supported")
+
+
 def _sae(spec: str):
     """An SAE by configured name, folder, or "default"."""
     from ...steering.config import load_config
@@ -84,8 +98,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.tokens < 10_000:
         raise UserError("--tokens must be at least 10000")
+    _check_device(args.device)
     settings = TrainSettings(layer=args.layer, tokens=args.tokens, d_sae=args.d_sae, k=args.k,
-                             model=args.model, threads=args.threads)
+                             model=args.model, threads=args.threads, device=args.device)
     out = train_sae(_check_files(args.files), args.out, settings, resume=not args.fresh,
                     log=lambda m: print(f"[tinymorph] {m}", file=sys.stderr))
     print(out)
