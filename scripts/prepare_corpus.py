@@ -123,6 +123,18 @@ def wordnet(work: Path) -> str:
     return "\n\n".join(paras)
 
 
+def common_nouns(work: Path, n: int = 3000) -> list[str]:
+    """The `n` commonest single-word WordNet nouns by SemCor tag count (cntlist.rev): topics for
+    generate_prose.py's --topics-file, so the model writes about more concepts than a curated list."""
+    counts: dict[str, int] = {}
+    for line in (work / "x/usr/share/wordnet/cntlist.rev").read_text(errors="replace").splitlines():
+        key, _sense, n_tags = line.split()
+        lemma, _, rest = key.partition("%")
+        if rest.startswith("1") and lemma.isalpha() and len(lemma) >= 3:  # "%1": a noun sense
+            counts[lemma] = counts.get(lemma, 0) + int(n_tags)
+    return sorted(counts, key=lambda w: -counts[w])[:n]
+
+
 def tree(pattern: str) -> str:
     parts = []
     for f in sorted(glob.glob(pattern, recursive=True)):
@@ -155,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         text = make()
         (out / name).write_text(text)
         print(f"{name}: {len(text) / 1e6:.1f} MB")
+    nouns = out.parent / "nouns.txt"  # beside the text files: not a training file itself
+    nouns.write_text("\n".join(common_nouns(work)) + "\n")
+    print(f"{nouns}: topics for generate_prose.py --topics-file")
     return 0
 
 
