@@ -391,11 +391,24 @@ def save_labels(labels: dict, sae_dir: str | os.PathLike) -> Path:
     return write_atomically(Path(sae_dir) / STATS_FILE, lambda tmp: tmp.write_text(text))
 
 
+_LOADED: dict[Path, tuple[tuple[int, int], dict | None]] = {}
+
+
 def load_labels(sae_dir: str | os.PathLike) -> dict | None:
+    """The labels beside an SAE, read again only when labels.json changes (callers share the dict:
+    read it, don't change it). Why: with 8192 features the file is 13 MB and every search, `features
+    show` and steering change that looks a feature up re-read it (~0.5 s each)."""
     path = Path(sae_dir) / STATS_FILE
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        stat = path.stat()
+    except OSError:
         return None
+    key = (stat.st_mtime_ns, stat.st_size)
+    hit = _LOADED.get(path)
+    if hit is None or hit[0] != key:
+        try:
+            labels = json.loads(path.read_text())
+        except (OSError, ValueError):
+            labels = None
+        hit = _LOADED[path] = (key, labels)
+    return hit[1]
