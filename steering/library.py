@@ -15,7 +15,15 @@ from collections.abc import Callable
 
 import torch
 
-from .steering import FeatureHandle, ResolvedPlan, SteeringError, SteeringPlan, parse_feature_ref, resolve_plan
+from .steering import (
+    FeatureHandle,
+    ResolvedPlan,
+    SteeringError,
+    SteeringPlan,
+    feature_indices,
+    parse_feature_ref,
+    resolve_plan,
+)
 
 ADD_FRACTION = 0.5  # strength 1 = this fraction of the typical residual norm (eval-tuned default)
 FALLBACK_NORM = 170.0  # a typical mid-layer residual norm of a small model, when nothing was measured
@@ -112,12 +120,26 @@ class FeatureLibrary:
             return self._concepts[key]
 
     # -- handles ----------------------------------------------------------------------------
+    @staticmethod
+    def calibrated_as(ref: str) -> str:
+        """The reference whose calibration `ref` uses: itself, or a feature group's lead feature.
+
+        A group pushes its lead feature's calibrated push along the group's summed direction.
+        Calibrating the summed direction itself (on the same eight prompts) gave pushes 6 % smaller
+        on average, as noisy per concept, and fewer hits well inside the fluency budget (`steer eval`
+        search at strength 1, main set: 42 % at 1.38x unsteered perplexity vs 50 % at 1.42x with the
+        lead's push; held-out set: 18 % at 1.25x vs 25 % at 1.30x)."""
+        source, key = parse_feature_ref(ref)
+        if source in ("concept", "vector") or "+" not in key:
+            return ref
+        return f"{source}:{feature_indices(key, ref)[0]}"
+
     def _calibration_ref(self, ref: str) -> str:
         """`ref` as calibrations are stored: an SAE feature with its SAE's fingerprint."""
         source, _ = parse_feature_ref(ref)
         if source in ("concept", "vector"):
             return ref
-        return f"{ref}@{self.sae(source).fingerprint()}"
+        return f"{self.calibrated_as(ref)}@{self.sae(source).fingerprint()}"
 
     def _stored_fraction(self, ref: str, layer: int) -> float | None:
         if self.calibrations is None:
@@ -136,6 +158,7 @@ class FeatureLibrary:
 
         if self._engine is None:
             raise SteeringError(f"calibrating {ref!r} needs the model: it is not loaded yet")
+        ref = self.calibrated_as(ref)
         handle = self.handle(ref)
         push = ADD_FRACTION * handle.add_scale / self.add_fraction(ref, handle.layer)
         cal = calibrate(self._engine, {handle.layer: push * handle.direction}, handle.layer, handle.direction)
@@ -152,11 +175,14 @@ class FeatureLibrary:
         return self.calibrate(ref) if found is None else found
 
     def handles(self, ref: str) -> list[FeatureHandle]:
-        """The directions `ref` steers: one for a feature or vector, one per layer for a concept."""
+        """The directions `ref` steers: one for a feature or vector, one per member of a feature group,
+        one per layer for a concept."""
         from .concepts import split_sign
         from .distill import CAP
 
         source, key = parse_feature_ref(ref)
+        if source not in ("concept", "vector") and "+" in key:
+            return self._group_members(ref)
         if source != "concept":
             return [self.handle(ref)]
         vec = self.concept(key)
@@ -168,7 +194,8 @@ class FeatureLibrary:
                 for layer, unit in vec.unit_directions().items()]
 
     def handle(self, ref: str) -> FeatureHandle:
-        """One direction: an SAE feature or a saved vector (a concept: its middle layer)."""
+        """One direction: an SAE feature, a feature group (its summed direction) or a saved vector (a
+        concept: its middle layer)."""
         source, key = parse_feature_ref(ref)
         if source == "concept":
             found = self.handles(ref)
@@ -179,13 +206,34 @@ class FeatureLibrary:
             fraction = self.add_fraction(ref, vec.layer)
             return FeatureHandle(ref, vec.layer, vec.direction, fraction * norm, float(vec.scale),
                                  _projection(vec.direction))
+        sae, indices = self.sae_features(ref)
+        add_scale = self.add_fraction(ref, sae.layer) * float(sae.resid_norm or FALLBACK_NORM)
+        if len(indices) == 1:
+            return FeatureHandle(ref, sae.layer, sae.direction(indices[0]), add_scale,
+                                 sae.max_activation(indices[0]), sae.feature_reader(indices[0]))
+        summed = sum(sae.direction(i).float() for i in indices)
+        unit = summed / summed.norm()  # a group: its members' directions summed (what `add` pushes along)
+        value = sum(sae.max_activation(i) * float(sae.direction(i).float() @ unit) for i in indices)
+        return FeatureHandle(ref, sae.layer, unit, add_scale, value, _projection(unit))
+
+    def sae_features(self, ref: str) -> tuple:
+        """The SAE of an SAE feature reference and its feature indices (one, or a group's), checked."""
+        source, key = parse_feature_ref(ref)
         sae = self.sae(source)
-        index = int(key)
-        if not 0 <= index < sae.d_sae:
-            raise SteeringError(f"unknown feature {ref!r}: SAE {source!r} has features 0..{sae.d_sae - 1}")
-        norm = float(sae.resid_norm or FALLBACK_NORM)
-        return FeatureHandle(ref, sae.layer, sae.direction(index), self.add_fraction(ref, sae.layer) * norm,
-                             sae.max_activation(index), sae.feature_reader(index))
+        indices = feature_indices(key, ref)
+        for index in indices:
+            if not 0 <= index < sae.d_sae:
+                raise SteeringError(f"unknown feature {ref!r}: SAE {source!r} has features 0..{sae.d_sae - 1}")
+        return sae, indices
+
+    def _group_members(self, ref: str) -> list[FeatureHandle]:
+        """A group's members, each read by the SAE's own encoder (`clamp`/`ablate` act on each) and
+        pushed so that together they add the group's calibrated push along its summed direction."""
+        whole = self.handle(ref)
+        sae, indices = self.sae_features(ref)
+        summed_norm = float(sum(sae.direction(i).float() for i in indices).norm())
+        return [FeatureHandle(ref, sae.layer, sae.direction(i), whole.add_scale / summed_norm,
+                              sae.max_activation(i), sae.feature_reader(i)) for i in indices]
 
 
 def _projection(direction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

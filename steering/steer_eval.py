@@ -17,7 +17,8 @@ hooks):
 - rep3: share of repeated word 3-grams in the continuation ("the the the" loops);
 - speed cost: decode tokens/s with steering vs without, on the engine's normal path.
 Methods: unsteered, prompting (the concept written before the prompt), the top search result
-(SAE feature, at strengths calibrated as `steer add` calibrates them), the described concept vector
+(the best SAE features steered together, at strengths calibrated as `steer add` calibrates them; "on
+the concept" judges the best single feature's label), the described concept vector
 (raw strengths and calibrated), and a DiffMean vector from the concept's examples.
 """
 
@@ -298,9 +299,10 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
         handles = {}
         for c in chosen:
             found = search_features(library, c.query, limit=1, model=engine)
-            if found:
+            if found:  # the first answer: the best features as a group; the best one is judged on its own
                 search_top1[c.name] = f"{found[0]['id']} {found[0].get('label', '')}"
-                on_concept[c.name] = feature_on_concept(show_feature(library, found[0]["id"]), c.pattern())
+                best = found[0].get("members", [found[0]["id"]])[0]
+                on_concept[c.name] = feature_on_concept(show_feature(library, best), c.pattern())
                 library.calibrated(found[0]["id"])  # strength 1 as `steer add` gives it
                 handles[c.name] = library.handles(found[0]["id"])
         for s in strengths:

@@ -162,7 +162,8 @@ def apply_layer_edit(hidden: torch.Tensor, edit: LayerEdit, mask: torch.Tensor |
 
 MAX_STRENGTH = 20.0  # |strength| above this is surely a typo (strength 1 = the calibrated push)
 MAX_DESCRIPTION = 200
-SAE_REF_RE = re.compile(r"^([A-Za-z0-9_.-]+):(\d+)$")
+SAE_REF_RE = re.compile(r"^([A-Za-z0-9_.-]+):(\d+(?:\+\d+)*)$")
+MAX_GROUP = 8  # features steered together under one reference ("default:12+40+7")
 ID_LIKE_RE = re.compile(r"^[A-Za-z0-9_.-]+:\S*$")
 
 
@@ -191,7 +192,8 @@ class FeatureHandle:
 def parse_feature_ref(ref: str) -> tuple[str, str]:
     """Split a feature reference into (source, key) or raise `SteeringError`.
 
-    ``"<sae>:<index>"`` → (sae, index); ``"vector:<name>"`` → ("vector", name);
+    ``"<sae>:<index>"`` → (sae, index); a group of features steered together, ``"<sae>:<i>+<j>+<k>"``
+    → (sae, "i+j+k") (see `feature_indices`); ``"vector:<name>"`` → ("vector", name);
     ``"concept:<text>"`` or free text such as ``"about gardening"`` / ``"less hedging"`` →
     ("concept", text): a concept vector the engine builds from the description.
     """
@@ -200,6 +202,7 @@ def parse_feature_ref(ref: str) -> tuple[str, str]:
         raise SteeringError("empty feature: give <sae>:<index>, vector:<name> or a description")
     m = SAE_REF_RE.match(text)
     if m:
+        feature_indices(m.group(2), text)
         return m.group(1), m.group(2)
     if text.startswith("vector:"):
         name = text[len("vector:"):].strip()
@@ -216,6 +219,24 @@ def parse_feature_ref(ref: str) -> tuple[str, str]:
     if len(text) > MAX_DESCRIPTION:
         raise SteeringError(f"description too long ({len(text)} characters, at most {MAX_DESCRIPTION})")
     return "concept", text
+
+
+def feature_indices(key: str, ref: str | None = None) -> list[int]:
+    """The SAE feature indices of a reference's key: [12] for "12", [12, 40, 7] for a group "12+40+7".
+
+    A group is one knob over several features of one SAE (a concept is often split over a few: a
+    word feature, a topic feature, what the model says next); `add` pushes along their summed
+    decoder directions, `clamp`/`ablate` act on each member.
+    """
+    try:
+        indices = [int(part) for part in key.split("+")]
+    except ValueError:
+        raise SteeringError(f"bad feature id {ref or key!r}: use <sae>:<index> or <sae>:<i>+<j>") from None
+    if len(set(indices)) != len(indices):
+        raise SteeringError(f"feature group {ref or key!r} names a feature twice")
+    if len(indices) > MAX_GROUP:
+        raise SteeringError(f"feature group {ref or key!r} has {len(indices)} features; at most {MAX_GROUP}")
+    return indices
 
 
 def validate_entry(entry: SteeringEntry) -> None:

@@ -176,9 +176,33 @@ def test_feature_references() -> None:
     assert parse_feature_ref("about  gardening") == ("concept", "about gardening")
     assert parse_feature_ref("concept:formal") == ("concept", "formal")
     assert parse_feature_ref("less hedging") == ("concept", "less hedging")
-    for bad in ("", "default:12a", "tiny:x", "1234", "x" * 300):
+    assert parse_feature_ref("default:12+40+7") == ("default", "12+40+7")  # a group steered together
+    for bad in ("", "default:12a", "tiny:x", "1234", "x" * 300, "default:12+", "default:+3", "default:1+1",
+                "default:" + "+".join(map(str, range(9)))):
         with pytest.raises(SteeringError):
             parse_feature_ref(bad)
+
+
+def test_a_group_adds_along_its_summed_direction_and_clamps_each_member(sae_dir: Path, tmp_path: Path) -> None:
+    """`tiny:3+7+9` at strength s adds s × (the one push) along the unit sum of the members' directions;
+    clamp and ablate act on each member as the SAE reads it, leaving positions where all are off."""
+    lib = _library(sae_dir, tmp_path)
+    sae = lib.sae("tiny")
+    members = [3, 7, 9]
+    summed = sum(sae.direction(i) for i in members)
+    resolved = resolve_plan(SteeringPlan((SteeringEntry("tiny:3+7+9", 1.5),)), lib, D_IN, 4)
+    h = torch.randn(1, 6, D_IN)
+    expected = 1.5 * ADD_FRACTION * FALLBACK_NORM * summed / summed.norm()
+    assert torch.allclose(apply_layer_edit(h, resolved[LAYER]) - h, expected.expand_as(h), atol=1e-4)
+    assert lib.handle("tiny:3+7+9").direction.norm() == pytest.approx(1.0)
+    h = torch.randn(1, 64, D_IN) * 2
+    ablated = resolve_plan(SteeringPlan((SteeringEntry("tiny:3+7+9", 1.0, "ablate"),)), lib, D_IN, 4)
+    assert [f.kind for f in ablated[LAYER].features] == ["ablate"] * 3
+    out = apply_layer_edit(h, ablated[LAYER])
+    off = (sae.encode(h)[..., members] == 0).all(-1)
+    assert bool(off.any()) and torch.equal(out[off], h[off])
+    with pytest.raises(SteeringError, match="features 0..31"):
+        resolve_plan(SteeringPlan((SteeringEntry("tiny:3+32", 1.0),)), lib, D_IN, 4)
 
 
 def test_described_concepts_need_the_model(sae_dir: Path, tmp_path: Path) -> None:
@@ -304,3 +328,19 @@ def test_a_calibration_does_not_outlive_its_sae(tmp_path: Path) -> None:
     assert FeatureLibrary({"tiny": str(old)}, calibrations=store).add_fraction("tiny:3", LAYER) == 0.2
     new = make_sae(tmp_path / "new", seed=2)
     assert FeatureLibrary({"tiny": str(new)}, calibrations=store).add_fraction("tiny:3", LAYER) == ADD_FRACTION
+
+
+def test_a_group_takes_its_lead_features_calibrated_push(tmp_path: Path) -> None:
+    """`steer add tiny:3+7` calibrates (and then reads) the calibration of `tiny:3`, its lead feature."""
+    from tinymorph.steering.calibration import CalibrationStore
+
+    store = CalibrationStore(tmp_path / "calibrations.json")
+    lib = FeatureLibrary({"tiny": str(make_sae(tmp_path / "tiny"))}, calibrations=store)
+    assert FeatureLibrary.calibrated_as("tiny:3+7") == "tiny:3"
+    assert FeatureLibrary.calibrated_as("tiny:7") == "tiny:7"
+    store.set(lib.model_key, lib._calibration_ref("tiny:3"), LAYER, 0.2)
+    assert lib.add_fraction("tiny:3+7", LAYER) == 0.2 and lib.add_fraction("tiny:7+3", LAYER) == ADD_FRACTION
+    sae = lib.sae("tiny")
+    summed = sae.direction(3) + sae.direction(7)
+    push = sum(h.add_scale * h.direction for h in lib.handles("tiny:3+7"))
+    assert torch.allclose(push, 0.2 * FALLBACK_NORM * summed / summed.norm(), atol=1e-4)

@@ -106,6 +106,20 @@ def test_steering_a_concept_feature_puts_the_concept_in_the_text(engine: Engine,
     assert after >= before + 2, (info["label"], before, after, steered)
 
 
+def test_steering_the_first_search_answer_puts_the_concept_in_the_text(engine: Engine, library: FeatureLibrary) -> None:
+    """What a writer does first: search a concept and steer the first answer (the best features
+    together) at strength 1, the calibrated push."""
+    from tinymorph.steering.steer_eval import count_hits, load_eval_set
+
+    concept = next(c for c in load_eval_set().concepts if c.name == "football")
+    group = search_features(library, concept.query, limit=1, model=engine)[0]
+    assert group["kind"] == "group" and len(group["members"]) >= 2, group
+    plan = SteeringPlan((SteeringEntry(group["id"], 1.0),))
+    plain = sum(count_hits(complete(engine, p), concept.pattern()) > 0 for p in PROMPTS)
+    steered = [complete(engine, p, plan) for p in PROMPTS]
+    assert sum(count_hits(t, concept.pattern()) > 0 for t in steered) >= plain + 2, (group["label"], steered)
+
+
 def test_ablate_and_clamp_change_less_than_add(engine: Engine) -> None:
     """Sanity of the other modes on the real model: they run, and ablating is a small edit."""
     feature = next(iter(EVIDENCE_FEATURES))
@@ -196,6 +210,10 @@ def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engi
     queries = {c.name: c.query for c in load_eval_set().concepts}
     for feature, (name, _strength) in EVIDENCE_FEATURES.items():
         hits = search_features(library, queries[name], limit=5, model=engine)
-        assert hits and hits[0]["id"] == f"default:{feature}", (name, hits[:3])
+        assert hits and hits[1]["id"] == f"default:{feature}", (name, hits[:3])
+        group = hits[0]  # the first answer: the best features steered together, the best one first
+        assert group["kind"] == "group" and group["members"][0] == hits[1]["id"], group
+        assert group["id"] == "default:" + "+".join(m.rpartition(":")[2] for m in group["members"])
+        assert show_feature(library, group["id"])["members"][0]["id"] == hits[1]["id"]
     labels_only = search_features(library, "sea", limit=20)  # no model: label words alone
     assert labels_only and all(h["id"].startswith("default:") for h in labels_only)

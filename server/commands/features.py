@@ -65,6 +65,9 @@ def run_search(args: argparse.Namespace) -> int:
         return 1
     for r in results:
         print(f"{r['id']:>14}  {r['score']:5.2f}  {r['label']}")
+    if results[0].get("kind") == "group":
+        print(f"\nthe first line steers its {len(results[0]['members'])} features together "
+              f"(tinymorph steer add {results[0]['id']}); the others one by one")
     print(f"\nor steer by the description itself: tinymorph steer add {json.dumps(query)}")
     return 0
 
@@ -90,6 +93,8 @@ def run_show(args: argparse.Namespace) -> int:
     for key in ("top_act_tokens", "top_tokens", "bottom_tokens"):
         if info.get(key):
             print(f"  {key}: {', '.join(repr(t) for t in info[key])}")
+    for m in info.get("members", []):  # a group: what each of its features is
+        print(f"  {m['id']:>14}  {m.get('label', '')}")
     for c in info.get("contexts", []):
         print(f"  [{c['act']:6.2f}] {c['text']}")
     for f in info.get("features", []):

@@ -44,7 +44,7 @@ function M.format_feature(hit)
 end
 
 local function ask_strength(feature)
-  vim.ui.input({ prompt = "strength for " .. feature .. " (negative suppresses): ", default = "4" }, function(input)
+  vim.ui.input({ prompt = "strength for " .. feature .. " (1 = calibrated, negative suppresses): ", default = "1" }, function(input)
     local strength = tonumber(input or "")
     if not strength or strength == 0 then
       if input and input ~= "" then
