@@ -212,6 +212,8 @@ class FeatureLibrary:
             return FeatureHandle(ref, sae.layer, sae.direction(indices[0]), add_scale,
                                  sae.max_activation(indices[0]), sae.feature_reader(indices[0]))
         summed = sum(sae.direction(i).float() for i in indices)
+        if float(summed.norm()) < 1e-3:
+            raise SteeringError(f"the features of {ref!r} cancel out: their directions sum to nothing")
         unit = summed / summed.norm()  # a group: its members' directions summed (what `add` pushes along)
         value = sum(sae.max_activation(i) * float(sae.direction(i).float() @ unit) for i in indices)
         return FeatureHandle(ref, sae.layer, unit, add_scale, value, _projection(unit))

@@ -206,24 +206,31 @@ int int4_linear(const uint16_t *x, const uint8_t *packed, float *out, int M, int
 }
 
 /* The weight back as bf16 [N][K] (code * scale + offset, rounded once), for the bf16 GEMM of a
- * prefill: unpacking the layout with PyTorch's ops took ~15 ms per layer. */
+ * prefill: unpacking the layout with PyTorch's ops took ~15 ms per layer. Row by row, a pair's 64
+ * codes are first put in input order, so that the multiply-add and the rounding run as vector loops:
+ * the default model's 120 matrices 89 -> 37 ms (rounding and writing in the packing's scattered
+ * order before), which a cold prefill of 33-256 tokens pays once (64 tokens: 182 -> 97 ms). */
 void int4_dequantize(const uint8_t *packed, int N, int K, uint16_t *out) {
     const int pairs = K / 64;
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < N / INT4_BLOCK_ROWS; b++) {
         const uint8_t *block = packed + (int64_t)b * pairs * INT4_PAIR_BYTES;
-        for (int p = 0; p < pairs; p++)
-            for (int r = 0; r < INT4_BLOCK_ROWS; r++) {
+        for (int r = 0; r < INT4_BLOCK_ROWS; r++) {
+            uint16_t *row = out + ((int64_t)b * INT4_BLOCK_ROWS + r) * K;
+            for (int p = 0; p < pairs; p++) {
                 const uint8_t *c = pair_codes(block, p, r);
                 const uint16_t *s = pair_halves(block, p, 0) + 2 * r, *o = pair_halves(block, p, 1) + 2 * r;
-                const float scale[2] = {half_to_float(s[0]), half_to_float(s[1])};
-                const float offset[2] = {half_to_float(o[0]), half_to_float(o[1])};
-                uint16_t *row = out + ((int64_t)b * INT4_BLOCK_ROWS + r) * K + p * 64;
+                float code[64];
                 for (int w = 0; w < 16; w++) {
-                    const int word = c[2 * w] | (c[2 * w + 1] << 8), g = (w / 2) % 2;
-                    for (int k = 0; k < 4; k++)
-                        row[pair_input(w, k)] = float_to_bf16((float)((word >> (4 * k)) & 15) * scale[g] + offset[g]);
+                    const int word = c[2 * w] | (c[2 * w + 1] << 8);
+                    for (int k = 0; k < 4; k++) code[pair_input(w, k)] = (float)((word >> (4 * k)) & 15);
+                }
+                for (int g = 0; g < 2; g++) {
+                    const float scale = half_to_float(s[g]), offset = half_to_float(o[g]);
+                    uint16_t *dst = row + p * 64 + g * INT4_GROUP;
+                    for (int i = 0; i < INT4_GROUP; i++) dst[i] = float_to_bf16(code[g * INT4_GROUP + i] * scale + offset);
                 }
             }
+        }
     }
 }
