@@ -211,9 +211,7 @@ class FeatureLibrary:
         if len(indices) == 1:
             return FeatureHandle(ref, sae.layer, sae.direction(indices[0]), add_scale,
                                  sae.max_activation(indices[0]), sae.feature_reader(indices[0]))
-        summed = sum(sae.direction(i).float() for i in indices)
-        if float(summed.norm()) < 1e-3:
-            raise SteeringError(f"the features of {ref!r} cancel out: their directions sum to nothing")
+        summed = _summed_direction(sae, indices, ref)
         unit = summed / summed.norm()  # a group: its members' directions summed (what `add` pushes along)
         value = sum(sae.max_activation(i) * float(sae.direction(i).float() @ unit) for i in indices)
         return FeatureHandle(ref, sae.layer, unit, add_scale, value, _projection(unit))
@@ -233,9 +231,17 @@ class FeatureLibrary:
         pushed so that together they add the group's calibrated push along its summed direction."""
         whole = self.handle(ref)
         sae, indices = self.sae_features(ref)
-        summed_norm = float(sum(sae.direction(i).float() for i in indices).norm())
+        summed_norm = float(_summed_direction(sae, indices, ref).norm())
         return [FeatureHandle(ref, sae.layer, sae.direction(i), whole.add_scale / summed_norm,
                               sae.max_activation(i), sae.feature_reader(i)) for i in indices]
+
+
+def _summed_direction(sae, indices: list[int], ref: str) -> torch.Tensor:
+    """A feature group's members' unit decoder directions summed (an error where they cancel out)."""
+    summed = sum(sae.direction(i).float() for i in indices)
+    if float(summed.norm()) < 1e-3:
+        raise SteeringError(f"the features of {ref!r} cancel out: their directions sum to nothing")
+    return summed
 
 
 def _projection(direction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

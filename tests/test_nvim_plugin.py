@@ -233,6 +233,10 @@ def test_nvim_plugin_against_real_server(nvim_bin, nvim_tiny_model, nvim_tiny_sa
     assert any(e["feature"] == feature and e["strength"] == 3.5 for e in report["steering_after"])
     assert report["steering_cleared"] == []
 
+    # :Tinymorph features <query> → pick → the strength prompt offers 1 (the calibrated push; it offered 4)
+    assert report["strength_offered"] == "1"
+    assert [(e["feature"], e["strength"]) for e in report["steering_picked"]] == [(report["picked_feature"], 1)]
+
     # Statusline: TTFT after a suggestion, steering count, "off" when toggled.
     assert re.fullmatch(r"tinymorph (ready|generating) \d+(ms|\.\ds)", report["statusline_after_hint"])
     assert "steer:1" in report["statusline_steered"]

@@ -194,6 +194,29 @@ step("steer", function()
   end)
 end)
 
+step("pick a feature", function()
+  -- :Tinymorph features <query>: the picker's first item, at the strength the prompt offers
+  local select, input = vim.ui.select, vim.ui.input
+  vim.ui.select = function(items, _, on_choice)
+    report.picked_feature = items[1].id
+    on_choice(items[1], 1)
+  end
+  vim.ui.input = function(opts, on_confirm)
+    report.strength_offered = opts.default
+    on_confirm(opts.default)
+  end
+  vim.cmd("Tinymorph features " .. (env.TINYMORPH_FEATURE_QUERY or ""))
+  report.steering_picked = wait_for("the picked feature steered", function()
+    local list = exec_sync("tinymorph.steer.list")
+    return #list > 0 and list or nil
+  end)
+  vim.ui.select, vim.ui.input = select, input
+  vim.cmd("Tinymorph steer clear")
+  wait_for("steering cleared", function()
+    return #exec_sync("tinymorph.steer.list") == 0 or nil
+  end)
+end)
+
 step("toggle off and on", function()
   vim.cmd("Tinymorph toggle off")
   report.toggled_off = wait_for("disabled", function()
