@@ -22,6 +22,11 @@ export interface FeaturePickItem {
   currentStrength?: number;
 }
 
+/** What the strength prompt offers: 1 is the calibrated push (noticeable and still fluent). */
+export const DEFAULT_STRENGTH = "1";
+/** The server's bound (`MAX_STRENGTH` in steering.py): a larger strength is refused there. */
+export const MAX_STRENGTH = 20;
+
 /** Shows a token the way the model sees it: leading spaces visible, control characters escaped. */
 export function showToken(token: string): string {
   return JSON.stringify(token).slice(1, -1).replace(/^ /, "·");
@@ -93,11 +98,11 @@ export function steeringItems(steering: SteeringEntry[]): SteeringPickItem[] {
  */
 export function parseStrength(input: string): number | string {
   const text = input.trim().replace(",", ".");
-  if (text === "") return "Enter a number, e.g. 4 or -2.5";
+  if (text === "") return "Enter a number, e.g. 1 (the calibrated push) or -0.5";
   const value = Number(text);
   if (!Number.isFinite(value)) return `Not a number: ${input}`;
   if (value === 0) return "0 has no effect; use Remove instead";
-  if (Math.abs(value) > 1000) return "Strength must be between -1000 and 1000";
+  if (Math.abs(value) > MAX_STRENGTH) return `Strength must be between -${MAX_STRENGTH} and ${MAX_STRENGTH} (1 = the calibrated push)`;
   return value;
 }
 

@@ -5,6 +5,7 @@ import { SteeringEntry } from "./status";
 import {
   CompareResult,
   compareDocument,
+  DEFAULT_STRENGTH,
   FeatureHit,
   FeaturePickItem,
   featureItems,
@@ -18,7 +19,6 @@ export type ServerCall = <T>(command: string, args?: unknown[]) => Promise<T | u
 
 const SEARCH_DEBOUNCE_MS = 150;
 const SEARCH_LIMIT = 50;
-const DEFAULT_STRENGTH = "1"; // strength 1 = the calibrated push: noticeable and still fluent
 
 async function askStrength(feature: string, current?: number): Promise<number | undefined> {
   const input = await vscode.window.showInputBox({

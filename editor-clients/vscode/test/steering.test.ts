@@ -2,6 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
   compareDocument,
+  DEFAULT_STRENGTH,
   featureItems,
   LatestOnly,
   parseStrength,
@@ -74,6 +75,9 @@ test("parseStrength", () => {
   assert.equal(typeof parseStrength("abc"), "string");
   assert.equal(typeof parseStrength("0"), "string");
   assert.equal(typeof parseStrength("1e9"), "string");
+  assert.equal(typeof parseStrength("25"), "string"); // the server refuses |strength| > 20
+  assert.equal(parseStrength("-20"), -20);
+  assert.equal(parseStrength(DEFAULT_STRENGTH), 1); // the prompt offers the calibrated push (it offered 4)
 });
 
 test("LatestOnly discards answers to older searches", () => {
