@@ -228,7 +228,8 @@ void int4_dequantize(const uint8_t *packed, int N, int K, uint16_t *out) {
                 for (int g = 0; g < 2; g++) {
                     const float scale = half_to_float(s[g]), offset = half_to_float(o[g]);
                     uint16_t *dst = row + p * 64 + g * INT4_GROUP;
-                    for (int i = 0; i < INT4_GROUP; i++) dst[i] = float_to_bf16(code[g * INT4_GROUP + i] * scale + offset);
+                    for (int i = 0; i < INT4_GROUP; i++)
+                        dst[i] = float_to_bf16_select(code[g * INT4_GROUP + i] * scale + offset);
                 }
             }
         }
