@@ -130,9 +130,7 @@ class FeatureLibrary:
         search at strength 1, main set: 42 % at 1.38x unsteered perplexity vs 50 % at 1.42x with the
         lead's push; held-out set: 18 % at 1.25x vs 25 % at 1.30x)."""
         source, key = parse_feature_ref(ref)
-        if source in ("concept", "vector") or "+" not in key:
-            return ref
-        return f"{source}:{feature_indices(key, ref)[0]}"
+        return f"{source}:{feature_indices(key, ref)[0]}" if _is_group(source, key) else ref
 
     def _calibration_ref(self, ref: str) -> str:
         """`ref` as calibrations are stored: an SAE feature with its SAE's fingerprint."""
@@ -181,7 +179,7 @@ class FeatureLibrary:
         from .distill import CAP
 
         source, key = parse_feature_ref(ref)
-        if source not in ("concept", "vector") and "+" in key:
+        if _is_group(source, key):
             return self._group_members(ref)
         if source != "concept":
             return [self.handle(ref)]
@@ -206,8 +204,7 @@ class FeatureLibrary:
             fraction = self.add_fraction(ref, vec.layer)
             return FeatureHandle(ref, vec.layer, vec.direction, fraction * norm, float(vec.scale),
                                  _projection(vec.direction))
-        sae, indices = self.sae_features(ref)
-        add_scale = self.add_fraction(ref, sae.layer) * float(sae.resid_norm or FALLBACK_NORM)
+        sae, indices, add_scale = self._sae_push(ref)
         if len(indices) == 1:
             return FeatureHandle(ref, sae.layer, sae.direction(indices[0]), add_scale,
                                  sae.max_activation(indices[0]), sae.feature_reader(indices[0]))
@@ -226,14 +223,24 @@ class FeatureLibrary:
                 raise SteeringError(f"unknown feature {ref!r}: SAE {source!r} has features 0..{sae.d_sae - 1}")
         return sae, indices
 
+    def _sae_push(self, ref: str) -> tuple:
+        """An SAE reference's SAE, feature indices and `add` push at strength 1 (its calibrated share
+        of the layer's residual norm)."""
+        sae, indices = self.sae_features(ref)
+        return sae, indices, self.add_fraction(ref, sae.layer) * float(sae.resid_norm or FALLBACK_NORM)
+
     def _group_members(self, ref: str) -> list[FeatureHandle]:
         """A group's members, each read by the SAE's own encoder (`clamp`/`ablate` act on each) and
         pushed so that together they add the group's calibrated push along its summed direction."""
-        whole = self.handle(ref)
-        sae, indices = self.sae_features(ref)
+        sae, indices, add_scale = self._sae_push(ref)
         summed_norm = float(_summed_direction(sae, indices, ref).norm())
-        return [FeatureHandle(ref, sae.layer, sae.direction(i), whole.add_scale / summed_norm,
+        return [FeatureHandle(ref, sae.layer, sae.direction(i), add_scale / summed_norm,
                               sae.max_activation(i), sae.feature_reader(i)) for i in indices]
+
+
+def _is_group(source: str, key: str) -> bool:
+    """Whether a parsed reference names a feature group ("default", "12+40")."""
+    return source not in ("concept", "vector") and "+" in key
 
 
 def _summed_direction(sae, indices: list[int], ref: str) -> torch.Tensor:
