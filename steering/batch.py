@@ -39,6 +39,9 @@ class _Cache:
     def attend_new(self, *_) -> None:
         return None  # no fused kernel for batches: per-row positions and masks (`store` and `attend` run)
 
+    def attend_prefill(self, *_) -> None:
+        return None  # likewise: left padding needs the mask `attend` is given
+
     def attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor:
         keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
         return F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=True)

@@ -139,6 +139,15 @@ class KVCache:
         return F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
                                               enable_gqa=True)
 
+    def attend_prefill(self, layer: int, q: torch.Tensor, end: int) -> torch.Tensor | None:
+        """Attention of many new queries q [1, heads, t, head_dim] (the last t of `end` positions, causal)
+        over the layer's bf16 cache with the prefill kernel → bf16 [1, t, heads*head_dim]; None where
+        it does not run (no kernel on this machine, a float32 cache)."""
+        if self.kernel is None or q.shape[0] != 1:
+            return None
+        prefill = attention.prefill_kernel()
+        return None if prefill is None else prefill(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end])
+
     def truncate(self, n: int) -> None:
         del self.ids[n:]
         self.logits_after = {k: v for k, v in self.logits_after.items() if k <= n}
@@ -259,11 +268,13 @@ class DecoderLayer(nn.Module):
             q, k = qk[:, : cfg.n_heads], qk[:, cfg.n_heads :]
             v = qkv[..., heads * cfg.head_dim :].view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
             cache.store(self.index, start, k, v)
-            if start == 0 and mask is True:  # cold prefill: the new keys are all there is
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            else:  # over the cache (see `KVCache.attend`)
-                attn = cache.attend(self.index, q, start + t, mask).to(x.dtype)
-            attn = attn.transpose(1, 2).reshape(b, t, -1)
+            attn = cache.attend_prefill(self.index, q, start + t) if t > attention.MAX_ROWS else None
+            if attn is None:
+                if start == 0 and mask is True:  # cold prefill: the new keys are all there is
+                    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                else:  # over the cache (see `KVCache.attend`)
+                    attn = cache.attend(self.index, q, start + t, mask).to(x.dtype)
+                attn = attn.transpose(1, 2).reshape(b, t, -1)
         x = x + self.o(attn)
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
