@@ -124,3 +124,20 @@ def distill_pushes(model, tokenizer, description: str, texts: Sequence[Sequence[
             for la, v in adds.items():
                 v.mul_(min(1.0, budget[la] / max(float(v.norm()), 1e-12)))
     return {la: v.detach() for la, v in adds.items()}
+
+
+@torch.inference_mode(False)  # a gradient, whatever mode the caller is in
+def kl_gradient(model, tokenizer, description: str, texts: Sequence[Sequence[int]], layer: int,
+                add: torch.Tensor, special_ids: Sequence[int] = (), penalty: float = REPEAT_PENALTY) -> torch.Tensor:
+    """The gradient of KL(prompted ‖ plain steered by `add` at `layer`) with respect to that add,
+    over `texts`: its negative is where moving the add makes plain text read more as if
+    `description` were written in front. The teacher gets the repetition penalty `distill_pushes`
+    trains with (`penalty=0`: the divergence `kl_to_prompted` measures)."""
+    texts = _usable(texts)
+    runner = BatchRunner(model, special_ids=special_ids)
+    teacher = _prompted_targets(runner, _head(tokenizer, description), texts, penalty)
+    a = add.detach().float().clone().requires_grad_(True)
+    with torch.enable_grad():
+        _kl(teacher, _steered_logprobs(runner, texts, {layer: a})).backward()
+    return a.grad.detach()
+

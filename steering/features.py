@@ -137,6 +137,12 @@ EFFECT_CANDIDATES = 12  # how many of the best candidates are steered to measure
 # 17 % -> 25 % at 1.30x). At the same push 3 together hit 42-45 %, 6 45 %, 8 35 %; leaving out dense
 # members (> 3 % or > 10 % of tokens) or weighting members by score hit less.
 GROUP_SIZE = 4
+# With the engine's model, the group is chosen from the best `GROUP_CANDIDATES` by what a prompt does:
+# the gradient of KL(model with "The following text is about <query>." in front ‖ plain text steered),
+# over neutral sentences, with respect to an add at the SAE's layer, at no push (the `distill.py`
+# objective, one backward pass); a candidate stays where its decoder direction points down that
+# gradient (a push along it makes the plain text read more like the prompted one).
+GROUP_CANDIDATES = 8
 EFFECT_POSITIONS = 4  # next-token distributions read at the last this many positions of each context
 
 
@@ -361,7 +367,7 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
                 total = total + EFFECT_WEIGHT * writes
                 named = named * writes  # reading the word counts as far as steering writes it too
         total = total + named
-        for i in total.topk(min(max(limit, GROUP_SIZE), n)).indices.tolist():
+        for i in total.topk(min(max(limit, GROUP_CANDIDATES), n)).indices.tolist():
             if float(total[i]) <= 0:
                 continue
             info = feats[i] if i < len(feats) else {}
@@ -373,8 +379,42 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
                 **{k: round(float(v[i]), 3) for k, v in signals.items()},
             })
     results.sort(key=lambda r: -r["score"])
-    group = feature_group(results[:GROUP_SIZE])
+    group = feature_group(_group_members(library, model, query, results))
     return ([group] if group else []) + results[:limit - (group is not None)]
+
+
+def _group_members(library: FeatureLibrary, engine, query: str, results: Sequence[dict]) -> list[dict]:
+    """The hits a group is made of: the best `GROUP_SIZE`, or with the engine's own model those of the
+    best `GROUP_CANDIDATES` (of the first hit's SAE) that move the text toward the query
+    (`prompt_aligned`)."""
+    source = results[0]["id"].rpartition(":")[0] if results else ""
+    candidates = [h for h in results if h["id"].rpartition(":")[0] == source][:GROUP_CANDIDATES]
+    if len(candidates) > GROUP_SIZE:
+        sae = library.sae(source)
+        keep = prompt_aligned(sae, engine, query, [int(h["id"].rpartition(":")[2]) for h in candidates])
+        if keep is not None and sum(keep) >= 2:
+            return [h for h, k in zip(candidates, keep, strict=True) if k]
+    return list(results[:GROUP_SIZE])
+
+
+def prompt_aligned(sae, engine, query: str, candidates: Sequence[int]) -> list[bool] | None:
+    """Per candidate feature: does a small push along its decoder direction make neutral plain text
+    read more as it does with "The following text is about <query>." in front? (The gradient of that
+    KL divergence with respect to an add at the SAE's layer, taken at no push, points away from the
+    feature's direction.) None without the engine's own model."""
+    from .concepts import NEUTRAL_CONTEXTS
+    from .distill import kl_gradient
+
+    model, tokenizer = getattr(engine, "model", None), getattr(engine, "tokenizer", None)
+    if not hasattr(model, "new_cache") or tokenizer is None or not candidates:
+        return None
+    query = " ".join(query.split())
+    description = query if query.lower().startswith("about ") else f"about {query}"
+    texts = [engine.tokenize(t) for t in NEUTRAL_CONTEXTS]
+    grad = kl_gradient(model, tokenizer, description, texts, sae.layer, torch.zeros(sae.d_in),
+                       getattr(engine, "special_ids", ()))
+    directions = torch.stack([sae.direction(i).float() for i in candidates])
+    return [bool(x) for x in (directions @ grad < 0).tolist()]
 
 
 def group_label(members: Sequence[dict]) -> str:

@@ -453,6 +453,25 @@ def test_concept_distillation_runs_in_any_grad_mode(tiny_model_dir):
     assert all(float(p.norm()) <= CAP * vec.resid_norms[la] / len(layers) * (1 + 1e-4) for la, p in pushes.items())
 
 
+def test_the_kl_gradient_points_up_the_divergence_from_the_prompted_model(tiny_model_dir):
+    """`kl_gradient` (what picks a search group's members) is the gradient of KL(prompted ‖ steered):
+    a small step against it lowers the divergence, a step along it raises it, in any grad mode."""
+    from tinymorph.steering.concepts import NEUTRAL_CONTEXTS
+    from tinymorph.steering.distill import kl_gradient, kl_to_prompted
+
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    texts = [engine.tokenize(t) for t in NEUTRAL_CONTEXTS[:4]]
+    layer = engine.info.layers // 2
+    add = torch.randn(engine.info.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        grad = kl_gradient(engine.model, engine.tokenizer, "about the sea", texts, layer, add, penalty=0.0)
+    assert grad.shape == add.shape and float(grad.norm()) > 0
+    step = 0.05 * float(add.norm()) * grad / grad.norm()
+    kl = {name: kl_to_prompted(engine.model, engine.tokenizer, "about the sea", texts, {layer: a})
+          for name, a in (("here", add), ("down", add - step), ("up", add + step))}
+    assert kl["down"] < kl["here"] < kl["up"], kl
+
+
 def test_calibration_stops_where_the_fitted_perplexity_ratio_meets_the_budget():
     """Strength 1 is where perplexity, fitted over the pushes tried, reaches `MAX_PPL_RATIO` of
     unsteered: not the strongest grid point under it (half a grid step short on average), never past
