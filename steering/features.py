@@ -18,7 +18,7 @@ import torch
 
 from .labels import fired_word_shares, load_labels
 from .library import FeatureLibrary
-from .steering import SteeringError, parse_feature_ref
+from .steering import MAX_GROUP, SteeringError, parse_feature_ref
 from .vectors import drop_sinks, encode_texts, layer_activations
 
 FIELD_WEIGHTS = {"top_act_tokens": 3.0, "top_tokens": 2.0, "contexts": 1.0}
@@ -393,7 +393,7 @@ def _group_members(library: FeatureLibrary, engine, query: str, results: Sequenc
         sae = library.sae(source)
         keep = prompt_aligned(sae, engine, query, [int(h["id"].rpartition(":")[2]) for h in candidates])
         if keep is not None and sum(keep) >= 2:
-            return [h for h, k in zip(candidates, keep, strict=True) if k]
+            return [h for h, k in zip(candidates, keep, strict=True) if k][:MAX_GROUP]
     return list(results[:GROUP_SIZE])
 
 

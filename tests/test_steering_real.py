@@ -202,6 +202,21 @@ def test_steering_effect_tells_a_concept_feature_from_another(library: FeatureLi
     assert effect_scores(sae, engine, "sea", []) is None
 
 
+def test_a_group_keeps_the_features_that_write_the_concept(library: FeatureLibrary, engine: Engine) -> None:
+    """A search group's members are the candidates whose push makes plain text read as if "The
+    following text is about <concept>." came first: the evidence features (which fire on their concept
+    and write it) are; a feature that fires on "happiness" in old verse but writes none of it
+    (`twas, mo, var`, this SAE's first hit for "happiness") is not, and the group leaves it out."""
+    from tinymorph.steering.features import prompt_aligned
+
+    sae = library.sae("default")
+    for feature, (name, _strength) in EVIDENCE_FEATURES.items():
+        assert prompt_aligned(sae, engine, name, [feature]) == [True], name
+    assert prompt_aligned(sae, engine, "happiness", [1889, 4269]) == [False, True]
+    group = search_features(library, "happiness", limit=3, model=engine)[0]
+    assert group["kind"] == "group" and "default:1889" not in group["members"] and "default:4269" in group["members"]
+
+
 def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engine) -> None:
     """The features above are what a writer gets first when searching for their concept (by the
     eval set's query: "car" for driving)."""
