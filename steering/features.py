@@ -141,7 +141,10 @@ GROUP_SIZE = 4
 # the gradient of KL(model with "The following text is about <query>." in front ‖ plain text steered),
 # over neutral sentences, with respect to an add at the SAE's layer, at no push (the `distill.py`
 # objective, one backward pass); a candidate stays where its decoder direction points down that
-# gradient (a push along it makes the plain text read more like the prompted one).
+# gradient (a push along it makes the plain text read more like the prompted one). Measured the same
+# way (strength 1, the lead's calibrated push): held-out concepts 25 % at 1.30x -> 33 % at 1.33x, main
+# set 50 % at 1.42x -> 49 % at 1.38x; of the best 12 instead of 8: 32 %; members weighted by the
+# gradient: 32-35 %. Without the engine's model (or with fewer than two chosen): the best `GROUP_SIZE`.
 GROUP_CANDIDATES = 8
 EFFECT_POSITIONS = 4  # next-token distributions read at the last this many positions of each context
 
