@@ -173,7 +173,8 @@ class KVCache:
 
 
 class RMSNorm(nn.Module):
-    """`F.rms_norm`, or for a few bf16 rows the C kernel (`csrc/rms_norm.c`: one call instead of ~8 ops)."""
+    """`F.rms_norm`, or for bf16 rows the C kernel (`csrc/rms_norm.c`: one call instead of ~8 ops for a
+    few rows; a prefill's 2,048 rows 0.98 -> 0.15 ms, its rows split over the threads)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -181,14 +182,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.numel() <= NORM_KERNEL_MAX_ELEMENTS and not torch.is_grad_enabled():
+        if x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
             kernel = rms_norm_kernel()
             if kernel is not None and self.weight.dtype == torch.bfloat16:
                 return kernel(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one op (the sum in fp32)
-
-
-NORM_KERNEL_MAX_ELEMENTS = 1 << 14  # a few rows (decode, keystrokes); prefill stays with F.rms_norm
 
 
 class RmsNormKernel:
