@@ -140,4 +140,3 @@ def kl_gradient(model, tokenizer, description: str, texts: Sequence[Sequence[int
     with torch.enable_grad():
         _kl(teacher, _steered_logprobs(runner, texts, {layer: a})).backward()
     return a.grad.detach()
-

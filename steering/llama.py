@@ -68,10 +68,12 @@ class KVCache:
 
     A bf16 model's cache is bf16 (its keys and values are computed in bf16: storing them so loses
     nothing) and few new tokens attend over it with the `attention` kernel, which reads it at twice
-    the speed PyTorch's float32 attention reads a float32 cache. Otherwise (a float32 model, no
-    kernel on this machine, or more than `attention.MAX_ROWS` new tokens) attention is PyTorch's
-    SDPA in float32: its bf16 CPU attention is several times slower than its float32 one (one new
-    token, 2 threads, one layer: 31 vs 156 µs over 256 cached tokens, 157 vs 1,140 µs over 2,048).
+    the speed PyTorch's float32 attention reads a float32 cache; more than `attention.MAX_ROWS` new
+    tokens (a prefill, a paste) with the prefill kernel where the CPU has AVX512-BF16
+    (`attend_prefill`). Otherwise (a float32 model, no kernel on this machine) attention is
+    PyTorch's SDPA in float32: its bf16 CPU attention is several times slower than its float32 one for
+    a few new tokens (one new token, 2 threads, one layer: 31 vs 156 µs over 256 cached tokens, 157 vs
+    1,140 µs over 2,048); a cold prefill runs its bf16 is_causal SDPA.
 
     `ids` mirrors the tokens whose keys/values are stored, so a new request can find its longest
     common prefix with the cache by comparing token ids. `logits_after` keeps next-token logits by

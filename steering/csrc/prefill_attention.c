@@ -8,7 +8,8 @@
  * the softmax runs online in float32, and its probabilities are rounded to bf16 for the values'
  * product, as SDPA's bf16 kernel rounds them. Keys and values are first packed so that one 512-bit
  * load holds 16 keys' values of a pair of dimensions (scores) or 16 dimensions of a pair of keys
- * (values); the packing is ~1 % of the work.
+ * (values); the packing is ~1 % of the work. 2,048 tokens, 9 query heads over 3 key/value heads,
+ * one layer, 2 threads: 18.5 ms (SDPA 40 ms); a model's cold prefill of 2,048 tokens 2.8 -> 1.9 s.
  *
  * q: bf16, head h's row j at q + h*q_head + j*q_row; k, v: bf16 [KV][capacity][64] (kv_head elements
  * between heads); out: bf16 [T][H*64]; packed: bf16 scratch, at least 2*KV*round_up(L, 64)*64.
@@ -33,8 +34,8 @@
 
 /* keys [L][64] → per block of 16 keys, per pair of dimensions: the 16 keys' pairs (32 bf16);
  * values [L][64] → per pair of keys, per dimension: the two keys' values (2 bf16). Rows past L are 0. */
-static void pack_head(const uint16_t *k, const uint16_t *v, int64_t length, int64_t padded, uint32_t *kp,
-                      uint32_t *vp, int64_t lo, int64_t hi) {
+static void pack_head(const uint16_t *k, const uint16_t *v, int64_t length, uint32_t *kp, uint32_t *vp,
+                      int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; i++) {
         const uint32_t *krow = (const uint32_t *)(k + i * DIM);
         uint32_t *kblock = kp + (i / 16) * (DIM / 2) * 16 + i % 16;
@@ -42,7 +43,6 @@ static void pack_head(const uint16_t *k, const uint16_t *v, int64_t length, int6
         uint16_t *vpair = (uint16_t *)(vp + (i / 2) * DIM) + i % 2;
         for (int d = 0; d < DIM; d++) vpair[2 * d] = i < length ? v[i * DIM + d] : 0;
     }
-    (void)padded;
 }
 
 /* Scores of RB query rows (their bf16 pairs) against the 64 keys of a packed block → s[RB][KB]. */
@@ -174,7 +174,7 @@ int prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
         for (int64_t w = 0; w < kv_heads * chunks; w++) {
             const int g = (int)(w / chunks);
             const int64_t lo = (w % chunks) * chunk, hi = lo + chunk < padded ? lo + chunk : padded;
-            pack_head(k + g * kv_head, v + g * kv_head, length, padded, kpacked + g * padded * DIM / 2,
+            pack_head(k + g * kv_head, v + g * kv_head, length, kpacked + g * padded * DIM / 2,
                       vpacked + g * padded * DIM / 2, lo, hi);
         }
         /* the last blocks of queries see the most keys: they go first */
