@@ -137,6 +137,6 @@ def kl_gradient(model, tokenizer, description: str, texts: Sequence[Sequence[int
     runner = BatchRunner(model, special_ids=special_ids)
     teacher = _prompted_targets(runner, _head(tokenizer, description), texts, penalty)
     a = add.detach().float().clone().requires_grad_(True)
-    with torch.enable_grad():
-        _kl(teacher, _steered_logprobs(runner, texts, {layer: a})).backward()
-    return a.grad.detach()
+    with torch.enable_grad():  # only the add's gradient: nothing is left on the model's parameters
+        (grad,) = torch.autograd.grad(_kl(teacher, _steered_logprobs(runner, texts, {layer: a})), [a])
+    return grad.detach()
