@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -146,6 +148,9 @@ GROUP_SIZE = 4
 # set 50 % at 1.42x -> 49 % at 1.38x; of the best 12 instead of 8: 32 %; members weighted by the
 # gradient: 32-35 %. Without the engine's model (or with fewer than two chosen): the best `GROUP_SIZE`.
 GROUP_CANDIDATES = 8
+GRADIENTS_KEPT = 64  # the last queries' gradients (~1.5 s each), by model, layer and description
+_GRADIENTS: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+_GRADIENTS_LOCK = threading.Lock()
 GRADIENT_TEXTS = 16  # neutral sentences the gradient is taken over (8: held-out the same, main 49 -> 42 %)
 EFFECT_POSITIONS = 4  # next-token distributions read at the last this many positions of each context
 
@@ -414,9 +419,17 @@ def prompt_aligned(sae, engine, query: str, candidates: Sequence[int]) -> list[b
         return None
     query = " ".join(query.split())
     description = query if query.lower().startswith("about ") else f"about {query}"
-    texts = [engine.tokenize(t) for t in NEUTRAL_CONTEXTS[:GRADIENT_TEXTS]]
-    grad = kl_gradient(model, tokenizer, description, texts, sae.layer, torch.zeros(sae.d_in),
-                       getattr(engine, "special_ids", ()))
+    key = (id(model), sae.layer, description.lower())
+    with _GRADIENTS_LOCK:  # a picker searches again as the writer types and deletes
+        owner, grad = _GRADIENTS.pop(key, (None, None))
+    if grad is None or owner() is not model:  # (an id is reused once its model is gone)
+        texts = [engine.tokenize(t) for t in NEUTRAL_CONTEXTS[:GRADIENT_TEXTS]]
+        grad = kl_gradient(model, tokenizer, description, texts, sae.layer, torch.zeros(sae.d_in),
+                           getattr(engine, "special_ids", ()))
+    with _GRADIENTS_LOCK:
+        _GRADIENTS[key] = (weakref.ref(model), grad)
+        while len(_GRADIENTS) > GRADIENTS_KEPT:
+            del _GRADIENTS[next(iter(_GRADIENTS))]
     directions = torch.stack([sae.direction(i).float() for i in candidates])
     return [bool(x) for x in (directions @ grad < 0).tolist()]
 
