@@ -419,7 +419,7 @@ def prompt_aligned(sae, engine, query: str, candidates: Sequence[int]) -> list[b
         return None
     query = " ".join(query.split())
     description = query if query.lower().startswith("about ") else f"about {query}"
-    key = (id(model), sae.layer, description.lower())
+    key = (id(model), sae.layer, description)
     with _GRADIENTS_LOCK:  # a picker searches again as the writer types and deletes
         owner, grad = _GRADIENTS.pop(key, (None, None))
     if grad is None or owner() is not model:  # (an id is reused once its model is gone)
