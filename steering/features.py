@@ -396,10 +396,9 @@ def _group_members(library: FeatureLibrary, engine, query: str, results: Sequenc
     """The hits a group is made of: the best `GROUP_SIZE`, or with the engine's own model those of the
     best `GROUP_CANDIDATES` (of the first hit's SAE) that move the text toward the query
     (`prompt_aligned`)."""
-    source = results[0]["id"].rpartition(":")[0] if results else ""
-    candidates = [h for h in results if h["id"].rpartition(":")[0] == source][:GROUP_CANDIDATES]
+    candidates = _of_first_sae(results)[:GROUP_CANDIDATES]
     if len(candidates) > GROUP_SIZE:
-        sae = library.sae(source)
+        sae = library.sae(candidates[0]["id"].rpartition(":")[0])
         keep = prompt_aligned(sae, engine, query, [int(h["id"].rpartition(":")[2]) for h in candidates])
         if keep is not None and sum(keep) >= 2:
             return [h for h, k in zip(candidates, keep, strict=True) if k][:MAX_GROUP]
@@ -439,13 +438,19 @@ def group_label(members: Sequence[dict]) -> str:
     return "together: " + "; ".join(m.get("phrase") or m.get("label") or m["id"] for m in members)
 
 
+def _of_first_sae(hits: Sequence[dict]) -> list[dict]:
+    """The hits from the first hit's SAE, in order (a group steers features of one SAE)."""
+    source = hits[0]["id"].rpartition(":")[0] if hits else ""
+    return [h for h in hits if h["id"].rpartition(":")[0] == source]
+
+
 def feature_group(hits: Sequence[dict]) -> dict | None:
     """Search's first answer: its best features (of the first one's SAE) as one steerable group, or
     None when fewer than two qualify. Its label lists what each member fires on."""
-    source = hits[0]["id"].rpartition(":")[0] if hits else ""
-    members = [h for h in hits if h["id"].rpartition(":")[0] == source]
+    members = _of_first_sae(hits)
     if len(members) < 2:
         return None
+    source = members[0]["id"].rpartition(":")[0]
     ids = [h["id"].rpartition(":")[2] for h in members]
     return {
         "id": f"{source}:{'+'.join(ids)}", "kind": "group", "members": [h["id"] for h in members],
