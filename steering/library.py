@@ -26,6 +26,18 @@ from .steering import (
 )
 
 ADD_FRACTION = 0.5  # strength 1 = this fraction of the typical residual norm (eval-tuned default)
+
+
+def feature_span(n_layers: int) -> int:
+    """How many layers an SAE feature's `add` is shared out over, from the SAE's layer on: a sixth
+    of the model's depth (5 of SmolLM2's 30 layers). A direction written into the residual stream
+    stays readable for a few layers, and a push split over them changes the text less per hit than the
+    same push at one layer (as a described concept's push over four layers does). Measured with
+    search's groups on the held-out concepts (`steer eval`, 6 prompts, 40 tokens; hit rate at a
+    perplexity ratio to unsteered): one layer 36 % at 1.31x, 40 % at 1.53x; three 45 % at 1.52x;
+    five 39 % at 1.39x, 48 % at 1.53x, 57 % at 1.77x; seven 38 % at 1.42x, 46 % at 1.56x; nine 37 %
+    at 1.38x, 48 % at 1.64x; the layer before and after 41 % at 1.54x."""
+    return max(1, round(n_layers / 6))
 FALLBACK_NORM = 170.0  # a typical mid-layer residual norm of a small model, when nothing was measured
 
 
@@ -42,6 +54,7 @@ class FeatureLibrary:
         self._engine = None
         self.model_key = "default"
         self.concept_layers: list[int] = []
+        self.feature_span = 1  # layers an SAE feature's add is shared over (`feature_span`, set with a model)
         self.calibrations = calibrations
 
     # -- model (needed for concepts) ------------------------------------------------------------
@@ -51,6 +64,7 @@ class FeatureLibrary:
 
         self._engine, self.model_key = engine, str(engine.info.model)
         self.concept_layers = concept_layers(int(engine.info.layers))
+        self.feature_span = feature_span(int(engine.info.layers))
 
     @property
     def sae_names(self) -> list[str]:
@@ -137,7 +151,8 @@ class FeatureLibrary:
         source, _ = parse_feature_ref(ref)
         if source in ("concept", "vector"):
             return ref
-        return f"{self.calibrated_as(ref)}@{self.sae(source).fingerprint()}"
+        spread = f"/{self.feature_span}" if self.feature_span > 1 else ""  # a push over other layers
+        return f"{self.calibrated_as(ref)}@{self.sae(source).fingerprint()}{spread}"
 
     def _stored_fraction(self, ref: str, layer: int) -> float | None:
         if self.calibrations is None:
@@ -158,8 +173,9 @@ class FeatureLibrary:
             raise SteeringError(f"calibrating {ref!r} needs the model: it is not loaded yet")
         ref = self.calibrated_as(ref)
         handle = self.handle(ref)
-        push = ADD_FRACTION * handle.add_scale / self.add_fraction(ref, handle.layer)
-        cal = calibrate(self._engine, {handle.layer: push * handle.direction}, handle.layer, handle.direction)
+        push = ADD_FRACTION / self.add_fraction(ref, handle.layer)  # the default push, in strength
+        n_layers = int(self._engine.info.layers)
+        cal = calibrate(self._engine, handle.add_deltas(push, n_layers=n_layers), handle.layer, handle.direction)
         fraction = ADD_FRACTION * cal.multiplier
         if self.calibrations is None:
             self.calibrations = CalibrationStore()
@@ -207,11 +223,11 @@ class FeatureLibrary:
         sae, indices, add_scale = self._sae_push(ref)
         if len(indices) == 1:
             return FeatureHandle(ref, sae.layer, sae.direction(indices[0]), add_scale,
-                                 sae.max_activation(indices[0]), sae.feature_reader(indices[0]))
+                                 sae.max_activation(indices[0]), sae.feature_reader(indices[0]), self.feature_span)
         summed = _summed_direction(sae, indices, ref)
         unit = summed / summed.norm()  # a group: its members' directions summed (what `add` pushes along)
         value = sum(sae.max_activation(i) * float(sae.direction(i).float() @ unit) for i in indices)
-        return FeatureHandle(ref, sae.layer, unit, add_scale, value, _projection(unit))
+        return FeatureHandle(ref, sae.layer, unit, add_scale, value, _projection(unit), self.feature_span)
 
     def sae_features(self, ref: str) -> tuple:
         """The SAE of an SAE feature reference and its feature indices (one, or a group's), checked."""
@@ -235,7 +251,7 @@ class FeatureLibrary:
         sae, indices, add_scale = self._sae_push(ref)
         summed_norm = float(_summed_direction(sae, indices, ref).norm())
         return [FeatureHandle(ref, sae.layer, sae.direction(i), add_scale / summed_norm,
-                              sae.max_activation(i), sae.feature_reader(i)) for i in indices]
+                              sae.max_activation(i), sae.feature_reader(i), self.feature_span) for i in indices]
 
 
 def _is_group(source: str, key: str) -> bool:

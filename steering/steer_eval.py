@@ -152,8 +152,8 @@ def pushes_of(handles, strength: float) -> dict[int, torch.Tensor]:
     """Residual delta per layer of `add` at `strength` for a reference's handles."""
     out: dict[int, torch.Tensor] = {}
     for h in handles:
-        delta = strength * h.add_scale * h.direction.float()
-        out[h.layer] = out[h.layer] + delta if h.layer in out else delta
+        for layer, delta in h.add_deltas(strength).items():
+            out[layer] = out[layer] + delta if layer in out else delta
     return out
 
 
@@ -337,5 +337,5 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
     config = {"quick": quick, "concept_set": str(concept_set or "main"), "prompts": len(prompts),
               "concepts": [c.name for c in chosen], "tokens": gen.tokens, "strengths": strengths,
               "model": engine.info.model, "dtype": engine.info.dtype,
-              "concept_layers": library.concept_layers, "d_model": d_model}
+              "concept_layers": library.concept_layers, "feature_span": library.feature_span, "d_model": d_model}
     return EvalReport(results, speed, config, search_top1, time.perf_counter() - started, on_concept)

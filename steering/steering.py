@@ -179,6 +179,8 @@ class FeatureHandle:
     layer's typical residual norm, so a strength means the same for features and vectors);
     `value_scale` is what `clamp` at strength 1 sets the value to (an SAE feature's max activation,
     a vector's typical projection); `read` gives the current value (see `FeatureEdit`).
+    `add_layers`: `add` is shared out evenly over this many consecutive layers from `layer` on (an
+    SAE feature's push, see `library.feature_span`); `clamp` and `ablate` act at `layer` alone.
     """
 
     ref: str
@@ -187,6 +189,17 @@ class FeatureHandle:
     add_scale: float
     value_scale: float
     read: Callable[[torch.Tensor], torch.Tensor]
+    add_layers: int = 1
+
+    def add_deltas(self, strength: float, layer: int | None = None, n_layers: int | None = None
+                   ) -> dict[int, torch.Tensor]:
+        """Residual delta per layer of `add` at `strength`, from `layer` (default: the handle's) over
+        `add_layers` layers, the model's last layer (of `n_layers`) being the furthest."""
+        start = self.layer if layer is None else layer
+        end = start + max(1, self.add_layers)
+        layers = range(start, max(start + 1, min(end, n_layers)) if n_layers is not None else end)
+        delta = (strength * self.add_scale / len(layers)) * self.direction.float()
+        return dict.fromkeys(layers, delta)
 
 
 def parse_feature_ref(ref: str) -> tuple[str, str]:
@@ -265,7 +278,8 @@ def resolve_plan(plan: SteeringPlan | None, library: HandleSource, d_model: int,
     """Turn a plan into per-layer tensors; None when nothing changes the model.
 
     Semantics (strength s, unit direction u):
-    - add: the residual gets ``s · add_scale · u`` at every steered position (negative s: less of it);
+    - add: the residual gets ``s · add_scale · u`` at every steered position (negative s: less of it),
+      shared out over the handle's `add_layers` layers;
     - clamp: the feature's value is set to ``s · value_scale`` (s = 0 switches it off); the rest of
       the residual (the SAE's error and every other feature) is kept;
     - ablate: the feature's value is multiplied by ``1 - s`` (s = 1 removes it), only where it is on.
@@ -286,12 +300,14 @@ def resolve_plan(plan: SteeringPlan | None, library: HandleSource, d_model: int,
             layer = h.layer if entry.layer is None else int(entry.layer)
             if n_layers is not None and not 0 <= layer < n_layers:
                 raise SteeringError(f"layer {layer} for {entry.feature} is out of range 0..{n_layers - 1}")
+            if entry.mode == "add":
+                for at, delta in h.add_deltas(strength, layer, n_layers).items():
+                    edit = resolved.setdefault(at, LayerEdit())
+                    edit.add = delta if edit.add is None else edit.add + delta
+                continue
             edit = resolved.setdefault(layer, LayerEdit())
             direction = h.direction.float()
-            if entry.mode == "add":
-                delta = (strength * h.add_scale) * direction
-                edit.add = delta if edit.add is None else edit.add + delta
-            elif entry.mode == "clamp":
+            if entry.mode == "clamp":
                 edit.features.append(FeatureEdit(h.read, direction, "clamp", strength * h.value_scale))
             else:
                 edit.features.append(FeatureEdit(h.read, direction, "ablate", strength))

@@ -115,6 +115,28 @@ def test_add_math(sae_dir: Path, tmp_path: Path) -> None:
     assert torch.allclose(out - h, expected.expand_as(h), atol=1e-4)
 
 
+
+
+def test_a_features_add_is_shared_over_its_span_of_layers(sae_dir: Path, tmp_path: Path) -> None:
+    """With a model attached, an SAE feature's `add` is split evenly over `feature_span` layers from
+    its SAE's layer on (cut at the model's last layer); the same total push; clamp stays at its layer."""
+    from tinymorph.steering.library import feature_span
+
+    assert feature_span(30) == 5 and feature_span(4) == 1 and feature_span(1) == 1
+    lib = _library(sae_dir, tmp_path)
+    lib.feature_span = 3
+    sae = lib.sae("tiny")
+    one = ADD_FRACTION * FALLBACK_NORM * sae.direction(3)
+    resolved = resolve_plan(SteeringPlan((SteeringEntry("tiny:3", 1.0),)), lib, D_IN, 8)
+    assert set(resolved) == {LAYER, LAYER + 1, LAYER + 2}
+    for layer in resolved:
+        assert torch.allclose(resolved[layer].add, one / 3, atol=1e-5) and not resolved[layer].features
+    cut = resolve_plan(SteeringPlan((SteeringEntry("tiny:3", 1.0),)), lib, D_IN, LAYER + 2)  # two layers left
+    assert set(cut) == {LAYER, LAYER + 1} and torch.allclose(cut[LAYER].add, one / 2, atol=1e-5)
+    moved = resolve_plan(SteeringPlan((SteeringEntry("tiny:3", 1.0, layer=0),)), lib, D_IN, 8)
+    assert set(moved) == {0, 1, 2}  # a layer the user gives is where the span starts
+    clamp = resolve_plan(SteeringPlan((SteeringEntry("tiny:3", 1.0, "clamp"),)), lib, D_IN, 8)
+    assert set(clamp) == {LAYER} and clamp[LAYER].add is None
 def test_clamp_uses_the_saes_own_encoding(sae_dir: Path, tmp_path: Path) -> None:
     """clamp sets the value the SAE itself reads (TopK included) and keeps the rest of the residual."""
     lib = _library(sae_dir, tmp_path)
