@@ -7,8 +7,8 @@ direction we try a few pushes on held-out neutral prompts, continue each as the 
   with the description written in front of it; for a feature or vector, how far the continuation,
   read back by the unsteered model, lies along the direction at its layer (no lexicon needed);
 - fluency: perplexity of the continuation under the unsteered model, and repeated 3-grams.
-The chosen push is where the perplexity ratio, fitted over the pushes tried (log ratio linear in the
-push: six or eight prompts make each point noisy), reaches `MAX_PPL_RATIO`, no further than the
+The chosen push is where the perplexity ratio, fitted over the pushes tried (log ratio a·m + b·m² in
+the push m: six or eight prompts make each point noisy), reaches `MAX_PPL_RATIO`, no further than the
 strongest push that keeps repetition at most unsteered's (+ a small margin) and raises presence;
 presence grows with the push, so that is the most concept the fluency budget allows. A fitted
 crossing instead of the strongest passing grid point: the grid's steps are ~0.1 of perplexity ratio
@@ -44,7 +44,7 @@ REP_MARGIN = 0.05  # the eval target: repetition at most unsteered + 0.05
 # prompts is 1.82x over 24 tokens, 1.69x over 32), so a shorter window holds strength 1 below the
 # budget the eval measures.
 TOKENS = 40
-METHOD = "fitted-crossing-40"  # stored with every calibration: one made by another rule is made again
+METHOD = "curve-crossing-40"  # stored with every calibration: one made by another rule is made again
 CALIBRATION_PROMPTS = [  # held out from the eval's prompts and the neutral contexts; openings of prose
     "On Saturday morning I woke up early and",
     "The first thing you notice when you walk in is",
@@ -116,21 +116,41 @@ def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int | None = 
 
 def _fitted_multiplier(stats: dict[float, dict], floor: float) -> float:
     """Where the fitted log perplexity ratio reaches the budget, capped at the strongest push that
-    keeps repetition and raises presence; `floor` when no push does both."""
+    keeps repetition and raises presence; `floor` when no push does both.
+
+    The fit is ``a·m + b·m²`` (no push, no change): the ratio grows faster than linearly with the
+    push (SAE features' tables, 8 prompts: ~1.1x at half the default push, ~1.5x at three quarters,
+    ~2x at the full one, 3-5x at 1.25), so the straight line fitted before (with a free intercept)
+    crossed the budget early: strength 1 sat ~13 % short of the push where the curve crosses, and at
+    1.35x unsteered perplexity instead of the budget in `steer eval`."""
     base = stats[0.0]
     tried = sorted(m for m in stats if m > 0)
     usable = [m for m in tried if stats[m]["rep3"] <= base["rep3"] + REP_MARGIN
               and stats[m]["presence"] > base["presence"]]
     if not usable:
         return floor
-    if len(tried) < 2:  # no line through one point: the one push tried
+    if len(tried) < 2:  # no curve through one point: the one push tried
         return max(usable)
+    target = math.log(MAX_PPL_RATIO)
     log_ratio = [math.log(max(stats[m]["ppl"], 1e-9) / base["ppl"]) for m in tried]
-    slope, intercept = statistics.linear_regression(tried, log_ratio)
-    if slope <= 0:  # perplexity does not grow with the push over the range tried
+    crossing = _crossing(tried, log_ratio, target)
+    if crossing is None:  # perplexity does not grow with the push over the range tried
         return max(usable)
-    crossing = (math.log(MAX_PPL_RATIO) - intercept) / slope
     return max(floor, min(crossing, max(usable)))
+
+
+def _crossing(pushes: Sequence[float], log_ratio: Sequence[float], target: float) -> float | None:
+    """The push where the least-squares ``a·m + b·m²`` through the points reaches `target` (a
+    straight line through the origin when the fit curves down), None where it never grows."""
+    s2, s3, s4 = (sum(m**k for m in pushes) for k in (2, 3, 4))
+    t1, t2 = sum(m * y for m, y in zip(pushes, log_ratio, strict=True)), sum(
+        m * m * y for m, y in zip(pushes, log_ratio, strict=True))
+    det = s2 * s4 - s3 * s3
+    a, b = ((t1 * s4 - t2 * s3) / det, (s2 * t2 - s3 * t1) / det) if det > 1e-12 else (t1 / s2, 0.0)
+    if b > 1e-9:
+        return (-a + math.sqrt(a * a + 4 * b * target)) / (2 * b)
+    slope = t1 / s2
+    return target / slope if slope > 0 else None
 
 
 class CalibrationStore:

@@ -494,6 +494,10 @@ def test_calibration_stops_where_the_fitted_perplexity_ratio_meets_the_budget():
     # noise around the line moves the answer a little, not to a grid point
     noisy = {m: r * f for (m, r), f in zip(linear.items(), (1.03, 0.97, 1.02, 0.99), strict=True)}
     assert abs(_fitted_multiplier(stats(noisy), 0.5) - crossing) < 0.08
+    # a ratio that grows faster than linearly (as measured): the curve's crossing, not a line's
+    convex = {m: math.exp(0.2 * m + 0.8 * m * m) for m in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)}
+    root = (-0.2 + math.sqrt(0.04 + 3.2 * math.log(MAX_PPL_RATIO))) / 1.6
+    assert _fitted_multiplier(stats(convex), 0.25) == pytest.approx(root)
     # looping from 0.75 on caps it at the strongest push without the loop, even under the budget
     flat = {m: 1.0 + 0.1 * m for m in (0.5, 0.75, 1.0, 1.25)}
     looping = {0.75: REP_MARGIN * 2, 1.0: REP_MARGIN * 2, 1.25: REP_MARGIN * 2}
