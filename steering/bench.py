@@ -257,14 +257,18 @@ def _decode_rates(engine: Engine, worker: LlamaCppWorker | None, corpus: TextAtT
 
 
 def _steering_overhead(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, log) -> dict:
-    """TTFT and decode with an `add` edit on the middle layer vs none (same hooks path as real plans).
+    """TTFT and decode with an `add` edit as an SAE feature's (from the middle layer over
+    `feature_span` layers) vs none (same hooks path as real plans).
 
     Decode is timed in short alternating bursts on one cache (each burst's tokens are dropped
     again), so both plans see the same machine and the same cache length: one long run per plan
     measured the machine's drift more than steering (+8..13 % one run, -1 % the next)."""
-    layer = engine.model.cfg.n_layers // 2
+    from .library import feature_span
+
+    layer, span = engine.model.cfg.n_layers // 2, feature_span(engine.model.cfg.n_layers)
     direction = torch.randn(engine.model.cfg.dim)
-    resolved = {layer: LayerEdit(add=direction / direction.norm() * 4.0)}
+    resolved = {la: LayerEdit(add=direction / direction.norm() * 4.0 / span)
+                for la in range(layer, min(layer + span, engine.model.cfg.n_layers))}
     n = min(1024, max(cfg.sizes))
     plans = (("unsteered", None), ("steered", resolved))
     colds: dict[str, list[float]] = {label: [] for label, _ in plans}
@@ -291,6 +295,7 @@ def _steering_overhead(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, l
     un, st = results["unsteered"], results["steered"]
     results["prefill_overhead_pct"] = 100 * (st["prefill_ms"] / un["prefill_ms"] - 1)
     results["decode_overhead_pct"] = 100 * (un["decode_tokens_per_s"] / st["decode_tokens_per_s"] - 1)
+    results["layers"] = f"{min(resolved)}-{max(resolved)}"
     log(f"steering overhead: prefill {results['prefill_overhead_pct']:+.1f} %  decode "
         f"{results['decode_overhead_pct']:+.1f} %")
     return results
@@ -438,7 +443,7 @@ def format_table(result: BenchResult) -> str:
         lines.append(f"decode tinymorph / llama.cpp: x{ratio:.2f}")
     if result.steering:
         s = result.steering
-        lines.append(f"steering overhead (add on layer {result.model['layers'] // 2}): prefill "
+        lines.append(f"steering overhead (add on layers {result.steering.get('layers', '?')}): prefill "
                      f"{s['prefill_overhead_pct']:+.1f} %, decode {s['decode_overhead_pct']:+.1f} %")
     m = result.memory
     lines.append(f"memory: RSS after load {m['rss_after_load_mb']:.0f} MB, peak during tinymorph runs "
