@@ -30,7 +30,7 @@ import torch
 
 from .engine import CompletionRequest, Engine
 from .generate import GenerationOptions
-from .steering import LayerEdit
+from .steering import FeatureHandle, LayerEdit
 
 
 @dataclass
@@ -265,10 +265,11 @@ def _steering_overhead(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, l
     measured the machine's drift more than steering (+8..13 % one run, -1 % the next)."""
     from .library import feature_span
 
-    layer, span = engine.model.cfg.n_layers // 2, feature_span(engine.model.cfg.n_layers)
+    n_layers = engine.model.cfg.n_layers
     direction = torch.randn(engine.model.cfg.dim)
-    resolved = {la: LayerEdit(add=direction / direction.norm() * 4.0 / span)
-                for la in range(layer, min(layer + span, engine.model.cfg.n_layers))}
+    feature = FeatureHandle("bench", n_layers // 2, direction / direction.norm(), 4.0, 0.0, lambda x: x,
+                            feature_span(n_layers))
+    resolved = {la: LayerEdit(add=delta) for la, delta in feature.add_deltas(1.0, n_layers=n_layers).items()}
     n = min(1024, max(cfg.sizes))
     plans = (("unsteered", None), ("steered", resolved))
     colds: dict[str, list[float]] = {label: [] for label, _ in plans}

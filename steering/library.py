@@ -26,6 +26,7 @@ from .steering import (
 )
 
 ADD_FRACTION = 0.5  # strength 1 = this fraction of the typical residual norm (eval-tuned default)
+FALLBACK_NORM = 170.0  # a typical mid-layer residual norm of a small model, when nothing was measured
 
 
 def feature_span(n_layers: int) -> int:
@@ -38,7 +39,6 @@ def feature_span(n_layers: int) -> int:
     five 39 % at 1.39x, 48 % at 1.53x, 57 % at 1.77x; seven 38 % at 1.42x, 46 % at 1.56x; nine 37 %
     at 1.38x, 48 % at 1.64x; the layer before and after 41 % at 1.54x."""
     return max(1, round(n_layers / 6))
-FALLBACK_NORM = 170.0  # a typical mid-layer residual norm of a small model, when nothing was measured
 
 
 class FeatureLibrary:

@@ -197,7 +197,9 @@ class FeatureHandle:
         `add_layers` layers, the model's last layer (of `n_layers`) being the furthest."""
         start = self.layer if layer is None else layer
         end = start + max(1, self.add_layers)
-        layers = range(start, max(start + 1, min(end, n_layers)) if n_layers is not None else end)
+        if n_layers is not None:
+            end = max(start + 1, min(end, n_layers))
+        layers = range(start, end)
         delta = (strength * self.add_scale / len(layers)) * self.direction.float()
         return dict.fromkeys(layers, delta)
 
