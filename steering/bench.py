@@ -444,7 +444,7 @@ def format_table(result: BenchResult) -> str:
         lines.append(f"decode tinymorph / llama.cpp: x{ratio:.2f}")
     if result.steering:
         s = result.steering
-        lines.append(f"steering overhead (add on layers {result.steering.get('layers', '?')}): prefill "
+        lines.append(f"steering overhead (add on layers {s.get('layers', '?')}): prefill "
                      f"{s['prefill_overhead_pct']:+.1f} %, decode {s['decode_overhead_pct']:+.1f} %")
     m = result.memory
     lines.append(f"memory: RSS after load {m['rss_after_load_mb']:.0f} MB, peak during tinymorph runs "
