@@ -65,7 +65,8 @@ class BatchRunner:
     def generate(self, prompts: Sequence[Sequence[int]], max_new: int, plan: ResolvedPlan | None = None,
                  stop_ids: Sequence[int] = (), steer_prompt: bool = True, steer_new: bool = True,
                  options: GenerationOptions = DECODING) -> list[list[int]]:
-        """Greedy continuations (token ids) of every prompt; `plan` may hold per-row [B, 1, d] adds.
+        """Greedy continuations (token ids) of every prompt; `plan` may hold per-row [B, 1, d] adds (its
+        `written` ones at the generated tokens, as the engine does).
         The repetition penalty of `options` applies as in the engine's `generate` (over each row's
         last `repetition_window` tokens, prompt included): what is measured is what an editor gets."""
         model = self.model
@@ -82,7 +83,7 @@ class BatchRunner:
         mask = causal & valid[:, None, :width]
         mask |= torch.eye(width, dtype=torch.bool)  # padded rows attend to themselves (no NaN)
         logits = self._forward(ids, pos, cache, 0, mask[:, None], plan if steer_prompt else None,
-                               self._steer_mask(ids, pos, valid[:, :width]))
+                               self._steer_mask(ids, pos, valid[:, :width]), writing=False)
         out = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool)
         stops = torch.tensor(list(stop_ids), dtype=torch.long)
@@ -108,16 +109,16 @@ class BatchRunner:
             last_pos = last_pos + 1
             tok = nxt[:, None]
             logits = self._forward(tok, last_pos[:, None], cache, at, valid[:, None, None, :at + 1],
-                                   plan if steer_new else None, None)
+                                   plan if steer_new else None, None, writing=True)
         return out
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: _Cache, start: int, mask: torch.Tensor,
-                 plan: ResolvedPlan | None, steer: torch.Tensor | None) -> torch.Tensor:
+                 plan: ResolvedPlan | None, steer: torch.Tensor | None, writing: bool) -> torch.Tensor:
         model = self.model
         x = model.embed(ids)
         cos = model.rope_cos[pos].to(x.dtype).unsqueeze(1)
         sin = model.rope_sin[pos].to(x.dtype).unsqueeze(1)
-        with self.hooks.active(plan, steer):
+        with self.hooks.active(plan, steer, writing):
             for layer in model.layers:
                 x = layer(x, cache, start, cos, sin, mask)
         return model.lm_head(model.norm(x[:, -1])).float()

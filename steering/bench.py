@@ -269,7 +269,9 @@ def _steering_overhead(engine: Engine, corpus: TextAtTokens, cfg: BenchConfig, l
     direction = torch.randn(engine.model.cfg.dim)
     feature = FeatureHandle("bench", n_layers // 2, direction / direction.norm(), 4.0, 0.0, lambda x: x,
                             feature_span(n_layers))
-    resolved = {la: LayerEdit(add=delta) for la, delta in feature.add_deltas(1.0, n_layers=n_layers).items()}
+    written = feature.add_deltas(1.0, n_layers=n_layers, writing=True)
+    resolved = {la: LayerEdit(add=delta, written=written[la])
+                for la, delta in feature.add_deltas(1.0, n_layers=n_layers).items()}
     n = min(1024, max(cfg.sizes))
     plans = (("unsteered", None), ("steered", resolved))
     colds: dict[str, list[float]] = {label: [] for label, _ in plans}

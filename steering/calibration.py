@@ -75,9 +75,11 @@ class Calibration:
 def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int | None = None,
               read_direction: torch.Tensor | None = None, description: str | None = None,
               prompts: Sequence[str] = CALIBRATION_PROMPTS, runner: BatchRunner | None = None,
-              grid: Sequence[float] = GRID, tokens: int = TOKENS) -> Calibration:
-    """Pick the multiple of `pushes` (residual delta per layer at the default strength 1) that puts
-    the most of the concept into the text while staying fluent. Presence: with a `description`, how
+              grid: Sequence[float] = GRID, tokens: int = TOKENS,
+              written: dict[int, torch.Tensor] | None = None) -> Calibration:
+    """Pick the multiple of `pushes` (residual delta per layer at the default strength 1; `written`:
+    at the tokens the model writes, if not the same) that puts the most of the concept into the text
+    while staying fluent. Presence: with a `description`, how
     much likelier the continuation is when the description is written in front of the prompt
     (nats per token; it reads what the words say, for any description); else how far the
     continuation lies along `read_direction` at `read_layer`."""
@@ -85,7 +87,10 @@ def calibrate(engine, pushes: dict[int, torch.Tensor], read_layer: int | None = 
     ids = [engine.tokenize(p) for p in prompts]
     multiples = [0.0, *grid]
     rows = [(m, p) for m in multiples for p in ids]
-    plan = {layer: LayerEdit(add=torch.stack([m * delta.float() for m, _ in rows])[:, None, :])
+    def per_row(delta: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m * delta.float() for m, _ in rows])[:, None, :]
+
+    plan = {layer: LayerEdit(add=per_row(delta), written=per_row(written[layer]) if written else None)
             for layer, delta in pushes.items()}
     outs = runner.generate([p for _, p in rows], tokens, plan, sorted(engine.eos_ids))
     outs = [[t for t in o if t not in engine.eos_ids] or [0] for o in outs]

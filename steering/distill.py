@@ -38,6 +38,8 @@ STEPS = 6
 CAP = 0.25  # the push trained for: each layer's add at most CAP x its residual norm / number of layers
 REPEAT_PENALTY = 1.5  # logit penalty on the teacher for tokens already in the text
 LEARNING_RATE = 0.025  # Adam's step, as a fraction of a layer's cap
+FIT_STEPS = 8  # `fit_weights`: Adam steps over a few directions' weights
+FIT_LEARNING_RATE = 0.1  # its step, as a fraction of the push's budget
 
 
 def _position_logprobs(model, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
@@ -126,17 +128,38 @@ def distill_pushes(model, tokenizer, description: str, texts: Sequence[Sequence[
     return {la: v.detach() for la, v in adds.items()}
 
 
-@torch.inference_mode(False)  # a gradient, whatever mode the caller is in
-def kl_gradient(model, tokenizer, description: str, texts: Sequence[Sequence[int]], layer: int,
-                add: torch.Tensor, special_ids: Sequence[int] = (), penalty: float = REPEAT_PENALTY) -> torch.Tensor:
-    """The gradient of KL(prompted ‖ plain steered by `add` at `layer`) with respect to that add,
-    over `texts`: its negative is where moving the add makes plain text read more as if
-    `description` were written in front. The teacher gets the repetition penalty `distill_pushes`
-    trains with (`penalty=0`: the divergence `kl_to_prompted` measures)."""
+@torch.inference_mode(False)  # gradients, whatever mode the caller is in
+def fit_weights(model, tokenizer, description: str, texts: Sequence[Sequence[int]], directions: torch.Tensor,
+                layers: Sequence[int], budget: float, special_ids: Sequence[int] = (), steps: int = FIT_STEPS,
+                penalty: float = REPEAT_PENALTY, lr: float = FIT_LEARNING_RATE) -> tuple[torch.Tensor, list[float]]:
+    """Non-negative weights w [n] for `directions` [n, d] such that pushing plain `texts` by
+    ``w @ directions``, shared out evenly over `layers`, makes them continue as the model does after
+    `PROMPT_TEMPLATE` with `description` (the `distill_pushes` objective, over a few chosen directions
+    instead of a free vector per layer; the push's norm at most `budget`), and the divergence at each
+    step (the weights returned are those where it was lowest). Why: it says how much of the push
+    each of a few SAE features should get, where pointing the same way as the gradient says only
+    which ones help at all."""
     texts = _usable(texts)
     runner = BatchRunner(model, special_ids=special_ids)
     teacher = _prompted_targets(runner, _head(tokenizer, description), texts, penalty)
-    a = add.detach().float().clone().requires_grad_(True)
-    with torch.enable_grad():  # only the add's gradient: nothing is left on the model's parameters
-        (grad,) = torch.autograd.grad(_kl(teacher, _steered_logprobs(runner, texts, {layer: a})), [a])
-    return grad.detach()
+    directions = directions.float()
+    w = torch.zeros(directions.shape[0], requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr * budget)
+    losses: list[float] = []
+    best = (float("inf"), w.detach().clone())
+    for step in range(steps + 1):
+        with torch.enable_grad() if step < steps else torch.no_grad():
+            push = (w @ directions) / len(layers)
+            loss = _kl(teacher, _steered_logprobs(runner, texts, dict.fromkeys(layers, push)))
+        losses.append(float(loss.detach()))
+        if losses[-1] < best[0]:  # Adam overshoots now and then: keep the weights that did best
+            best = (losses[-1], w.detach().clone())
+        if step == steps:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            w.clamp_(min=0.0)
+            w.mul_(min(1.0, budget / max(float((w @ directions).norm()), 1e-12)))
+    return best[1], losses

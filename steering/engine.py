@@ -27,7 +27,7 @@ from .context import ContextPolicy, select_window
 from .generate import CancelToken, Completion, GenerationOptions, Healing, Timings, TokenEvent, generate
 from .llama import LlamaModel, load_llama
 from .prefix_cache import PrefixCache
-from .steering import SteeringHooks, SteeringPlan, steer_mask
+from .steering import SteeringHooks, SteeringPlan, steer_mask, writes_differently
 from .threads import ThreadPolicy
 from .tokenizer import TypingTokenizer, load_fast_tokenizer
 
@@ -169,26 +169,38 @@ class Engine:
         room = self.model.cfg.max_positions - len(ids)
         self.threads.update()  # fewer threads while other processes keep cores busy
 
+        # Once the prompt is in the cache every later forward runs tokens the model writes (steering
+        # may push those less, `LayerEdit.written`); `read_end`: where the text it read ends in the cache.
+        writing, read_end = False, len(ids)
+
         def step(chunk: list[int], n_logits: int) -> torch.Tensor:
+            nonlocal writing
             # logits of positions before `chunk` (healing after a one-token edit) are in the cache
             held = [cache.logits_after[cache.length + 1 - i] for i in range(n_logits - len(chunk), 0, -1)]
             mask = None if resolved is None else steer_mask(chunk, cache.length, self.special_ids)
-            with self._lock, self.hooks.active(resolved, mask):
+            with self._lock, self.hooks.active(resolved, mask, writing):
                 self.threads.apply()
                 logits = self.model(chunk, cache, n_logits - len(held))
             if cache.length == len(ids):  # the prompt's end: the next keystroke may heal from here
                 cache.keep_logits(logits)
+            writing = writing or cache.length >= len(ids)
             return torch.cat([torch.stack(held), logits.view(-1, logits.shape[-1])]) if held else logits
 
         def rewind(n: int) -> None:
+            nonlocal read_end
             cache.truncate(cache.length - n)
+            read_end = min(read_end, cache.length)  # healing re-chose the prompt's last token: written now
 
         healing = Healing(ids[-1], heal, heal_mask, rewind) if heal else None
-        completion = yield from generate(
-            step, ids[reused:], decode=self.detokenize, options=request.options, eos_ids=self.eos_ids,
-            timings=timings, history=ids, healing=healing, cancel=cancel, max_new=max(room, 1),
-            rewind=rewind, max_draft=self.draft_tokens, started=started,
-        )
+        try:
+            completion = yield from generate(
+                step, ids[reused:], decode=self.detokenize, options=request.options, eos_ids=self.eos_ids,
+                timings=timings, history=ids, healing=healing, cancel=cancel, max_new=max(room, 1),
+                rewind=rewind, max_draft=self.draft_tokens, started=started,
+            )
+        finally:  # (also when the caller stops reading) the KV of written tokens is not what reading
+            if writes_differently(resolved):  # them would give: keep only the text read for reuse
+                cache.truncate(min(cache.length, read_end))
         completion.steering = plan.describe()
         self.caches.enforce_budget(keep=key)
         return completion

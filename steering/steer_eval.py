@@ -14,12 +14,14 @@ hooks):
 - hit rate: share of continuations that contain a word of the concept's lexicon;
 - mean hits: lexicon words per continuation;
 - perplexity of the continuation under the unsteered model, given the plain prompt;
-- rep3: share of repeated word 3-grams in the continuation ("the the the" loops);
+- rep3: share of repeated word 3-grams in the continuation ("the the the" loops), and "repeating":
+  the share of continuations with any (a rate of 0.005 can be one loop or many small echoes);
 - speed cost: decode tokens/s with steering vs without, on the engine's normal path.
 Methods: unsteered, prompting (the concept written before the prompt), the top search result
 (the best SAE features steered together, at strengths calibrated as `steer add` calibrates them; "on
-the concept" judges the best single feature's label), the described concept vector
-(raw strengths and calibrated), and a DiffMean vector from the concept's examples.
+the concept" judges the best single feature's label), "feature" (that best feature alone; opt-in),
+the described concept vector (raw strengths and calibrated), and a DiffMean vector from the concept's
+examples.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class Row:
     prompt: str
     judged_prompt: str
     pushes: dict[int, torch.Tensor] | None = None  # residual delta per layer (None = unsteered)
+    written: dict[int, torch.Tensor] | None = None  # the same at the generated tokens (None: `pushes`)
 
 
 @dataclass
@@ -109,6 +112,7 @@ class Result:
     mean_hits: float
     perplexity: float
     rep3: float
+    repeating: float = 0.0  # share of continuations with a repeated word 3-gram
     examples: list[dict] = field(default_factory=list)
     per_concept: dict[str, float] = field(default_factory=dict)
 
@@ -144,15 +148,20 @@ def _row_plan(rows: Sequence[Row], d_model: int) -> ResolvedPlan | None:
     if not layers:
         return None
     zero = torch.zeros(d_model)
-    return {layer: LayerEdit(add=torch.stack([(r.pushes or {}).get(layer, zero).float() for r in rows])[:, None, :])
-            for layer in layers}
+
+    def stacked(layer: int, written: bool) -> torch.Tensor:
+        return torch.stack([((r.written if written and r.written is not None else r.pushes) or {}).get(
+            layer, zero).float() for r in rows])[:, None, :]
+
+    return {layer: LayerEdit(add=stacked(layer, False), written=stacked(layer, True)) for layer in layers}
 
 
-def pushes_of(handles, strength: float) -> dict[int, torch.Tensor]:
-    """Residual delta per layer of `add` at `strength` for a reference's handles."""
+def pushes_of(handles, strength: float, writing: bool = False) -> dict[int, torch.Tensor]:
+    """Residual delta per layer of `add` at `strength` for a reference's handles (`writing`: at the
+    tokens the model writes)."""
     out: dict[int, torch.Tensor] = {}
     for h in handles:
-        for layer, delta in h.add_deltas(strength).items():
+        for layer, delta in h.add_deltas(strength, writing=writing).items():
             out[layer] = out[layer] + delta if layer in out else delta
     return out
 
@@ -171,7 +180,7 @@ def summarize(method: str, strength: float | None, rows: Sequence[Row], outputs,
             examples.append({"concept": row.concept.name, "prompt": row.judged_prompt, "text": text})
     return Result(method, strength, len(rows), sum(h > 0 for h in hits) / max(1, len(hits)),
                   statistics.fmean(hits) if hits else 0.0, math.exp(statistics.fmean(nlls)) if nlls else 0.0,
-                  statistics.fmean(reps) if reps else 0.0, examples,
+                  statistics.fmean(reps) if reps else 0.0, sum(r > 0 for r in reps) / max(1, len(reps)), examples,
                   {k: sum(v) / len(v) for k, v in per_concept.items()})
 
 
@@ -191,13 +200,14 @@ class EvalReport:
 
     def table(self) -> str:
         base = next((r for r in self.results if r.method == "unsteered"), None)
-        lines = [f"{'method':<22} {'strength':>8} {'hit':>6} {'hits':>6} {'ppl':>7} {'xppl':>6} {'rep3':>6}",
-                 "-" * 68]
+        lines = [f"{'method':<22} {'strength':>8} {'hit':>6} {'hits':>6} {'ppl':>7} {'xppl':>6} {'rep3':>6} "
+                 f"{'repeating':>9}",
+                 "-" * 78]
         for r in self.results:
             x = r.perplexity / base.perplexity if base and base.perplexity else float("nan")
             s = "" if r.strength is None else f"{r.strength:g}"
             lines.append(f"{r.method:<22} {s:>8} {r.hit_rate:>6.0%} {r.mean_hits:>6.2f} {r.perplexity:>7.2f} "
-                         f"{x:>6.2f} {r.rep3:>6.3f}")
+                         f"{x:>6.2f} {r.rep3:>6.3f} {r.repeating:>9.0%}")
         if self.search_on_concept:
             on = sum(self.search_on_concept.values())
             lines.append(f"search top-1 on the concept: {on}/{len(self.search_on_concept)} "
@@ -295,19 +305,23 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
     if "prompting" in methods:
         evaluate("prompting", None, [Row(c, PROMPTING_TEMPLATE.format(description=c.description) + p, p)
                                      for c in chosen for p in prompts])
-    if "search" in methods:
-        handles = {}
+    if "search" in methods or "feature" in methods:
+        handles, leads = {}, {}
         for c in chosen:
             found = search_features(library, c.query, limit=1, model=engine)
             if found:  # the first answer: the best features as a group; the best one is judged on its own
                 search_top1[c.name] = f"{found[0]['id']} {found[0].get('label', '')}"
                 best = found[0].get("members", [found[0]["id"]])[0]
                 on_concept[c.name] = feature_on_concept(show_feature(library, best), c.pattern())
-                library.calibrated(found[0]["id"])  # strength 1 as `steer add` gives it
-                handles[c.name] = library.handles(found[0]["id"])
-        for s in strengths:
-            evaluate("search", s, [Row(c, p, p, pushes_of(handles[c.name], s))
-                                   for c in chosen if c.name in handles for p in prompts])
+                for method, ref, out in (("search", found[0]["id"], handles), ("feature", best, leads)):
+                    if method in methods:  # "feature": the group's best feature alone
+                        library.calibrated(ref)  # strength 1 as `steer add` gives it
+                        out[c.name] = library.handles(ref)
+        for method, chosen_handles in (("search", handles), ("feature", leads)):
+            for s in strengths if chosen_handles else ():
+                evaluate(method, s, [Row(c, p, p, pushes_of(chosen_handles[c.name], s),
+                                         pushes_of(chosen_handles[c.name], s, True))
+                                     for c in chosen if c.name in chosen_handles for p in prompts])
     if "described" in methods:
         concept_handles = {}
         for c in chosen:
@@ -316,7 +330,8 @@ def run_eval(engine, library, *, quick: bool = False, strengths: Sequence[float]
             except SteeringError as exc:
                 log(f"described {c.name}: {exc}")
         for s in strengths:
-            evaluate("described", s, [Row(c, p, p, pushes_of(concept_handles[c.name], s))
+            evaluate("described", s, [Row(c, p, p, pushes_of(concept_handles[c.name], s),
+                                          pushes_of(concept_handles[c.name], s, True))
                                       for c in chosen if c.name in concept_handles for p in prompts])
     if "examples" in methods:
         layer = round(0.4 * n_layers)  # the reference DiffMean's layer in every earlier run (12 of 30)

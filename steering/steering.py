@@ -76,21 +76,34 @@ class FeatureEdit:
 
 @dataclass
 class LayerEdit:
-    """Residual edits for one layer, already resolved to tensors."""
+    """Residual edits for one layer, already resolved to tensors.
+
+    `add` is added at the positions of the text the model reads (the document, a prompt); `written`
+    at the tokens it writes (a completion's own tokens), None: the same as `add`. They differ where
+    a handle's `written_share` is not 1 (SAE features, see `library.WRITTEN_SHARE`)."""
 
     add: torch.Tensor | None = None  # [d_model] (or [batch, 1, d_model]): the summed `add` directions
     features: list[FeatureEdit] = field(default_factory=list)
+    written: torch.Tensor | None = None  # like `add`, at written positions
 
 
 ResolvedPlan = dict[int, LayerEdit]
 
 
+def writes_differently(plan: ResolvedPlan | None) -> bool:
+    """Whether `plan` pushes the tokens a model writes otherwise than the text it reads (then the KV
+    of written tokens must not be reused as read text)."""
+    return any(e.written is not None and (e.add is None or not torch.equal(e.written, e.add))
+               for e in (plan or {}).values())
+
+
 class SteeringHooks:
     """Forward hooks on decoder layers that apply the active `ResolvedPlan` to their output.
 
-    `active(plan, mask)` sets the plan (and the positions it may touch) for the forwards run in this
-    thread; the engine passes a mask that leaves out special tokens and a text's first position
-    (its residual norm is ~100x the rest: an attention sink that steering must not move).
+    `active(plan, mask, writing)` sets the plan (and the positions it may touch) for the forwards run
+    in this thread; the engine passes a mask that leaves out special tokens and a text's first
+    position (its residual norm is ~100x the rest: an attention sink that steering must not move),
+    and `writing=True` for forwards over the tokens it generates (`LayerEdit.written`).
     Hooks exist only on the plan's layers and only while it is active: a module with any forward
     hook takes PyTorch's slow call path, which cost every unsteered decode step ~3 % (30 layers).
     """
@@ -99,22 +112,24 @@ class SteeringHooks:
         self._layers = layers
         self._local = threading.local()
 
-    def _make_hook(self, index: int, plan: ResolvedPlan, activation: object):
+    def _make_hook(self, index: int, plan: ResolvedPlan, activation: object, writing: bool):
         def hook(_module, _inputs, output):
             if getattr(self._local, "activation", None) is not activation:
                 return None  # another thread's plan, or an outer plan while a nested one is active
             hidden = output[0] if isinstance(output, tuple) else output
-            hidden = apply_layer_edit(hidden, plan[index], getattr(self._local, "mask", None))
+            hidden = apply_layer_edit(hidden, plan[index], getattr(self._local, "mask", None), writing)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
 
     @contextmanager
-    def active(self, plan: ResolvedPlan | None, mask: torch.Tensor | None = None) -> Iterator[None]:
+    def active(self, plan: ResolvedPlan | None, mask: torch.Tensor | None = None, writing: bool = False
+               ) -> Iterator[None]:
         previous = getattr(self._local, "activation", None), getattr(self._local, "mask", None)
         activation = object()  # this call's identity: its hooks act only while it is the innermost
         self._local.activation, self._local.mask = activation, mask
-        handles = [self._layers[i].register_forward_hook(self._make_hook(i, plan, activation)) for i in (plan or ())]
+        handles = [self._layers[i].register_forward_hook(self._make_hook(i, plan, activation, writing))
+                   for i in (plan or ())]
         try:
             yield
         finally:
@@ -137,14 +152,17 @@ def steer_mask(ids: Sequence[int], start: int, special_ids: frozenset[int]) -> t
     return keep
 
 
-def apply_layer_edit(hidden: torch.Tensor, edit: LayerEdit, mask: torch.Tensor | None = None) -> torch.Tensor:
+def apply_layer_edit(hidden: torch.Tensor, edit: LayerEdit, mask: torch.Tensor | None = None,
+                     writing: bool = False) -> torch.Tensor:
     """Apply one layer's edits to the residual stream `hidden` [batch, seq, d_model].
 
-    `mask` ([seq] or [batch, seq], True = steer) leaves the other positions bit-identical.
+    `mask` ([seq] or [batch, seq], True = steer) leaves the other positions bit-identical;
+    `writing`: the positions are tokens the model writes (`LayerEdit.written` is added there).
     """
     keep = None if mask is None else mask.to(hidden.device).unsqueeze(-1)
-    if edit.add is not None:
-        delta = edit.add.to(hidden.dtype)
+    add = edit.written if writing and edit.written is not None else edit.add
+    if add is not None:
+        delta = add.to(hidden.dtype)
         hidden = hidden + (delta if keep is None else delta * keep)
     if edit.features:
         x = hidden.float()
@@ -162,8 +180,10 @@ def apply_layer_edit(hidden: torch.Tensor, edit: LayerEdit, mask: torch.Tensor |
 
 MAX_STRENGTH = 20.0  # |strength| above this is surely a typo (strength 1 = the calibrated push)
 MAX_DESCRIPTION = 200
-SAE_REF_RE = re.compile(r"^([A-Za-z0-9_.-]+):(\d+(?:\+\d+)*)$")
+_MEMBER = r"\d+(?:\*\d*\.?\d+)?"  # a feature index, with a group member's weight: 12*0.5
+SAE_REF_RE = re.compile(rf"^([A-Za-z0-9_.-]+):({_MEMBER}(?:\+{_MEMBER})*)$")
 MAX_GROUP = 8  # features steered together under one reference ("default:12+40+7")
+MAX_WEIGHT = 100.0  # a member's weight is relative to the others' (search writes them with the largest at 1)
 ID_LIKE_RE = re.compile(r"^[A-Za-z0-9_.-]+:\S*$")
 
 
@@ -181,6 +201,8 @@ class FeatureHandle:
     a vector's typical projection); `read` gives the current value (see `FeatureEdit`).
     `add_layers`: `add` is shared out evenly over this many consecutive layers from `layer` on (an
     SAE feature's push, see `library.feature_span`); `clamp` and `ablate` act at `layer` alone.
+    `written_share`: the part of the push `add` gives the tokens the model writes, relative to the
+    text it reads (an SAE feature's, see `library.WRITTEN_SHARE`).
     """
 
     ref: str
@@ -190,11 +212,15 @@ class FeatureHandle:
     value_scale: float
     read: Callable[[torch.Tensor], torch.Tensor]
     add_layers: int = 1
+    written_share: float = 1.0
 
-    def add_deltas(self, strength: float, layer: int | None = None, n_layers: int | None = None
-                   ) -> dict[int, torch.Tensor]:
+    def add_deltas(self, strength: float, layer: int | None = None, n_layers: int | None = None,
+                   writing: bool = False) -> dict[int, torch.Tensor]:
         """Residual delta per layer of `add` at `strength`, from `layer` (default: the handle's) over
-        `add_layers` layers, the model's last layer (of `n_layers`) being the furthest."""
+        `add_layers` layers, the model's last layer (of `n_layers`) being the furthest; `writing`:
+        at the tokens the model writes (`written_share` of it)."""
+        if writing:
+            strength *= self.written_share
         start = self.layer if layer is None else layer
         end = start + max(1, self.add_layers)
         if n_layers is not None:
@@ -208,7 +234,8 @@ def parse_feature_ref(ref: str) -> tuple[str, str]:
     """Split a feature reference into (source, key) or raise `SteeringError`.
 
     ``"<sae>:<index>"`` → (sae, index); a group of features steered together, ``"<sae>:<i>+<j>+<k>"``
-    → (sae, "i+j+k") (see `feature_indices`); ``"vector:<name>"`` → ("vector", name);
+    (members may carry weights: ``"<sae>:<i>+<j>*0.5"``) → (sae, "i+j+k") (see `feature_indices`,
+    `feature_weights`); ``"vector:<name>"`` → ("vector", name);
     ``"concept:<text>"`` or free text such as ``"about gardening"`` / ``"less hedging"`` →
     ("concept", text): a concept vector the engine builds from the description.
     """
@@ -236,22 +263,43 @@ def parse_feature_ref(ref: str) -> tuple[str, str]:
     return "concept", text
 
 
-def feature_indices(key: str, ref: str | None = None) -> list[int]:
-    """The SAE feature indices of a reference's key: [12] for "12", [12, 40, 7] for a group "12+40+7".
-
-    A group is one knob over several features of one SAE (a concept is often split over a few: a
-    word feature, a topic feature, what the model says next); `add` pushes along their summed
-    decoder directions, `clamp`/`ablate` act on each member.
-    """
-    try:
-        indices = [int(part) for part in key.split("+")]
-    except ValueError:
-        raise SteeringError(f"bad feature id {ref or key!r}: use <sae>:<index> or <sae>:<i>+<j>") from None
+def _members(key: str, ref: str | None) -> list[tuple[int, float]]:
+    """(index, weight) of each member of a reference's key, checked (see `feature_indices`)."""
+    members = []
+    for part in key.split("+"):
+        index, star, weight = part.partition("*")
+        try:
+            members.append((int(index), float(weight) if star else 1.0))
+        except ValueError:
+            raise SteeringError(f"bad feature id {ref or key!r}: use <sae>:<index> or <sae>:<i>+<j>") from None
+    indices = [i for i, _ in members]
     if len(set(indices)) != len(indices):
         raise SteeringError(f"feature group {ref or key!r} names a feature twice")
     if len(indices) > MAX_GROUP:
         raise SteeringError(f"feature group {ref or key!r} has {len(indices)} features; at most {MAX_GROUP}")
-    return indices
+    if len(members) == 1 and "*" in key:
+        raise SteeringError(f"bad feature id {ref or key!r}: a weight is a group member's share "
+                            "(<sae>:<i>+<j>*0.5); a single feature's strength is the entry's strength")
+    for _, w in members:
+        if not 0.0 < w <= MAX_WEIGHT:
+            raise SteeringError(f"feature group {ref or key!r}: member weights must be in (0, {MAX_WEIGHT:g}]")
+    return members
+
+
+def feature_indices(key: str, ref: str | None = None) -> list[int]:
+    """The SAE feature indices of a reference's key: [12] for "12", [12, 40, 7] for a group "12+40+7".
+
+    A group is one knob over several features of one SAE (a concept is often split over a few: a
+    word feature, a topic feature, what the model says next); `add` pushes along the sum of their
+    decoder directions, each times its weight (``"12+40*0.5"``: 40 counts half; default 1), and
+    `clamp`/`ablate` act on each member.
+    """
+    return [i for i, _ in _members(key, ref)]
+
+
+def feature_weights(key: str, ref: str | None = None) -> list[float]:
+    """The members' weights of a reference's key, in `feature_indices` order (1 where none is given)."""
+    return [w for _, w in _members(key, ref)]
 
 
 def validate_entry(entry: SteeringEntry) -> None:
@@ -280,8 +328,9 @@ def resolve_plan(plan: SteeringPlan | None, library: HandleSource, d_model: int,
     """Turn a plan into per-layer tensors; None when nothing changes the model.
 
     Semantics (strength s, unit direction u):
-    - add: the residual gets ``s · add_scale · u`` at every steered position (negative s: less of it),
-      shared out over the handle's `add_layers` layers;
+    - add: the residual gets ``s · add_scale · u`` at every steered position of the text the model
+      reads (negative s: less of it) and `written_share` of that at the tokens it writes, shared out
+      over the handle's `add_layers` layers;
     - clamp: the feature's value is set to ``s · value_scale`` (s = 0 switches it off); the rest of
       the residual (the SAE's error and every other feature) is kept;
     - ablate: the feature's value is multiplied by ``1 - s`` (s = 1 removes it), only where it is on.
@@ -303,9 +352,11 @@ def resolve_plan(plan: SteeringPlan | None, library: HandleSource, d_model: int,
             if n_layers is not None and not 0 <= layer < n_layers:
                 raise SteeringError(f"layer {layer} for {entry.feature} is out of range 0..{n_layers - 1}")
             if entry.mode == "add":
+                written = h.add_deltas(strength, layer, n_layers, writing=True)
                 for at, delta in h.add_deltas(strength, layer, n_layers).items():
                     edit = resolved.setdefault(at, LayerEdit())
                     edit.add = delta if edit.add is None else edit.add + delta
+                    edit.written = written[at] if edit.written is None else edit.written + written[at]
                 continue
             edit = resolved.setdefault(layer, LayerEdit())
             direction = h.direction.float()

@@ -113,6 +113,8 @@ def test_steer_eval_quick_writes_table_json_and_plot(tiny_model_dir, tmp_path):
     # can be made, which the eval says instead of dying or reporting an empty row
     assert ("described", 1.0) in methods or "does not change the model's activations" in out.stderr
     assert all(r["n"] == 12 and r["perplexity"] > 0 for r in data["results"])
+    # "repeating" counts the continuations with any repeated 3-gram: nonzero exactly where rep3 is
+    assert all(0 <= r["repeating"] <= 1 and (r["repeating"] > 0) == (r["rep3"] > 0) for r in data["results"])
     assert data["config"]["concepts"] == ["sea", "formal"]
     assert "unsteered" in out.stdout and (tmp_path / "steer-eval.png").stat().st_size > 1000
     # the default SAE is made for another width than the tiny model: search has nothing to steer

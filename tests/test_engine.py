@@ -453,23 +453,31 @@ def test_concept_distillation_runs_in_any_grad_mode(tiny_model_dir):
     assert all(float(p.norm()) <= CAP * vec.resid_norms[la] / len(layers) * (1 + 1e-4) for la, p in pushes.items())
 
 
-def test_the_kl_gradient_points_up_the_divergence_from_the_prompted_model(tiny_model_dir):
-    """`kl_gradient` (what picks a search group's members) is the gradient of KL(prompted ‖ steered):
-    a small step against it lowers the divergence, a step along it raises it, in any grad mode."""
-    from tinymorph.steering.concepts import NEUTRAL_CONTEXTS
-    from tinymorph.steering.distill import kl_gradient, kl_to_prompted
+def test_fitted_weights_move_plain_text_toward_the_prompted_model(tiny_model_dir):
+    """`fit_weights` (how a search group's members share its push) gives non-negative weights whose
+    push stays within its budget and lowers KL(prompted ‖ steered) below the unsteered one, in any
+    grad mode."""
+    from tinymorph.steering.concepts import NEUTRAL_CONTEXTS, neutral_norms
+    from tinymorph.steering.distill import fit_weights, kl_to_prompted
 
     engine = Engine.load(str(tiny_model_dir), dtype="float32")
     texts = [engine.tokenize(t) for t in NEUTRAL_CONTEXTS[:4]]
-    layer = engine.info.layers // 2
-    add = torch.randn(engine.info.d_model, generator=torch.Generator().manual_seed(0))
+    budget = 0.3 * neutral_norms(engine.model, engine.tokenizer, [0])[0]
+    gen = torch.Generator().manual_seed(0)
+    d = torch.randn(2, engine.info.d_model, generator=gen)
+    d = d / d.norm(dim=-1, keepdim=True)
+    directions = torch.cat([d, -d])  # each with its opposite: one of the two always leads downhill
+    layers = [0, 1]
     with torch.inference_mode():
-        grad = kl_gradient(engine.model, engine.tokenizer, "about the sea", texts, layer, add, penalty=0.0)
-    assert grad.shape == add.shape and float(grad.norm()) > 0
-    step = 0.05 * float(add.norm()) * grad / grad.norm()
-    kl = {name: kl_to_prompted(engine.model, engine.tokenizer, "about the sea", texts, {layer: a})
-          for name, a in (("here", add), ("down", add - step), ("up", add + step))}
-    assert kl["down"] < kl["here"] < kl["up"], kl
+        w, losses = fit_weights(engine.model, engine.tokenizer, "about the sea", texts, directions, layers, budget,
+                                penalty=0.0)
+    assert w.shape == (4,) and bool((w >= 0).all()) and float(w.max()) > 0
+    push = w @ directions
+    assert float(push.norm()) <= budget * (1 + 1e-5)
+    before = kl_to_prompted(engine.model, engine.tokenizer, "about the sea", texts)
+    after = kl_to_prompted(engine.model, engine.tokenizer, "about the sea", texts,
+                           dict.fromkeys(layers, push / len(layers)))
+    assert after < before and len(losses) > 1 and losses[0] == pytest.approx(before, rel=1e-3)
 
 
 def test_calibration_stops_where_the_fitted_perplexity_ratio_meets_the_budget():
@@ -505,3 +513,37 @@ def test_calibration_stops_where_the_fitted_perplexity_ratio_meets_the_budget():
     assert _fitted_multiplier(stats(flat), 0.5) == 1.25  # perplexity barely moves: the strongest tried
     # a push that never makes the concept more present is no concept push: the floor
     assert _fitted_multiplier(stats(linear, presence=[-1.0] * 4), 0.5) == 0.5
+
+
+def test_written_tokens_get_the_written_push_and_are_not_reused_as_read_text(tiny_model_dir):
+    """A plan may push the tokens the model writes otherwise than the text it reads (an SAE feature's
+    `WRITTEN_SHARE`): the first token (read from the prompt) is the same as with the read push
+    everywhere, the written ones are not; and once the writer accepts the suggestion the next one is
+    what a fresh document gives: the prefix cache never serves written tokens' KV as read text."""
+    from tinymorph.steering.steering import LayerEdit, SteeringEntry, SteeringPlan
+
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    torch.manual_seed(3)
+    layer = 0  # the first layer's output is what the next layer's keys and values are made of
+    add = torch.randn(engine.info.d_model) * 6
+    plans = {"same": {layer: LayerEdit(add=add, written=add)}, "less": {layer: LayerEdit(add=add, written=-add)}}
+    chosen = {"plan": plans["same"]}
+    engine.set_steering_resolver(lambda plan: chosen["plan"])
+    steer = SteeringPlan((SteeringEntry("tiny:1", 1.0),))
+    opts = GenerationOptions(max_tokens=10, stop="none")
+
+    def complete(text: str, doc: str, which: str):
+        chosen["plan"] = plans[which]
+        return engine.complete(CompletionRequest(text, doc, opts, steering=steer))
+
+    prompt = PROSE.rstrip()  # ends with ".": no token healing, the suggestion follows the prompt's tokens
+    same, less = complete(prompt, "a", "same"), complete(prompt, "b", "less")
+    assert same.token_ids[0] == less.token_ids[0] and same.token_ids != less.token_ids
+    accepted = prompt + less.text
+    assert engine.tokenize(accepted)[:len(engine.tokenize(prompt)) + 4] == engine.tokenize(prompt) + less.token_ids[:4]
+    again, fresh = complete(accepted, "b", "less"), complete(accepted, "fresh", "less")
+    assert again.timings.tokens_reused >= len(engine.tokenize(prompt))  # the prompt's KV was kept
+    assert again.token_ids == fresh.token_ids
+    n = len(engine.tokenize(accepted))  # the keys the next layer read the accepted text by: as a fresh read's
+    kept, read = (engine.caches.peek((doc, steer.cache_key())) for doc in ("b", "fresh"))
+    assert torch.allclose(kept.k[1, :, :, :n], read.k[1, :, :, :n], atol=1e-4)

@@ -16,6 +16,8 @@ from tinymorph.steering.steering import (
     SteeringHooks,
     SteeringPlan,
     apply_layer_edit,
+    feature_indices,
+    feature_weights,
     parse_feature_ref,
     resolve_plan,
     steer_mask,
@@ -199,10 +201,55 @@ def test_feature_references() -> None:
     assert parse_feature_ref("concept:formal") == ("concept", "formal")
     assert parse_feature_ref("less hedging") == ("concept", "less hedging")
     assert parse_feature_ref("default:12+40+7") == ("default", "12+40+7")  # a group steered together
+    assert parse_feature_ref("default:12+40*0.5+7*.25") == ("default", "12+40*0.5+7*.25")  # with weights
+    assert feature_indices("12+40*0.5+7*.25") == [12, 40, 7]
+    assert feature_weights("12+40*0.5+7*.25") == [1.0, 0.5, 0.25] and feature_weights("12+40") == [1.0, 1.0]
     for bad in ("", "default:12a", "tiny:x", "1234", "x" * 300, "default:12+", "default:+3", "default:1+1",
-                "default:" + "+".join(map(str, range(9)))):
+                "default:" + "+".join(map(str, range(9))), "default:1+2*", "default:1+2*x", "default:1+2*-1"):
         with pytest.raises(SteeringError):
             parse_feature_ref(bad)
+    for bad, why in (("default:12*0.5", "a group member's share"), ("default:1+2*0", "weights must be"),
+                     ("default:1+2*101", "weights must be"), ("default:1*1+1", "twice")):
+        with pytest.raises(SteeringError, match=why):
+            parse_feature_ref(bad)
+
+
+def test_a_weighted_group_pushes_each_member_by_its_weight(sae_dir: Path, tmp_path: Path) -> None:
+    """`tiny:3+7*0.25` adds the one push along the unit of d3 + 0.25·d7, shared by the members in
+    that proportion (what search's fitted groups are); without weights the members count alike."""
+    lib = _library(sae_dir, tmp_path)
+    sae = lib.sae("tiny")
+    weighted = sae.direction(3) + 0.25 * sae.direction(7)
+    resolved = resolve_plan(SteeringPlan((SteeringEntry("tiny:3+7*0.25", 1.0),)), lib, D_IN, 4)
+    push = ADD_FRACTION * FALLBACK_NORM
+    assert torch.allclose(resolved[LAYER].add, push * weighted / weighted.norm(), atol=1e-4)
+    members = lib.handles("tiny:3+7*0.25")
+    assert members[1].add_scale == pytest.approx(0.25 * members[0].add_scale)
+    assert torch.allclose(lib.handle("tiny:3+7*0.25").direction, weighted / weighted.norm(), atol=1e-5)
+    plain = resolve_plan(SteeringPlan((SteeringEntry("tiny:3+7", 1.0),)), lib, D_IN, 4)
+    assert not torch.allclose(plain[LAYER].add, resolved[LAYER].add)
+
+
+def test_a_feature_pushes_the_tokens_the_model_writes_less(sae_dir: Path, tmp_path: Path) -> None:
+    """An SAE feature's add gives the tokens a model writes `WRITTEN_SHARE` of the push the text it
+    reads gets (`LayerEdit.written`, applied with `writing=True`); a vector pushes both alike."""
+    from tinymorph.steering.library import WRITTEN_SHARE
+    from tinymorph.steering.steering import LayerEdit, writes_differently
+
+    save_vector(SteeringVector("calm", LAYER, torch.ones(D_IN) / D_IN**0.5, 2.0), tmp_path / "vectors")
+    lib = FeatureLibrary({"tiny": str(sae_dir)}, vectors_dir=tmp_path / "vectors")
+    feature = resolve_plan(SteeringPlan((SteeringEntry("tiny:3", 1.0),)), lib, D_IN, 4)
+    assert 0 < WRITTEN_SHARE < 1 and writes_differently(feature)
+    assert torch.allclose(feature[LAYER].written, WRITTEN_SHARE * feature[LAYER].add)
+    h = torch.randn(1, 3, D_IN)
+    assert torch.allclose(apply_layer_edit(h, feature[LAYER], writing=True) - h,
+                          (WRITTEN_SHARE * feature[LAYER].add).expand_as(h), atol=1e-5)
+    assert torch.allclose(apply_layer_edit(h, feature[LAYER]) - h, feature[LAYER].add.expand_as(h), atol=1e-5)
+    vector = resolve_plan(SteeringPlan((SteeringEntry("vector:calm", 1.0),)), lib, D_IN, 4)
+    assert not writes_differently(vector) and torch.equal(vector[LAYER].written, vector[LAYER].add)
+    both = resolve_plan(SteeringPlan((SteeringEntry("tiny:3", 1.0), SteeringEntry("vector:calm", 1.0))), lib, D_IN, 4)
+    assert torch.allclose(both[LAYER].written, feature[LAYER].written + vector[LAYER].add, atol=1e-5)
+    assert not writes_differently({LAYER: LayerEdit(add=torch.ones(D_IN))})
 
 
 def test_a_group_adds_along_its_summed_direction_and_clamps_each_member(sae_dir: Path, tmp_path: Path) -> None:

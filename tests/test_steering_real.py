@@ -34,6 +34,8 @@ EVIDENCE_FEATURES = {
     632: ("driving", 1.0),  # 'car, vehicle, cars → says vehicle'
 }
 MAX_TOKENS = 16
+HIT_TOKENS = 40  # concept hits are judged over the length strength 1 is calibrated over (`calibration.TOKENS`):
+# an SAE feature pushes the text the model writes less than the text it reads, so its turn can come later
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,8 @@ def engine(library: FeatureLibrary) -> Engine:
     return eng
 
 
-def complete(engine: Engine, prompt: str, plan: SteeringPlan | None = None) -> str:
-    options = GenerationOptions(max_tokens=MAX_TOKENS, stop="none", temperature=0.0)
+def complete(engine: Engine, prompt: str, plan: SteeringPlan | None = None, tokens: int = MAX_TOKENS) -> str:
+    options = GenerationOptions(max_tokens=tokens, stop="none", temperature=0.0)
     return engine.complete(CompletionRequest(text=prompt, doc_id=f"t:{prompt}", options=options,
                                              steering=plan)).text
 
@@ -99,8 +101,8 @@ def test_steering_a_concept_feature_puts_the_concept_in_the_text(engine: Engine,
     info = show_feature(library, f"default:{feature}")
     assert concept.pattern().search(info["phrase"]), info  # the label says what to expect
     plan = SteeringPlan((SteeringEntry(f"default:{feature}", strength),))
-    plain = [complete(engine, p) for p in PROMPTS]
-    steered = [complete(engine, p, plan) for p in PROMPTS]
+    plain = [complete(engine, p, tokens=HIT_TOKENS) for p in PROMPTS]
+    steered = [complete(engine, p, plan, HIT_TOKENS) for p in PROMPTS]
     before = sum(count_hits(t, concept.pattern()) > 0 for t in plain)
     after = sum(count_hits(t, concept.pattern()) > 0 for t in steered)
     assert after >= before + 2, (info["label"], before, after, steered)
@@ -115,8 +117,8 @@ def test_steering_the_first_search_answer_puts_the_concept_in_the_text(engine: E
     group = search_features(library, concept.query, limit=1, model=engine)[0]
     assert group["kind"] == "group" and len(group["members"]) >= 2, group
     plan = SteeringPlan((SteeringEntry(group["id"], 1.0),))
-    plain = sum(count_hits(complete(engine, p), concept.pattern()) > 0 for p in PROMPTS)
-    steered = [complete(engine, p, plan) for p in PROMPTS]
+    plain = sum(count_hits(complete(engine, p, tokens=HIT_TOKENS), concept.pattern()) > 0 for p in PROMPTS)
+    steered = [complete(engine, p, plan, HIT_TOKENS) for p in PROMPTS]
     assert sum(count_hits(t, concept.pattern()) > 0 for t in steered) >= plain + 2, (group["label"], steered)
 
 
@@ -203,18 +205,20 @@ def test_steering_effect_tells_a_concept_feature_from_another(library: FeatureLi
 
 
 def test_a_group_keeps_the_features_that_write_the_concept(library: FeatureLibrary, engine: Engine) -> None:
-    """A search group's members are the candidates whose push makes plain text read as if "The
+    """A search group's members share its push by weights fitted so that plain text reads as if "The
     following text is about <concept>." came first: the evidence features (which fire on their concept
-    and write it) are; a feature that fires on "happiness" in old verse but writes none of it
-    (`twas, mo, var`, this SAE's first hit for "happiness") is not, and the group leaves it out."""
-    from tinymorph.steering.features import prompt_aligned
+    and write it) get weight; a feature that fires on "happiness" in old verse but writes none of it
+    (`twas, mo, var`) gets none beside one that writes it, and the group leaves it out."""
+    from tinymorph.steering.features import prompt_weights
 
-    sae = library.sae("default")
+    sae, span = library.sae("default"), library.feature_span
     for feature, (name, _strength) in EVIDENCE_FEATURES.items():
-        assert prompt_aligned(sae, engine, name, [feature]) == [True], name
-    assert prompt_aligned(sae, engine, "happiness", [1889, 4269]) == [False, True]
+        assert prompt_weights(sae, engine, name, [feature], span)[0] > 0, name
+    verse, writes = prompt_weights(sae, engine, "happiness", [1889, 4269], span)
+    assert writes > 0 and verse == 0.0
     group = search_features(library, "happiness", limit=3, model=engine)[0]
     assert group["kind"] == "group" and "default:1889" not in group["members"] and "default:4269" in group["members"]
+    assert group["weights"][group["members"].index("default:4269")] > 0
 
 
 def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engine) -> None:
@@ -228,7 +232,9 @@ def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engi
         assert hits and hits[1]["id"] == f"default:{feature}", (name, hits[:3])
         group = hits[0]  # the first answer: the best features steered together, the best one first
         assert group["kind"] == "group" and group["members"][0] == hits[1]["id"], group
-        assert group["id"] == "default:" + "+".join(m.rpartition(":")[2] for m in group["members"])
+        assert max(group["weights"]) == 1 and min(group["weights"]) > 0  # relative to the heaviest member
+        assert group["id"] == "default:" + "+".join(m.rpartition(":")[2] + ("" if w == 1 else f"*{w:g}")
+                                                    for m, w in zip(group["members"], group["weights"], strict=True))
         assert show_feature(library, group["id"])["members"][0]["id"] == hits[1]["id"]
     labels_only = search_features(library, "sea", limit=20)  # no model: label words alone
     assert labels_only and all(h["id"].startswith("default:") for h in labels_only)

@@ -66,7 +66,8 @@ def register(sub) -> None:
                     help="main (the shipped set), heldout (20 other concepts, for checking a change beyond main) "
                          "or a JSON file")
     ev.add_argument("--methods", default=None,
-                    help="comma-separated: unsteered,prompting,search,described,examples (default: all)")
+                    help="comma-separated: unsteered,prompting,search,described,examples (default: all), "
+                         "feature (search's best feature alone)")
     ev.add_argument("--strengths", default=None, help="comma-separated strengths (default 0.5,1,2 with --quick)")
     ev.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for steer-eval.json/.png")
     add_model_options(ev)
