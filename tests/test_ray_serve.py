@@ -107,7 +107,7 @@ async def ray_engine(tiny_model_dir, workspace):  # noqa: F811 - the imported fi
     args = _ray_args(tiny_model_dir)
     started = time.monotonic()
     proc = await EngineProcess.start(*args, "--replicas", "2", "--ray-cpus", "2", port=port, cwd=workspace,
-                                     env=env, timeout=START_TIMEOUT_S)
+                                     env=env, timeout=START_TIMEOUT_S, sigint_ignored=True)
     engine = RayEngine(proc.proc, proc.url, proc.lines, proc.drain)
     try:
         engine.gcs = next(line.split("Ray cluster at ")[1].strip() for line in engine.lines
@@ -117,9 +117,11 @@ async def ray_engine(tiny_model_dir, workspace):  # noqa: F811 - the imported fi
         print(f"\nRay cluster with 2 replicas serving after {time.monotonic() - started:.1f} s")
         yield engine
     finally:
-        await engine.stop(timeout=90)
+        # started as a script's background job (SIGINT inherited ignored): `kill -INT` must still stop it
+        stopped = await engine.stop(timeout=60)
         leftovers = _kill_leftovers(temp)
         shutil.rmtree(temp, ignore_errors=True)
+        assert stopped, "`tinymorph serve --ray` did not stop within 60 s of SIGINT (killed)"
         assert not leftovers, f"Ray processes outlived `tinymorph serve --ray`: {leftovers}"
 
 

@@ -70,11 +70,16 @@ class EngineProcess:
 
     @classmethod
     async def start(cls, *args: str, cwd: Path | None = None, port: int = 0, marker: str = "HTTP API on ",
-                    env: dict[str, str] | None = None, timeout: float = TIMEOUT) -> EngineProcess:
+                    env: dict[str, str] | None = None, timeout: float = TIMEOUT,
+                    sigint_ignored: bool = False) -> EngineProcess:
+        """`sigint_ignored`: start it as a script's background job is started (SIGINT inherited ignored)."""
+        import signal
+
         proc = await asyncio.create_subprocess_exec(
             TINYMORPH, "serve", "--port", str(port), *args, cwd=cwd, env=env or SERVER_ENV,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True)
+            start_new_session=True,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
         lines: list[str] = []
         url = None
         try:
@@ -107,13 +112,15 @@ class EngineProcess:
                 assert time.monotonic() < deadline, "engine never ready:\n" + "".join(self.lines[-20:])
                 await asyncio.sleep(0.2)
 
-    async def stop(self, timeout: float = 30.0) -> None:
-        await _stop(self.proc, timeout)
+    async def stop(self, timeout: float = 30.0) -> bool:
+        stopped = await _stop(self.proc, timeout)
         self.drain.cancel()
+        return stopped
 
 
-async def _stop(proc: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
-    """SIGINT (a clean shutdown), then SIGKILL for the whole process group after `timeout`."""
+async def _stop(proc: asyncio.subprocess.Process, timeout: float = 30.0) -> bool:
+    """SIGINT (a clean shutdown), then SIGKILL for the whole process group after `timeout`.
+    True when SIGINT alone ended it (or it had already ended)."""
     import signal
 
     if proc.returncode is None:
@@ -126,6 +133,8 @@ async def _stop(proc: asyncio.subprocess.Process, timeout: float = 30.0) -> None
             except ProcessLookupError:
                 pass
             await proc.wait()
+            return False
+    return True
 
 
 def free_port() -> int:

@@ -110,16 +110,18 @@ def _use_ray_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def _stop_on_sigterm() -> None:
+def _stop_on_signals() -> None:
     """SIGTERM (kill, systemd, a container stop) shuts down like Ctrl-C: the deployment is deleted and
     every process of a local cluster ends. (Ray's own driver handler exits at once and leaves its
-    agents running.)"""
+    agents running.) SIGINT is set too: a command started in the background by a script inherits it
+    ignored, and `kill -INT` must still stop it, as it stops plain `serve` (uvicorn sets both)."""
     import signal
 
     def stop(_signum, _frame) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def run_ray(args: argparse.Namespace, settings, token: str | None) -> int:
@@ -158,7 +160,7 @@ def run_ray(args: argparse.Namespace, settings, token: str | None) -> int:
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, namespace=ray_serve.NAMESPACE,
                  log_to_driver=False)
     print(f"[tinymorph] Ray cluster at {ray.get_runtime_context().gcs_address}", file=sys.stderr, flush=True)
-    _stop_on_sigterm()
+    _stop_on_signals()
     try:
         try:
             ray_serve.deploy(config, progress=report)
