@@ -141,17 +141,19 @@ EFFECT_CANDIDATES = 12  # how many of the best candidates are steered to measure
 GROUP_SIZE = 4
 # With the engine's model, the group is fitted to what a prompt does: over the best `GROUP_CANDIDATES`
 # (of the first hit's SAE), non-negative weights such that a push along their weighted sum makes
-# neutral plain text continue as it does with "The following text is about <query>." in front
-# (`distill.fit_weights`: the KL divergence the described concepts are distilled with, 8 Adam steps
-# over 16 sentences); members are the best hit and those with at least `MIN_WEIGHT_SHARE` of the
-# largest weight (at most `MAX_GROUP`), and each pushes by its weight. Measured with `steer eval`
-# (12 prompts, strength 1), held-out / main set: the previous rule (the best 8 whose direction points
-# down the gradient of that divergence, equal weights, no `library.WRITTEN_SHARE`) 38 % at 1.49x /
-# 48 % at 1.44x; fitted over the best 8, with the written share: 49 % at 1.49x / 51 % at 1.47x; over
-# 12: 45 % at 1.45x; over 16: 43 % at 1.45x / 51 % at 1.42x. Leaving out dense candidates
-# (> 5 % of tokens: they get large weights, e.g. `linux, computer, yoga`) fell to 35 %: they carry
-# the push that turns any text to "a text about something". Without the engine's model: the best
-# `GROUP_SIZE`, equal.
+# neutral plain text continue as it does with "The following text is about <query>." in front, the
+# query's own words asked for a little more (`distill.fit_weights`: the KL divergence the described
+# concepts are distilled with, plus `distill.WORD_BONUS` on the words; 8 Adam steps over 16
+# sentences); members are the best hit and those with at least `MIN_WEIGHT_SHARE` of the largest
+# weight (at most `MAX_GROUP`), and each pushes by its weight. Measured with `steer eval` (12 prompts,
+# strength 1), held-out / main set: the previous rule (the best 8 whose direction points down the
+# gradient of that divergence, equal weights, no `library.WRITTEN_SHARE`) 38 % at 1.49x / 48 % at
+# 1.44x; fitted over the best 8, with the written share: 49 % at 1.49x / 51 % at 1.47x (a third set of
+# 20 concepts neither has: 29 % at 1.43x); with the words asked for: 48 % at 1.46x / 56 % at 1.47x
+# (third set: 34 % at 1.46x). Over 12 candidates: 45 % at 1.45x; over 16: 43 % at 1.45x / 51 % at
+# 1.42x. Leaving out dense candidates (> 5 % of tokens: they get large weights, e.g. `linux, computer,
+# yoga`) fell to 35 %: they carry the push that turns any text to "a text about something". Without
+# the engine's model: the best `GROUP_SIZE`, equal.
 GROUP_CANDIDATES = 8
 MIN_WEIGHT_SHARE = 0.1
 FIT_PUSH = 0.35  # the push the weights are fitted at, of the residual norm: where strength 1 lands (0.24-0.43)
@@ -419,13 +421,17 @@ def _group_members(library: FeatureLibrary, engine, query: str, results: Sequenc
     return list(results[:GROUP_SIZE]), None
 
 
-def prompt_weights(sae, engine, query: str, candidates: Sequence[int], span: int = 1) -> list[float] | None:
+def prompt_weights(sae, engine, query: str, candidates: Sequence[int], span: int = 1,
+                   word_bonus: float | None = None) -> list[float] | None:
     """Per candidate feature, the non-negative weight of its decoder direction in the push (shared
     over `span` layers from the SAE's) that makes neutral plain text read most as it does with "The
-    following text is about <query>." in front (`distill.fit_weights`; 0: the feature does not help).
+    following text is about <query>." in front, the query's own words asked for a little more
+    (`distill.fit_weights`, `word_bonus` default `distill.WORD_BONUS`; 0: the feature does not help).
     None without the engine's own model."""
     from .concepts import NEUTRAL_CONTEXTS
-    from .distill import fit_weights
+    from .distill import WORD_BONUS, fit_weights
+
+    word_bonus = WORD_BONUS if word_bonus is None else word_bonus
 
     model, tokenizer = getattr(engine, "model", None), getattr(engine, "tokenizer", None)
     if not hasattr(model, "new_cache") or tokenizer is None or not candidates:
@@ -433,7 +439,7 @@ def prompt_weights(sae, engine, query: str, candidates: Sequence[int], span: int
     query = " ".join(query.split())
     description = query if query.lower().startswith("about ") else f"about {query}"
     layers = list(range(sae.layer, min(sae.layer + max(1, span), model.cfg.n_layers)))
-    key = (id(model), sae.layer, len(layers), description, tuple(candidates))
+    key = (id(model), sae.layer, len(layers), description, tuple(candidates), word_bonus)
     with _FITS_LOCK:  # a picker searches again as the writer types and deletes
         owner, weights = _FITS.pop(key, (None, None))
     if weights is None or owner() is not model:  # (an id is reused once its model is gone)
@@ -441,7 +447,7 @@ def prompt_weights(sae, engine, query: str, candidates: Sequence[int], span: int
         directions = torch.stack([sae.direction(i).float() for i in candidates])
         budget = FIT_PUSH * float(sae.resid_norm or FALLBACK_NORM)
         weights, _ = fit_weights(model, tokenizer, description, texts, directions, layers, budget,
-                                 getattr(engine, "special_ids", ()))
+                                 getattr(engine, "special_ids", ()), word_bonus=word_bonus)
     with _FITS_LOCK:
         _FITS[key] = (weakref.ref(model), weights)
         while len(_FITS) > FITS_KEPT:

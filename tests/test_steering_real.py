@@ -221,6 +221,41 @@ def test_a_group_keeps_the_features_that_write_the_concept(library: FeatureLibra
     assert group["weights"][group["members"].index("default:4269")] > 0
 
 
+def test_the_fit_asks_for_the_concepts_own_word(library: FeatureLibrary, engine: Engine) -> None:
+    """The fit's teacher asks for the description's own words (a 135M model told "about dance" seldom
+    writes "dance"): the group's push fitted so makes the model likelier to write the word on plain text
+    than the push fitted to the prompt alone."""
+    from tinymorph.steering.batch import BatchRunner
+    from tinymorph.steering.concepts import NEUTRAL_CONTEXTS
+    from tinymorph.steering.distill import _steered_logprobs, word_token_ids
+    from tinymorph.steering.features import prompt_weights
+
+    def first(text: str) -> int:
+        return engine.tokenizer(text, add_special_tokens=False)["input_ids"][0]
+
+    ids = word_token_ids(engine.tokenizer, "about the sea")
+    assert {first(" sea"), first(" Sea"), first("sea")} <= set(ids)
+    assert first(" the") not in ids and first(" about") not in ids
+    hits = search_features(library, "dance", limit=8, model=engine)
+    candidates = [int(h["id"].rpartition(":")[2]) for h in hits if h.get("kind") != "group"][:8]
+    sae, span = library.sae("default"), library.feature_span
+    layers = list(range(sae.layer, sae.layer + span))
+    directions = torch.stack([sae.direction(i).float() for i in candidates])
+    runner = BatchRunner(engine.model, special_ids=engine.special_ids)
+    texts = [engine.tokenize(t) for t in NEUTRAL_CONTEXTS]
+    word = word_token_ids(engine.tokenizer, "dance")
+
+    def word_mass(bonus: float | None) -> float:
+        weights = torch.tensor(prompt_weights(sae, engine, "dance", candidates, span, word_bonus=bonus))
+        push = (weights @ directions) / len(layers)
+        with torch.no_grad():
+            logp = _steered_logprobs(runner, texts, dict.fromkeys(layers, push))
+        return float(logp[:, word].exp().sum(-1).mean())
+
+    plain, asked = word_mass(0.0), word_mass(None)
+    assert asked > 1.5 * plain, (plain, asked)
+
+
 def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engine) -> None:
     """The features above are what a writer gets first when searching for their concept (by the
     eval set's query: "car" for driving)."""
