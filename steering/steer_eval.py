@@ -6,7 +6,9 @@ both. The concept set (steering/data/eval/concepts.json: topics and registers, e
 lexicon and a few examples) and the neutral prompts ship with the package, so the same run is
 how strengths are calibrated and how regressions are caught. A second set of 20 other concepts
 (`heldout.json`, no examples; `--concept-set heldout`) checks that a change tried on the first set
-holds on concepts it was not tried on.
+holds on concepts it was not tried on. A third (`strict.json`, `--concept-set strict`: 20 more
+concepts, their lexicons only words of the concept, none a story could use anyway like "night" or
+"game") is harder to hit by chance and was not used to tune anything but the fit's word bonus.
 
 Metrics per method and strength (continuations of neutral prompts decoded as the editor's are —
 greedy with the engine's mild repetition penalty — batched on the engine's own model and steering
@@ -43,7 +45,8 @@ from .distill import PROMPT_TEMPLATE as PROMPTING_TEMPLATE  # the eval's prompti
 from .steering import LayerEdit, ResolvedPlan
 
 DATA = Path(__file__).parent / "data" / "eval" / "concepts.json"
-CONCEPT_SETS = {"main": DATA, "heldout": DATA.with_name("heldout.json")}  # shipped sets by name
+CONCEPT_SETS = {"main": DATA, "heldout": DATA.with_name("heldout.json"),  # shipped sets by name
+                "strict": DATA.with_name("strict.json")}
 SUFFIXES = "(?:s|es|ed|d|ing|er|ers|ies|ly)?"
 
 

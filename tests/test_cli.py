@@ -122,13 +122,15 @@ def test_steer_eval_quick_writes_table_json_and_plot(tiny_model_dir, tmp_path):
 
 
 def test_steer_eval_on_the_held_out_concept_set_and_a_broken_one(tiny_model_dir, tmp_path):
-    """The held-out set (other concepts, the main set's prompts) runs by name; a file that is no
+    """The held-out and strict sets (other concepts, the main set's prompts) run by name; a file that is no
     concept set is a one-line error, exit 2."""
     from tinymorph.steering.steer_eval import load_eval_set
 
-    main, held = load_eval_set(), load_eval_set("heldout")
-    assert len(held.concepts) >= 20 and held.prompts == main.prompts
-    assert not {c.name for c in held.concepts} & {c.name for c in main.concepts}
+    main, held, strict = load_eval_set(), load_eval_set("heldout"), load_eval_set("strict")
+    for other in (held, strict):
+        assert len(other.concepts) >= 20 and other.prompts == main.prompts
+    names = [{c.name for c in s.concepts} for s in (main, held, strict)]
+    assert not names[0] & names[1] and not names[0] & names[2] and not names[1] & names[2]
     out = run("steer", "eval", "--quick", "--concept-set", "heldout", "--concepts", "cats", "--methods",
               "unsteered,prompting", "--model", str(tiny_model_dir), "--dtype", "float32", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr

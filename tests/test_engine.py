@@ -470,7 +470,7 @@ def test_fitted_weights_move_plain_text_toward_the_prompted_model(tiny_model_dir
     layers = [0, 1]
     with torch.inference_mode():
         w, losses = fit_weights(engine.model, engine.tokenizer, "about the sea", texts, directions, layers, budget,
-                                penalty=0.0)
+                                penalty=0.0, word_bonus=0.0)  # the plain prompted teacher (no word asked for)
     assert w.shape == (4,) and bool((w >= 0).all()) and float(w.max()) > 0
     push = w @ directions
     assert float(push.norm()) <= budget * (1 + 1e-5)

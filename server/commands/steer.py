@@ -63,8 +63,8 @@ def register(sub) -> None:
     ev.add_argument("--quick", action="store_true", help="6 of the 12 prompts, 3 strengths")
     ev.add_argument("--concepts", default=None, help="comma-separated concept names (default: all)")
     ev.add_argument("--concept-set", default="main", metavar="NAME|FILE",
-                    help="main (the shipped set), heldout (20 other concepts, for checking a change beyond main) "
-                         "or a JSON file")
+                    help="main (the shipped set), heldout (20 other concepts, for checking a change beyond main), "
+                         "strict (20 more, lexicons of concept words only) or a JSON file")
     ev.add_argument("--methods", default=None,
                     help="comma-separated: unsteered,prompting,search,described,examples (default: all), "
                          "feature (search's best feature alone)")
