@@ -12,6 +12,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,18 +133,20 @@ def test_fifty_streaming_clients(server, runtime):
     served: list[float] = []  # server-side TTFT of every HTTP completion
     runtime.completion_listeners.append(lambda c, source: source == "http" and served.append(c.timings.ttft_ms))
     start = time.perf_counter()
-    clients = subprocess.Popen(
-        [sys.executable, __file__, server.url, str(CLIENTS), str(DURATION_S)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        editor = editor_probe(runtime, lambda: clients.poll() is not None)
-        out, err = clients.communicate(timeout=DURATION_S + 120)
-    finally:
-        if clients.poll() is None:
-            clients.kill()
+    # the clients' report goes to files, not pipes: read only after the probe, a report over a pipe's
+    # 64 KiB (a fast machine's many requests) would block the clients until the probe gave up (~400 s)
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        clients = subprocess.Popen([sys.executable, __file__, server.url, str(CLIENTS), str(DURATION_S)],
+                                   stdout=stdout, stderr=stderr, text=True)
+        try:
+            editor = editor_probe(runtime, lambda: clients.poll() is not None)
+            clients.wait(timeout=DURATION_S + 120)
+        finally:
+            if clients.poll() is None:
+                clients.kill()
+        stdout.seek(0)
+        stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
     elapsed = time.perf_counter() - start
     assert clients.returncode == 0, err[-2000:]
     logs = [ClientLog(c["ttft_s"], c["total_s"], c["errors"], c["started"]) for c in json.loads(out)["clients"]]
