@@ -26,7 +26,6 @@ mixture of three prompt templates (56 vs ~62 % at 1.51x), and steering only the 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
@@ -41,8 +40,7 @@ REPEAT_PENALTY = 1.5  # logit penalty on the teacher for tokens already in the t
 LEARNING_RATE = 0.025  # Adam's step, as a fraction of a layer's cap
 FIT_STEPS = 8  # `fit_weights`: Adam steps over a few directions' weights
 FIT_LEARNING_RATE = 0.1  # its step, as a fraction of the push's budget
-WORD_BONUS = 3.0  # `fit_weights`: logit bonus on the teacher for the description's own words (`word_token_ids`)
-FUNCTION_WORDS = frozenset("about the a an of and or to in on for with by at from more less very its".split())
+WORD_BONUS = 3.0  # `fit_weights`: logit bonus on the teacher for the tokens of the description's own words
 
 
 def _position_logprobs(model, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
@@ -91,21 +89,6 @@ def _prompted_targets(runner: BatchRunner, head: list[int], texts: list[list[int
             bonus[list(word_ids)] = word_bonus
             logp = torch.log_softmax(logp + bonus, -1)
         return logp
-
-
-def word_token_ids(tokenizer, text: str) -> list[int]:
-    """The tokens that begin the content words of `text` as the model would write them (with and
-    without a leading space, lower case and capitalized): "about the sea" -> ' sea', ' Sea', 'sea', ...
-    Words of a description like "about", "the", "more" are left out."""
-    words = [w for w in re.findall(r"[A-Za-z][A-Za-z'-]+", text) if w.lower() not in FUNCTION_WORDS]
-    ids: set[int] = set()
-    for word in words:
-        for form in {word, word.lower(), word.capitalize()}:
-            for spaced in (" " + form, form):
-                encoded = tokenizer(spaced, add_special_tokens=False)["input_ids"]
-                if encoded:
-                    ids.add(encoded[0])
-    return sorted(ids)
 
 
 def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -157,14 +140,15 @@ def distill_pushes(model, tokenizer, description: str, texts: Sequence[Sequence[
 def fit_weights(model, tokenizer, description: str, texts: Sequence[Sequence[int]], directions: torch.Tensor,
                 layers: Sequence[int], budget: float, special_ids: Sequence[int] = (), steps: int = FIT_STEPS,
                 penalty: float = REPEAT_PENALTY, lr: float = FIT_LEARNING_RATE,
-                word_bonus: float = WORD_BONUS) -> tuple[torch.Tensor, list[float]]:
+                word_ids: Sequence[int] = (), word_bonus: float = WORD_BONUS) -> tuple[torch.Tensor, list[float]]:
     """Non-negative weights w [n] for `directions` [n, d] such that pushing plain `texts` by
     ``w @ directions``, shared out evenly over `layers`, makes them continue as the model does after
     `PROMPT_TEMPLATE` with `description` (the `distill_pushes` objective, over a few chosen directions
     instead of a free vector per layer; the push's norm at most `budget`), and the divergence at each
     step (the weights returned are those where it was lowest). Why: it says how much of the push
     each of a few SAE features should get, where pointing the same way as the gradient says only
-    which ones help at all. The teacher also gets `word_bonus` on the description's own words: a
+    which ones help at all. The teacher also gets `word_bonus` on `word_ids`, the tokens that begin
+    the description's own words (`features._query_tokens`): a
     135M model told "about history" rarely writes "history", and weights fitted to the prompt alone
     favour features that make any text a story over the one that writes the concept (`steer eval
     --quick`, strength 1, without / with a bonus of 3: main set 49 % at 1.50x / 58 % at 1.50x,
@@ -172,8 +156,7 @@ def fit_weights(model, tokenizer, description: str, texts: Sequence[Sequence[int
     a bonus of 6: 34 % at 1.48x there)."""
     texts = _usable(texts)
     runner = BatchRunner(model, special_ids=special_ids)
-    teacher = _prompted_targets(runner, _head(tokenizer, description), texts, penalty,
-                                word_token_ids(tokenizer, description), word_bonus)
+    teacher = _prompted_targets(runner, _head(tokenizer, description), texts, penalty, word_ids, word_bonus)
     directions = directions.float()
     w = torch.zeros(directions.shape[0], requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr * budget)

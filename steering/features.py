@@ -150,10 +150,11 @@ GROUP_SIZE = 4
 # gradient of that divergence, equal weights, no `library.WRITTEN_SHARE`) 38 % at 1.49x / 48 % at
 # 1.44x; fitted over the best 8, with the written share: 49 % at 1.49x / 51 % at 1.47x (a third set of
 # 20 concepts neither has: 29 % at 1.43x); with the words asked for: 48 % at 1.46x / 56 % at 1.47x
-# (third set: 34 % at 1.46x). Over 12 candidates: 45 % at 1.45x; over 16: 43 % at 1.45x / 51 % at
-# 1.42x. Leaving out dense candidates (> 5 % of tokens: they get large weights, e.g. `linux, computer,
-# yoga`) fell to 35 %: they carry the push that turns any text to "a text about something". Without
-# the engine's model: the best `GROUP_SIZE`, equal.
+# (third set: 34 % at 1.46x; a rerun with the words as `_query_tokens` reads them: 45 % at 1.49x /
+# 59 % at 1.46x / 35 % at 1.45x, the noise of one run). Over 12 candidates: 45 % at 1.45x; over 16:
+# 43 % at 1.45x / 51 % at 1.42x. Leaving out dense candidates (> 5 % of tokens: they get large
+# weights, e.g. `linux, computer, yoga`) fell to 35 %: they carry the push that turns any text to "a
+# text about something". Without the engine's model: the best `GROUP_SIZE`, equal.
 GROUP_CANDIDATES = 8
 MIN_WEIGHT_SHARE = 0.1
 FIT_PUSH = 0.35  # the push the weights are fitted at, of the residual norm: where strength 1 lands (0.24-0.43)
@@ -447,7 +448,8 @@ def prompt_weights(sae, engine, query: str, candidates: Sequence[int], span: int
         directions = torch.stack([sae.direction(i).float() for i in candidates])
         budget = FIT_PUSH * float(sae.resid_norm or FALLBACK_NORM)
         weights, _ = fit_weights(model, tokenizer, description, texts, directions, layers, budget,
-                                 getattr(engine, "special_ids", ()), word_bonus=word_bonus)
+                                 getattr(engine, "special_ids", ()), word_ids=_query_tokens(tokenizer, query),
+                                 word_bonus=word_bonus)
     with _FITS_LOCK:
         _FITS[key] = (weakref.ref(model), weights)
         while len(_FITS) > FITS_KEPT:

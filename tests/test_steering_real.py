@@ -227,23 +227,23 @@ def test_the_fit_asks_for_the_concepts_own_word(library: FeatureLibrary, engine:
     than the push fitted to the prompt alone."""
     from tinymorph.steering.batch import BatchRunner
     from tinymorph.steering.concepts import NEUTRAL_CONTEXTS
-    from tinymorph.steering.distill import _steered_logprobs, word_token_ids
-    from tinymorph.steering.features import prompt_weights
+    from tinymorph.steering.distill import _steered_logprobs
+    from tinymorph.steering.features import _query_tokens, prompt_weights
 
     def first(text: str) -> int:
         return engine.tokenizer(text, add_special_tokens=False)["input_ids"][0]
 
-    ids = word_token_ids(engine.tokenizer, "about the sea")
+    ids = _query_tokens(engine.tokenizer, "about the sea")
     assert {first(" sea"), first(" Sea"), first("sea")} <= set(ids)
     assert first(" the") not in ids and first(" about") not in ids
-    hits = search_features(library, "dance", limit=8, model=engine)
+    hits = search_features(library, "dance", limit=9, model=engine)  # the group's 8 candidates: its fit is reused
     candidates = [int(h["id"].rpartition(":")[2]) for h in hits if h.get("kind") != "group"][:8]
     sae, span = library.sae("default"), library.feature_span
     layers = list(range(sae.layer, sae.layer + span))
     directions = torch.stack([sae.direction(i).float() for i in candidates])
     runner = BatchRunner(engine.model, special_ids=engine.special_ids)
     texts = [engine.tokenize(t) for t in NEUTRAL_CONTEXTS]
-    word = word_token_ids(engine.tokenizer, "dance")
+    word = _query_tokens(engine.tokenizer, "dance")
 
     def word_mass(bonus: float | None) -> float:
         weights = torch.tensor(prompt_weights(sae, engine, "dance", candidates, span, word_bonus=bonus))
