@@ -334,7 +334,10 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
     normalised steering effect where that was measured: a feature that reads "war" but, steered,
     writes no war (measured: 0 of 6 continuations) must not win on its label. Dead and positional
     features never appear. The first answer is the best `GROUP_SIZE` features as one group
-    (`feature_group`), then the features one by one.
+    (`feature_group`), then the features one by one. `readsQuery` says whether a feature (a
+    group: any member) fires on the query's own words (None for labels without their top words):
+    where none does, the SAE likely has no feature for the concept ("dinosaurs" in the shipped one)
+    and what search offers is only its nearest neighbours.
     """
     labels_by_sae = library_labels(library)
     index = feature_index(labels_by_sae)
@@ -359,6 +362,8 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
                 lex[int(idx)] = score
         total = WEIGHTS["label"] * lex / top_lexical  # label scores stay comparable across SAEs
         named = word_scores(feats, query)[:n] if len(feats) >= n else torch.zeros(n)
+        reads = named > 0  # fires on the query's own words (before the effect re-weighs `named`)
+        knows_words = any(x.get("top_words") for x in feats)  # labels from before `top_words`: unknown
         signals: dict[str, torch.Tensor] = {"word": named}
         if net is not None and tokenizer is not None and words(query):
             try:
@@ -393,7 +398,7 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
                 "id": f"{name}:{i}", "label": info.get("label", ""), "phrase": info.get("phrase", ""),
                 "promotes": info.get("promotes", []), "topTokens": info.get("top_tokens", [])[:8],
                 "maxActivation": info.get("max_act", 0.0), "density": info.get("density", 0.0),
-                "score": round(float(total[i]), 3),
+                "score": round(float(total[i]), 3), "readsQuery": bool(reads[i]) if knows_words else None,
                 **{k: round(float(v[i]), 3) for k, v in signals.items()},
             })
     results.sort(key=lambda r: -r["score"])
@@ -487,8 +492,14 @@ def feature_group(hits: Sequence[dict], weights: Sequence[float] | None = None) 
         "topTokens": [t for h in members for t in h.get("topTokens", [])[:2]],
         "maxActivation": max(h.get("maxActivation", 0.0) for h in members),
         "density": max(h.get("density", 0.0) for h in members),
-        "score": members[0]["score"],
+        "score": members[0]["score"], "readsQuery": _any_reads(members),
     }
+
+
+def _any_reads(members: Sequence[dict]) -> bool | None:
+    """A group reads the query if any member does; None when that is not known for some member."""
+    reads = [m.get("readsQuery") for m in members]
+    return True if True in reads else (False if all(r is False for r in reads) else None)
 
 
 def _weight_suffix(weight: float) -> str:

@@ -191,3 +191,16 @@ def test_from_examples_and_vectors(tmp_path: Path, tokenizer, tiny_model) -> Non
         read_examples(tmp_path / "empty.txt")
     with pytest.raises(VectorError, match="does not exist"):
         read_examples(tmp_path / "missing.txt")
+
+
+def test_a_group_reads_the_query_if_any_member_does() -> None:
+    """`readsQuery` of a group: true if a member fires on the query's words, false only when every
+    member is known not to (labels without top words leave it unknown: no false warning)."""
+    from tinymorph.steering.features import _any_reads, feature_group
+
+    def hit(i: int, reads: bool | None) -> dict:
+        return {"id": f"default:{i}", "score": 1.0, "readsQuery": reads}
+
+    assert feature_group([hit(1, False), hit(2, True)])["readsQuery"] is True
+    assert feature_group([hit(1, False), hit(2, False)])["readsQuery"] is False
+    assert _any_reads([hit(1, False), hit(2, None)]) is None

@@ -6,6 +6,12 @@ marked slow; they still run in CI.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -267,9 +273,23 @@ def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engi
         assert hits and hits[1]["id"] == f"default:{feature}", (name, hits[:3])
         group = hits[0]  # the first answer: the best features steered together, the best one first
         assert group["kind"] == "group" and group["members"][0] == hits[1]["id"], group
+        assert group["readsQuery"] and hits[1]["readsQuery"], group  # they fire on the query's own words
         assert max(group["weights"]) == 1 and min(group["weights"]) > 0  # relative to the heaviest member
         assert group["id"] == "default:" + "+".join(m.rpartition(":")[2] + ("" if w == 1 else f"*{w:g}")
                                                     for m, w in zip(group["members"], group["weights"], strict=True))
         assert show_feature(library, group["id"])["members"][0]["id"] == hits[1]["id"]
     labels_only = search_features(library, "sea", limit=20)  # no model: label words alone
     assert labels_only and all(h["id"].startswith("default:") for h in labels_only)
+
+
+def test_search_says_when_no_feature_reads_the_query(library: FeatureLibrary, engine: Engine, tmp_path) -> None:
+    """The shipped SAE has no feature for dinosaurs: search still answers (its nearest neighbours,
+    e.g. `ancient, old, past`), marks that none of them fires on the word, and the CLI says so and
+    points to a description (for a concept it has, the test above sees `readsQuery` set)."""
+    hits = search_features(library, "dinosaurs", limit=4, model=engine)
+    assert hits and not any(h["readsQuery"] for h in hits), hits
+    exe = shutil.which("tinymorph", path=str(Path(sys.executable).parent))
+    out = subprocess.run([exe, "features", "search", "dinosaurs", "--limit", "2"], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path, env={**os.environ, "TINYMORPH_CONFIG_DIR": str(tmp_path)})
+    assert out.returncode == 0 and 'none of these fires on "dinosaurs" itself' in out.stdout, out.stdout
+    assert 'tinymorph steer add "dinosaurs"' in out.stdout

@@ -58,6 +58,10 @@ check("generating expires", state.state(), "ready")
 local commands = require("tinymorph.commands")
 check("feature line", commands.format_feature({ id = "default:3", label = "sea words", topTokens = { " sea" } }), "sea words  [default:3]")
 check("unlabelled feature", commands.format_feature({ id = "default:4", topTokens = { " sea", "\n" } }), '[default:4]  top: " sea" "\\n"')
+check("prompt of a found concept", commands.select_prompt("wine", { { id = "default:1", readsQuery = true }, { id = "default:2", readsQuery = false } }), "steer towards:")
+check("prompt when nothing reads it", commands.select_prompt(" dinosaurs ", { { id = "default:872", readsQuery = false } }),
+  'no feature fires on "dinosaurs" itself (:Tinymorph steer dinosaurs describes it); steer towards:')
+check("prompt of an old server", commands.select_prompt("sea", { { id = "default:3" } }), "steer towards:")
 local lines = commands.compare_lines({ steered = "A\nB", unsteered = "C" }, {})
 check("compare has both", { lines[#lines - 4], lines[#lines] }, { "B", "C" })
 

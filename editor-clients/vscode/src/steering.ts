@@ -9,6 +9,8 @@ export interface FeatureHit {
   label?: string;
   topTokens?: string[];
   maxActivation?: number;
+  /** Whether the feature (a group: any member) fires on the query's own words. */
+  readsQuery?: boolean;
 }
 
 /** Structurally a vscode.QuickPickItem, plus the data we need back after the pick. */
@@ -41,7 +43,9 @@ export function featureItems(hits: FeatureHit[], steering: SteeringEntry[], quer
     ? [{
         label: `$(sparkle) Steer by description: "${description}"`,
         description: active.has(description) ? `(steering ${active.get(description)})` : "concept vector",
-        detail: "the model writes about it, tinymorph steers towards the difference (try \"about the sea\", \"formal\", \"less hedging\")",
+        detail: hits.length > 0 && hits.every((hit) => hit.readsQuery === false)
+          ? `no feature below fires on "${description}" itself (the SAE likely has none): the description steers it more surely`
+          : "the model writes about it, tinymorph steers towards the difference (try \"about the sea\", \"formal\", \"less hedging\")",
         alwaysShow: true,
         featureId: description,
         currentStrength: active.get(description),

@@ -45,6 +45,11 @@ test("what the user typed comes first, as a description to steer by", () => {
   assert.match(items[0].label, /Steer by description: "about the sea"/);
   assert.equal(items[0].currentStrength, 1);
   assert.equal(items[1].featureId, "default:7");
+  assert.match(items[0].detail ?? "", /the model writes about it/, "a hit without readsQuery: no warning");
+  const none = featureItems([{ id: "default:872", label: "virtual", readsQuery: false }], [], "dinosaurs");
+  assert.match(none[0].detail ?? "", /no feature below fires on "dinosaurs" itself/);
+  const some = featureItems([{ id: "default:1", readsQuery: false }, { id: "default:2", readsQuery: true }], [], "wine");
+  assert.match(some[0].detail ?? "", /the model writes about it/);
   assert.equal(featureItems([], [], "  ").length, 0, "no description item for an empty query");
   assert.equal(featureItems([], [], "123").length, 0, "numbers are not a description");
 });

@@ -58,6 +58,21 @@ local function ask_strength(feature)
   end)
 end
 
+--- The picker's prompt: says when no hit fires on the query's own words (`readsQuery` false on all:
+--- the SAE likely has no feature for it) and how to steer by the description instead.
+function M.select_prompt(query, hits)
+  local q = vim.trim(query or "")
+  if q == "" or #hits == 0 then
+    return "steer towards:"
+  end
+  for _, hit in ipairs(hits) do
+    if hit.readsQuery ~= false then
+      return "steer towards:"
+    end
+  end
+  return string.format('no feature fires on "%s" itself (:Tinymorph steer %s describes it); steer towards:', q, q)
+end
+
 --- Searches features, lets the user pick one (vim.ui.select: Telescope/fzf-lua pickers plug in here)
 --- and asks for its strength.
 function M.pick_feature(query)
@@ -70,7 +85,7 @@ function M.pick_feature(query)
       echo("no feature matches " .. vim.inspect(query or ""), vim.log.levels.WARN)
       return
     end
-    vim.ui.select(hits, { prompt = "steer towards:", format_item = M.format_feature }, function(hit)
+    vim.ui.select(hits, { prompt = M.select_prompt(query, hits), format_item = M.format_feature }, function(hit)
       if hit then
         ask_strength(hit.id)
       end
