@@ -68,7 +68,7 @@ def run_search(args: argparse.Namespace) -> int:
     if results[0].get("kind") == "group":
         print(f"\nthe first line steers its {len(results[0]['members'])} features together "
               f"(tinymorph steer add {results[0]['id']}); the others one by one")
-    if engine is not None and results[0].get("readsQuery") is False:
+    if engine is not None and all(r.get("readsQuery") is False for r in results):  # as the editors' pickers
         print(f"\nnone of these fires on {json.dumps(query)} itself: the SAE likely has no feature for it, "
               "and these are its nearest neighbours; a description will steer it more surely")
     print(f"\nor steer by the description itself: tinymorph steer add {json.dumps(query)}")
