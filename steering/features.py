@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .concepts import NEUTRAL_CONTEXTS, split_sign
 from .labels import fired_word_shares, load_labels
 from .library import FALLBACK_NORM, FeatureLibrary
 from .steering import MAX_GROUP, SteeringError, parse_feature_ref
@@ -337,8 +338,22 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
     (`feature_group`), then the features one by one. `readsQuery` says whether a feature (a
     group: any member) fires on the query's own words (None for labels without their top words):
     where none does, the SAE likely has no feature for the concept ("dinosaurs" in the shipped one)
-    and what search offers is only its nearest neighbours.
+    and what search offers is only its nearest neighbours. A query that starts with a sign word
+    ("less hedging", "fewer adjectives", "more formal") is searched without it, and every result
+    carries the strength that steers it that way (`suggestedStrength`: -1 for "less", else 1): the
+    features are those of "hedging", and "less" is the sign of the push, as it is for a description.
     """
+    query, sign = split_sign(query)
+    results = _ranked_features(library, query, limit, model)
+    group = feature_group(*_group_members(library, model, query, results))
+    hits = ([group] if group else []) + results[:limit - (group is not None)]
+    for hit in hits:
+        hit["suggestedStrength"] = sign
+    return hits
+
+
+def _ranked_features(library: FeatureLibrary, query: str, limit: int, model) -> list[dict]:
+    """`search_features`' single features, best first (at least `GROUP_CANDIDATES` of them)."""
     labels_by_sae = library_labels(library)
     index = feature_index(labels_by_sae)
     lexical = {ref: score for ref, score, _ in index.search(query, limit=400)}
@@ -402,8 +417,7 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
                 **{k: round(float(v[i]), 3) for k, v in signals.items()},
             })
     results.sort(key=lambda r: -r["score"])
-    group = feature_group(*_group_members(library, model, query, results))
-    return ([group] if group else []) + results[:limit - (group is not None)]
+    return results
 
 
 def _group_members(library: FeatureLibrary, engine, query: str, results: Sequence[dict]
@@ -434,7 +448,6 @@ def prompt_weights(sae, engine, query: str, candidates: Sequence[int], span: int
     following text is about <query>." in front, the query's own words asked for a little more
     (`distill.fit_weights`, `word_bonus` default `distill.WORD_BONUS`; 0: the feature does not help).
     None without the engine's own model."""
-    from .concepts import NEUTRAL_CONTEXTS
     from .distill import WORD_BONUS, fit_weights
 
     word_bonus = WORD_BONUS if word_bonus is None else word_bonus
@@ -512,8 +525,6 @@ def show_feature(library: FeatureLibrary, ref: str) -> dict:
     """Everything known about one feature or vector (`tinymorph.features.show`)."""
     source, key = parse_feature_ref(ref)
     if source == "concept":
-        from .concepts import split_sign
-
         vec = library.concept(key)
         core, sign = split_sign(key)
         return {"id": ref, "kind": "concept", "description": core, "sign": sign, "layers": sorted(vec.directions),

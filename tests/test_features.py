@@ -104,6 +104,9 @@ def test_labels_end_to_end(tmp_path: Path, tokenizer, tiny_model) -> None:
     query = f["label"].split(" (")[0]  # its phrase: the shipped SAE is searched too (8192 features)
     found = search_features(lib, query, limit=50)
     assert any(r["id"] == f"tiny:{f['id']}" for r in found), (query, f["label"], found[:3])
+    less = search_features(lib, f"less {query}", limit=50)  # "less X": X's features, offered turned down
+    assert [r["id"] for r in less] == [r["id"] for r in found]
+    assert {r["suggestedStrength"] for r in found} == {1.0} and {r["suggestedStrength"] for r in less} == {-1.0}
     shown = show_feature(lib, f"tiny:{f['id']}")
     assert shown["label"] == f["label"] and shown["layer"] == 1 and shown["labelled"]
     with pytest.raises(SteeringError, match="features 0..31"):

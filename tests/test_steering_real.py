@@ -260,6 +260,9 @@ def test_the_fit_asks_for_the_concepts_own_word(library: FeatureLibrary, engine:
 
     plain, asked = word_mass(0.0), word_mass(None)
     assert asked > 1.5 * plain, (plain, asked)
+    less = search_features(library, "less dance", limit=9, model=engine)  # the same fit: "about dance"
+    assert [h["id"] for h in less] == [h["id"] for h in hits], (less[:2], hits[:2])
+    assert {h["suggestedStrength"] for h in less} == {-1.0} and {h["suggestedStrength"] for h in hits} == {1.0}
 
 
 def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engine) -> None:

@@ -48,6 +48,7 @@ def library():
 
 
 def run_search(args: argparse.Namespace) -> int:
+    from ...steering.concepts import split_sign
     from ...steering.features import search_features
 
     if args.limit < 1:
@@ -65,12 +66,16 @@ def run_search(args: argparse.Namespace) -> int:
         return 1
     for r in results:
         print(f"{r['id']:>14}  {r['score']:5.2f}  {r['label']}")
+    strength = results[0].get("suggestedStrength", 1.0)
+    flag = f" --strength {strength:g}" if strength != 1.0 else ""
     if results[0].get("kind") == "group":
         print(f"\nthe first line steers its {len(results[0]['members'])} features together "
-              f"(tinymorph steer add {results[0]['id']}); the others one by one")
+              f"(tinymorph steer add {results[0]['id']}{flag}); the others one by one")
+    if strength < 0:  # "less hedging": these are the features of "hedging", turned down
+        print(f"\n{json.dumps(query.split()[0])} turns these down: steer them at a negative strength ({strength:g})")
     if engine is not None and all(r.get("readsQuery") is False for r in results):  # as the editors' pickers
-        print(f"\nnone of these fires on {json.dumps(query)} itself: the SAE likely has no feature for it, "
-              "and these are its nearest neighbours; a description will steer it more surely")
+        print(f"\nnone of these fires on {json.dumps(split_sign(query)[0])} itself: the SAE likely has no "
+              "feature for it, and these are its nearest neighbours; a description will steer it more surely")
     print(f"\nor steer by the description itself: tinymorph steer add {json.dumps(query)}")
     return 0
 

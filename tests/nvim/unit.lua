@@ -62,6 +62,15 @@ check("prompt of a found concept", commands.select_prompt("wine", { { id = "defa
 check("prompt when nothing reads it", commands.select_prompt(" dinosaurs ", { { id = "default:872", readsQuery = false } }),
   'no feature fires on "dinosaurs" itself (:Tinymorph steer dinosaurs describes it); steer towards:')
 check("prompt of an old server", commands.select_prompt("sea", { { id = "default:3" } }), "steer towards:")
+check("a feature turned down", commands.format_feature({ id = "default:5", label = "formal", suggestedStrength = -1 }),
+  "formal  [default:5]  (turned down: -1)")
+local asked = {}
+local real_input = vim.ui.input
+vim.ui.input = function(opts, _) table.insert(asked, opts.default) end
+commands.ask_strength("default:5", -1)
+commands.ask_strength("default:6", nil)
+vim.ui.input = real_input
+check("the strength offered is search's", asked, { "-1", "1" })
 local lines = commands.compare_lines({ steered = "A\nB", unsteered = "C" }, {})
 check("compare has both", { lines[#lines - 4], lines[#lines] }, { "B", "C" })
 

@@ -11,6 +11,8 @@ export interface FeatureHit {
   maxActivation?: number;
   /** Whether the feature (a group: any member) fires on the query's own words. */
   readsQuery?: boolean;
+  /** The strength that steers the way the query asks: -1 for "less hedging" (hedging's features, turned down). */
+  suggestedStrength?: number;
 }
 
 /** Structurally a vscode.QuickPickItem, plus the data we need back after the pick. */
@@ -22,6 +24,8 @@ export interface FeaturePickItem {
   alwaysShow?: boolean;
   featureId: string;
   currentStrength?: number;
+  /** What the strength prompt offers when the feature is not steered yet (search's `suggestedStrength`). */
+  suggestedStrength?: number;
 }
 
 /** What the strength prompt offers: 1 is the calibrated push (noticeable and still fluent). */
@@ -60,11 +64,14 @@ export function featureItems(hits: FeatureHit[], steering: SteeringEntry[], quer
     if (typeof hit.maxActivation === "number") detailParts.push(`max act ${hit.maxActivation.toFixed(2)}`);
     return {
       label: strength !== undefined ? `$(check) ${name}` : name,
-      description: strength !== undefined ? `${hit.id}  (steering ${strength})` : hit.id,
+      description: strength !== undefined
+        ? `${hit.id}  (steering ${strength})`
+        : (hit.suggestedStrength ?? 1) < 0 ? `${hit.id}  (turned down: ${hit.suggestedStrength})` : hit.id,
       detail: detailParts.join(" · ") || undefined,
       alwaysShow: true,
       featureId: hit.id,
       currentStrength: strength,
+      suggestedStrength: hit.suggestedStrength,
     };
   }));
 }

@@ -71,7 +71,7 @@ export async function pickFeature(call: ServerCall, steering: SteeringEntry[]): 
   if (timer) clearTimeout(timer);
   quickPick.dispose();
   if (!picked) return undefined;
-  const strength = await askStrength(picked.featureId, picked.currentStrength);
+  const strength = await askStrength(picked.featureId, picked.currentStrength ?? picked.suggestedStrength);
   if (strength === undefined) return undefined;
   return call<SteeringEntry[]>("tinymorph.steer.set", [{ feature: picked.featureId, strength }]);
 }

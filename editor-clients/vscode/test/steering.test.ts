@@ -54,6 +54,15 @@ test("what the user typed comes first, as a description to steer by", () => {
   assert.equal(featureItems([], [], "123").length, 0, "numbers are not a description");
 });
 
+test("a hit of \"less formal\" is offered turned down", () => {
+  const items = featureItems([{ id: "default:9", label: "formal", suggestedStrength: -1 }, { id: "default:2" }], [], "less formal");
+  assert.equal(items[1].suggestedStrength, -1);
+  assert.match(items[1].description ?? "", /turned down: -1/);
+  assert.equal(items[2].description, "default:2");
+  const steered = featureItems([{ id: "default:9", suggestedStrength: -1 }], [{ feature: "default:9", strength: 2 }], "less formal");
+  assert.match(steered[1].description ?? "", /steering 2/, "a steered feature shows its own strength");
+});
+
 test("showToken makes whitespace visible", () => {
   assert.equal(showToken(" the"), "·the");
   assert.equal(showToken("a\tb"), "a\\tb");

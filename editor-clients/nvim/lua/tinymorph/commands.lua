@@ -30,8 +30,9 @@ local known_features = {}
 --- One line per search hit: "label  [id]", or "[id]  top: a b c" for an unlabelled feature
 --- (labels already name the tokens a feature fires on and promotes; one line must stay short).
 function M.format_feature(hit)
+  local down = (hit.suggestedStrength or 1) < 0 and string.format("  (turned down: %g)", hit.suggestedStrength) or ""
   if hit.label and hit.label ~= "" then
-    return string.format("%s  [%s]", hit.label, hit.id)
+    return string.format("%s  [%s]%s", hit.label, hit.id, down)
   end
   local tokens = {}
   for i, t in ipairs(hit.topTokens or {}) do
@@ -40,11 +41,13 @@ function M.format_feature(hit)
     end
     table.insert(tokens, (vim.inspect(t)))
   end
-  return string.format("[%s]  top: %s", hit.id, #tokens > 0 and table.concat(tokens, " ") or "-")
+  return string.format("[%s]  top: %s%s", hit.id, #tokens > 0 and table.concat(tokens, " ") or "-", down)
 end
 
-local function ask_strength(feature)
-  vim.ui.input({ prompt = "strength for " .. feature .. " (1 = calibrated, negative suppresses): ", default = "1" }, function(input)
+--- Asks for a strength, `default` offered (search's `suggestedStrength`: -1 for "less hedging").
+function M.ask_strength(feature, default)
+  local prompt = "strength for " .. feature .. " (1 = calibrated, negative suppresses): "
+  vim.ui.input({ prompt = prompt, default = string.format("%g", default or 1) }, function(input)
     local strength = tonumber(input or "")
     if not strength or strength == 0 then
       if input and input ~= "" then
@@ -87,7 +90,7 @@ function M.pick_feature(query)
     end
     vim.ui.select(hits, { prompt = M.select_prompt(query, hits), format_item = M.format_feature }, function(hit)
       if hit then
-        ask_strength(hit.id)
+        M.ask_strength(hit.id, hit.suggestedStrength)
       end
     end)
   end)
