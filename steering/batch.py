@@ -10,6 +10,7 @@ padded; each row has its own positions, attention mask and (optionally) its own 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,18 @@ class _Cache:
     def attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor:
         keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
         return F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=True)
+
+
+@dataclass
+class Prefix:
+    """Left-padded rows run through the model's first `layer` layers (`BatchRunner.prefix`)."""
+
+    layer: int
+    x: torch.Tensor  # [B, W, d]: the residual entering layer `layer`
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor  # [B, 1, W, W] attention mask
+    steer: torch.Tensor  # [B, W]: the positions steering may edit
 
 
 class BatchRunner:
@@ -129,6 +142,11 @@ class BatchRunner:
         (special tokens and first positions left unsteered), and layer `read_layer`'s output (float32).
         Not in inference mode: with grad enabled and a plan whose adds require grad, gradients reach
         the adds (`distill.py`)."""
+        return self.hidden_from(self.prefix(rows, 0), plan, read_layer)
+
+    def prefix(self, rows: Sequence[Sequence[int]], upto: int) -> Prefix:
+        """`rows` run unsteered through the layers before `upto`, without grad: a search that pushes
+        only at `upto` or later runs those layers once instead of at every step (`hidden_from`)."""
         model = self.model
         b, width = len(rows), max(len(r) for r in rows)
         ids = torch.zeros(b, width, dtype=torch.long)
@@ -136,17 +154,31 @@ class BatchRunner:
         for i, r in enumerate(rows):
             ids[i, width - len(r):] = torch.tensor(list(r))
             valid[i, width - len(r):] = True
-        cache = _Cache(model, b, width)
         pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
         mask = (torch.ones(width, width, dtype=torch.bool).tril() & valid[:, None, :]) | torch.eye(width,
                                                                                                   dtype=torch.bool)
         x = model.embed(ids)
         cos = model.rope_cos[pos].to(x.dtype).unsqueeze(1)
         sin = model.rope_sin[pos].to(x.dtype).unsqueeze(1)
-        read = None
-        with self.hooks.active(plan, self._steer_mask(ids, pos, valid) if plan else None):
-            for i, layer in enumerate(model.layers):
-                x = layer(x, cache, 0, cos, sin, mask[:, None])
+        if upto > 0:
+            cache = _Cache(model, b, width)
+            with torch.no_grad():
+                for layer in model.layers[:upto]:
+                    x = layer(x, cache, 0, cos, sin, mask[:, None])
+        return Prefix(upto, x, cos, sin, mask[:, None], self._steer_mask(ids, pos, valid))
+
+    def hidden_from(self, start: Prefix, plan: ResolvedPlan | None = None, read_layer: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden` of the rows of `start` (a `prefix`), run on from its layer; `plan` may edit only
+        that layer and later ones, `read_layer` likewise."""
+        if plan and min(plan) < start.layer or read_layer is not None and read_layer < start.layer:
+            raise ValueError(f"the rows were run up to layer {start.layer} already")
+        model = self.model
+        cache = _Cache(model, start.x.shape[0], start.x.shape[1])
+        x, read = start.x, None
+        with self.hooks.active(plan, start.steer if plan else None):
+            for i in range(start.layer, len(model.layers)):
+                x = model.layers[i](x, cache, 0, start.cos, start.sin, start.mask)
                 if i == read_layer:
                     read = x.float()
         return x, read

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .batch import BatchRunner
+from .batch import BatchRunner, Prefix
 from .steering import LayerEdit
 
 PROMPT_TEMPLATE = "The following text is {description}.\n\n"  # the teacher: the description as a preface
@@ -71,9 +71,12 @@ def _usable(texts: Sequence[Sequence[int]]) -> list[list[int]]:
     return texts
 
 
-def _steered_logprobs(runner: BatchRunner, texts: list[list[int]], adds: dict[int, torch.Tensor] | None
-                      ) -> torch.Tensor:
-    x, _ = runner.hidden(texts, {la: LayerEdit(add=v) for la, v in adds.items()} if adds else None)
+def _steered_logprobs(runner: BatchRunner, texts: list[list[int]], adds: dict[int, torch.Tensor] | None,
+                      start: Prefix | None = None) -> torch.Tensor:
+    """Log-probabilities at `texts`' positions pushed by `adds`; `start`: `texts` already run up to
+    the first layer pushed (`BatchRunner.prefix`), so each step of a search runs only the rest."""
+    plan = {la: LayerEdit(add=v) for la, v in adds.items()} if adds else None
+    x, _ = runner.hidden_from(start, plan) if start is not None else runner.hidden(texts, plan)
     return _position_logprobs(runner.model, x, [len(t) for t in texts])
 
 
@@ -124,9 +127,10 @@ def distill_pushes(model, tokenizer, description: str, texts: Sequence[Sequence[
     budget = {la: cap * resid_norms[la] / len(layers) for la in layers}
     adds = {la: torch.zeros(model.cfg.dim, requires_grad=True) for la in layers}
     opt = torch.optim.Adam([adds[la] for la in layers], lr=lr * min(budget.values()))
+    start = runner.prefix(texts, layers[0])
     for _ in range(steps):
         with torch.enable_grad():
-            loss = _kl(teacher, _steered_logprobs(runner, texts, adds))
+            loss = _kl(teacher, _steered_logprobs(runner, texts, adds, start))
             opt.zero_grad()
             loss.backward()
         opt.step()
@@ -162,10 +166,11 @@ def fit_weights(model, tokenizer, description: str, texts: Sequence[Sequence[int
     opt = torch.optim.Adam([w], lr=lr * budget)
     losses: list[float] = []
     best = (float("inf"), w.detach().clone())
+    start = runner.prefix(texts, min(layers))
     for step in range(steps + 1):
         with torch.enable_grad() if step < steps else torch.no_grad():
             push = (w @ directions) / len(layers)
-            loss = _kl(teacher, _steered_logprobs(runner, texts, dict.fromkeys(layers, push)))
+            loss = _kl(teacher, _steered_logprobs(runner, texts, dict.fromkeys(layers, push), start))
         losses.append(float(loss.detach()))
         if losses[-1] < best[0]:  # Adam overshoots now and then: keep the weights that did best
             best = (losses[-1], w.detach().clone())

@@ -436,6 +436,30 @@ def test_batched_decoding_is_the_engines(default_model_dir):
     assert unpenalized != batched
 
 
+def test_a_search_restarts_from_the_layers_it_does_not_push(tiny_model_dir):
+    """A fit pushes only at later layers, so it runs the earlier ones once (`BatchRunner.prefix`):
+    what it sees at every step must be what the whole model gives, gradients included."""
+    from tinymorph.steering.batch import BatchRunner
+    from tinymorph.steering.steering import LayerEdit
+
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    runner = BatchRunner(engine.model, special_ids=engine.special_ids)
+    rows = [engine.tokenize(t) for t in ("The sea was calm that morning.", "We left early.")]
+    layer = engine.info.layers - 1
+    grads = []
+    for start in (None, runner.prefix(rows, layer)):
+        push = torch.full((engine.model.cfg.dim,), 0.5, requires_grad=True)
+        with torch.enable_grad():
+            plan = {layer: LayerEdit(add=push)}
+            x, _ = runner.hidden(rows, plan) if start is None else runner.hidden_from(start, plan)
+            x.float().pow(2).mean().backward()
+        grads.append((x.detach(), push.grad))
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
+    assert float(grads[0][1].abs().sum()) > 0
+    with pytest.raises(ValueError, match="run up to layer"):
+        runner.hidden_from(runner.prefix(rows, layer), {layer - 1: LayerEdit(add=push)})
+
+
 def test_concept_distillation_runs_in_any_grad_mode(tiny_model_dir):
     """Building a described concept trains by gradient; a caller inside `torch.inference_mode()`
     (a server thread, a notebook) must still get a vector, capped at the push it was trained for."""
