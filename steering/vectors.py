@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,9 +141,14 @@ def layers_activations(model, ids: Sequence[int], wanted: Sequence[int]) -> dict
             raise VectorError(f"layer {layer} out of range: the model has layers 0..{len(layers) - 1}")
     last = max(wanted)
     captured: dict[int, torch.Tensor] = {}
+    owner = threading.get_ident()
 
     def make_hook(index: int):
         def hook(_m, _i, out):
+            # a module's hooks fire in every thread's forward: an editor's completion running beside
+            # a feature search must neither be stopped by it nor be what it reads
+            if threading.get_ident() != owner:
+                return None
             captured[index] = (out[0] if isinstance(out, tuple) else out).detach()[0].float()
             if index == last:
                 raise _Stop

@@ -436,6 +436,43 @@ def test_batched_decoding_is_the_engines(default_model_dir):
     assert unpenalized != batched
 
 
+def test_reading_activations_beside_a_completion_disturbs_neither(tiny_model_dir):
+    """Feature search reads a layer with a hook that stops the forward there; hooks fire in every
+    thread's forward, so without care an editor's completion running beside a search was stopped by
+    it (`_Stop`, 46 failed completions during 4 searches on the real model) and the search read the
+    completion's residual."""
+    import threading
+
+    from tinymorph.steering.vectors import layers_activations
+
+    engine = Engine.load(str(tiny_model_dir), dtype="float32")
+    ids = engine.tokenize("The sea was calm and the boats were out.")
+    expected = layers_activations(engine.model, ids, [0])[0]
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def complete() -> None:
+        n = 0
+        while not done.is_set():
+            try:
+                engine.complete(CompletionRequest(f"Once upon a time {n}", "doc", GenerationOptions(max_tokens=4,
+                                                                                                stop="none")))
+            except BaseException as exc:  # noqa: BLE001 - what the test looks for
+                errors.append(exc)
+            n += 1
+
+    thread = threading.Thread(target=complete)
+    thread.start()
+    try:
+        for _ in range(200):
+            got = layers_activations(engine.model, ids, [0])[0]
+            assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+    finally:
+        done.set()
+        thread.join()
+    assert not errors, errors[:3]
+
+
 def test_a_search_restarts_from_the_layers_it_does_not_push(tiny_model_dir):
     """A fit pushes only at later layers, so it runs the earlier ones once (`BatchRunner.prefix`):
     what it sees at every step must be what the whole model gives, gradients included."""
