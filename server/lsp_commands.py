@@ -106,7 +106,8 @@ def register(server: TinymorphServer) -> None:
         limit = args[1] if len(args) > 1 else 10
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 200:
             raise CommandError("limit must be an integer between 1 and 200")
-        return await asyncio.to_thread(_feature_call, ls, "search_features", args[0], limit)
+        return await asyncio.to_thread(ls.feature_searches.run, lambda superseded: _feature_call(
+            ls, "search_features", args[0], limit, superseded=superseded))
 
     @command("tinymorph.features.show")
     async def features_show(ls: TinymorphServer, *args):
@@ -170,7 +171,7 @@ async def _accept(ls: TinymorphServer, args: tuple, kind: str) -> dict[str, Any]
     return {"applied": applied, "text": part}
 
 
-def _feature_call(ls: TinymorphServer, name: str, *args) -> Any:
+def _feature_call(ls: TinymorphServer, name: str, *args, **kwargs) -> Any:
     """Run a function of steering/features.py with the session's feature library."""
     try:
         from ..steering import features
@@ -185,7 +186,7 @@ def _feature_call(ls: TinymorphServer, name: str, *args) -> Any:
     local = engine is not None and not getattr(engine, "remote", False)  # a remote engine cannot read activations
     extra = {"model": engine} if name == "search_features" and local else {}
     try:
-        return fn(library, *args, **extra)
+        return fn(library, *args, **extra, **kwargs)
     except SteeringError as exc:
         raise RequestFailed(f"feature search not available: {exc}") from None
     except (OSError, KeyError, ValueError) as exc:

@@ -37,6 +37,7 @@ from .documents import Document, Documents, sanitize
 from .lsp_protocol import TinymorphProtocol
 from .runtime import ModelSettings, Runtime
 from .scheduler import PRIORITY_BACKGROUND, PRIORITY_EDITOR, Job
+from .search_gate import SearchGate
 from .suggestions import MODEL_KEYS, Settings, Suggestion, View, log_line, metrics_payload, validate_settings
 from .workspace_config import WorkspaceConfig
 
@@ -96,6 +97,7 @@ class TinymorphServer(LanguageServer):
         self.document_changes = False
         self.last_ttft_ms: float | None = None
         self.stats = {"scheduled": 0, "finished": 0, "cancelled": 0, "failed": 0, "accepted": 0}
+        self.feature_searches = SearchGate()  # one at a time, a picker's stale ones cut short
         self._refresh_handle: asyncio.TimerHandle | None = None
         self._last_refresh = 0.0
         self._progress_token: str | None = None

@@ -323,7 +323,8 @@ def _normalized(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_min(0) / top if top > 0 else torch.zeros_like(x)
 
 
-def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=None) -> list[dict]:
+def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=None,
+                    superseded: Callable[[], bool] = lambda: False) -> list[dict]:
     """Protocol shape (`tinymorph.features.search`): id, label, topTokens, maxActivation, score.
 
     With a model (an `Engine`, or anything with `.model` and `.tokenizer`) features are ranked by
@@ -342,17 +343,21 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
     ("less hedging", "fewer adjectives", "more formal") is searched without it, and every result
     carries the strength that steers it that way (`suggestedStrength`: -1 for "less", else 1): the
     features are those of "hedging", and "less" is the sign of the push, as it is for a description.
+    `superseded` is asked between stages: once it says a newer search has overtaken this one (a
+    picker's user typed on), the stages that steer the model (the re-ranking by effect and the
+    group's fit, ~4 s on 2 cores) are skipped and the answer is what the cheaper signals rank.
     """
     query, sign = split_sign(query)
-    results = _ranked_features(library, query, limit, model)
-    group = feature_group(*_group_members(library, model, query, results))
+    results = _ranked_features(library, query, limit, model, superseded)
+    group = None if superseded() else feature_group(*_group_members(library, model, query, results))
     hits = ([group] if group else []) + results[:limit - (group is not None)]
     for hit in hits:
         hit["suggestedStrength"] = sign
     return hits
 
 
-def _ranked_features(library: FeatureLibrary, query: str, limit: int, model) -> list[dict]:
+def _ranked_features(library: FeatureLibrary, query: str, limit: int, model,
+                     superseded: Callable[[], bool]) -> list[dict]:
     """`search_features`' single features, best first (at least `GROUP_CANDIDATES` of them)."""
     labels_by_sae = library_labels(library)
     index = feature_index(labels_by_sae)
@@ -394,7 +399,7 @@ def _ranked_features(library: FeatureLibrary, query: str, limit: int, model) -> 
                 total = total + WEIGHTS["activation"] * _normalized(act * usable)
         named = WEIGHTS["word"] * named * usable  # added last, outside the normalisations below
         total = torch.where(usable, total, torch.zeros_like(total))
-        if "activation" in signals:  # the model is there: steer the best candidates and re-rank
+        if "activation" in signals and not superseded():  # the model is there: steer the best and re-rank
             best = [i for i in (total + named).topk(min(EFFECT_CANDIDATES, n)).indices.tolist()
                     if float(total[i] + named[i]) > 0]
             effect = effect_scores(sae, model, query, best)

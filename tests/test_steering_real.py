@@ -296,3 +296,18 @@ def test_search_says_when_no_feature_reads_the_query(library: FeatureLibrary, en
                          timeout=600, cwd=tmp_path, env={**os.environ, "TINYMORPH_CONFIG_DIR": str(tmp_path)})
     assert out.returncode == 0 and 'none of these fires on "dinosaurs" itself' in out.stdout, out.stdout
     assert 'tinymorph steer add "dinosaurs"' in out.stdout
+
+
+def test_an_overtaken_search_answers_from_the_cheap_signals(library: FeatureLibrary, engine: Engine,
+                                                           monkeypatch) -> None:
+    """A search a newer one has overtaken skips the stages that steer the model (effect re-ranking and
+    the group's fit, ~4 s) but still answers: the features that fire on the word, no group."""
+    import tinymorph.steering.features as features
+
+    def slow_stage(*_a, **_k):
+        raise AssertionError("an overtaken search steered the model")
+
+    monkeypatch.setattr(features, "effect_scores", slow_stage)
+    monkeypatch.setattr(features, "prompt_weights", slow_stage)
+    hits = search_features(library, "lighthouse", limit=5, model=engine, superseded=lambda: True)
+    assert hits and all(h.get("kind") != "group" and "activation" in h for h in hits), hits

@@ -3,6 +3,8 @@ and LSP document positions (UTF-16, CRLF, edits out of range)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tinymorph.server.documents import Document, PositionError
@@ -263,3 +265,41 @@ def test_keystroke_cost_does_not_grow_with_the_document():
         doc.position_at(change.cursor)
     per_edit = (time.perf_counter() - started) / 200
     assert per_edit < 0.02, f"{per_edit * 1000:.1f} ms per keystroke"
+
+
+def test_searches_run_one_at_a_time_and_learn_when_overtaken() -> None:
+    """A picker searches again as the user types: the first search is told once the second has been
+    asked for (so it can skip its slow stages), and the second starts only after the first is done."""
+    import threading
+
+    from tinymorph.server.search_gate import SearchGate
+
+    gate = SearchGate()
+    first_running, second_asked = threading.Event(), threading.Event()
+    log: list[tuple[str, bool]] = []
+
+    def first(superseded) -> str:
+        log.append(("first starts", superseded()))
+        first_running.set()
+        assert second_asked.wait(5)
+        deadline = time.monotonic() + 5
+        while not superseded() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        log.append(("first ends", superseded()))
+        return "first"
+
+    def second(superseded) -> str:
+        log.append(("second runs", superseded()))
+        return "second"
+
+    answers: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: answers.update(a=gate.run(first)))
+    thread.start()
+    assert first_running.wait(5)
+    other = threading.Thread(target=lambda: answers.update(b=gate.run(second)))
+    other.start()
+    second_asked.set()
+    thread.join(10)
+    other.join(10)
+    assert answers == {"a": "first", "b": "second"}
+    assert log == [("first starts", False), ("first ends", True), ("second runs", False)]
