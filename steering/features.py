@@ -480,9 +480,23 @@ def prompt_weights(sae, engine, query: str, candidates: Sequence[int], span: int
     return [float(w) for w in weights]
 
 
+BROAD_DENSITY = 0.05  # a member on more than this share of tokens is named in a group's label only by count
+
+
 def group_label(members: Sequence[dict]) -> str:
-    """"together: garden, yard; wild, park, nature; ...": what each member of a group fires on."""
-    return "together: " + "; ".join(m.get("phrase") or m.get("label") or m["id"] for m in members)
+    """"together: garden, yard; wild, park, nature; + 1 broad feature (on 29 % of tokens)": what each
+    member of a group fires on. Why broad members are only counted: the fit gives weight to a dense
+    feature or two in most groups (they turn any text into "a text about something", and leaving them
+    out cost ~14 points of hits), but what they fire on most is noise from all over the corpus
+    (`linux, computer, yoga`), which reads as if the group were about that; `features show` lists them."""
+    named = [m for i, m in enumerate(members) if i == 0 or m.get("density", 0.0) <= BROAD_DENSITY]
+    broad = [100 * m.get("density", 0.0) for m in members if not any(m is n for n in named)]
+    text = "together: " + "; ".join(m.get("phrase") or m.get("label") or m["id"] for m in named)
+    if broad:
+        lo, hi = round(min(broad)), round(max(broad))
+        share = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        text += f"; + {len(broad)} broad feature{'s' if len(broad) > 1 else ''} (on {share} % of tokens)"
+    return text
 
 
 def _of_first_sae(hits: Sequence[dict]) -> list[dict]:

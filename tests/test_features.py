@@ -207,3 +207,19 @@ def test_a_group_reads_the_query_if_any_member_does() -> None:
     assert feature_group([hit(1, False), hit(2, True)])["readsQuery"] is True
     assert feature_group([hit(1, False), hit(2, False)])["readsQuery"] is False
     assert _any_reads([hit(1, False), hit(2, None)]) is None
+
+
+def test_a_group_label_counts_its_broad_members() -> None:
+    """Dense members fire on noise from all over the corpus: the label counts them instead of naming
+    them, unless one leads the group (what the group is about)."""
+    from tinymorph.steering.features import group_label
+
+    def hit(phrase: str, density: float) -> dict:
+        return {"id": f"default:{len(phrase)}", "phrase": phrase, "density": density}
+
+    members = [hit("children, child, baby", 0.02), hit("linux, computer, yoga", 0.29),
+               hit("child, children, child's", 0.0003), hit("lords, sirs, griefs", 0.22)]
+    assert group_label(members) == ("together: children, child, baby; child, children, child's; "
+                                    "+ 2 broad features (on 22-29 % of tokens)")
+    assert group_label(members[1:3]) == "together: linux, computer, yoga; child, children, child's"
+    assert group_label(members[:2]) == "together: children, child, baby; + 1 broad feature (on 29 % of tokens)"
