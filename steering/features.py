@@ -485,10 +485,16 @@ BROAD_DENSITY = 0.05  # a member on more than this share of tokens is named in a
 
 def group_label(members: Sequence[dict]) -> str:
     """"together: garden, yard; wild, park, nature; + 1 broad feature (on 29 % of tokens)": what each
-    member of a group fires on. Why broad members are only counted: the fit gives weight to a dense
-    feature or two in most groups (they turn any text into "a text about something", and leaving them
-    out cost ~14 points of hits), but what they fire on most is noise from all over the corpus
-    (`linux, computer, yoga`), which reads as if the group were about that; `features show` lists them."""
+    member of a group fires on, the one that fires most on the query's own words first where search
+    knows it (`word`): the best hit can be a feature that writes the concept but fires on noise
+    ("ghost": `pl, leonati, columnar`, tied on score with `ghost, ghostly, horror`), and the first
+    words are what a reader takes the group to be about. Why broad members are only counted: the
+    fit gives weight to a dense feature or two in most groups (they turn any text into "a text about
+    something", and leaving them out cost ~14 points of hits), but what they fire on most is noise
+    from all over the corpus (`linux, computer, yoga`), which reads as if the group were about that;
+    `features show` lists them."""
+    lead = max(range(len(members)), key=lambda i: (members[i].get("word", 0.0), -i), default=0)
+    members = [members[lead], *members[:lead], *members[lead + 1:]]
     named = [m for i, m in enumerate(members) if i == 0 or m.get("density", 0.0) <= BROAD_DENSITY]
     broad = [100 * m.get("density", 0.0) for m in members if not any(m is n for n in named)]
     text = "together: " + "; ".join(m.get("phrase") or m.get("label") or m["id"] for m in named)

@@ -223,3 +223,5 @@ def test_a_group_label_counts_its_broad_members() -> None:
                                     "+ 2 broad features (on 22-29 % of tokens)")
     assert group_label(members[1:3]) == "together: linux, computer, yoga; child, children, child's"
     assert group_label(members[:2]) == "together: children, child, baby; + 1 broad feature (on 29 % of tokens)"
+    searched = [dict(members[0], word=0.3), dict(members[2], word=1.0)]  # search knows what reads the query
+    assert group_label(searched) == "together: child, children, child's; children, child, baby"

@@ -277,6 +277,9 @@ def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engi
         group = hits[0]  # the first answer: the best features steered together, the best one first
         assert group["kind"] == "group" and group["members"][0] == hits[1]["id"], group
         assert group["readsQuery"] and hits[1]["readsQuery"], group  # they fire on the query's own words
+        found = {h["id"]: h for h in search_features(library, queries[name], limit=9, model=engine)[1:]}
+        named = max(group["members"], key=lambda m: found[m]["word"])  # fires most on the query's words
+        assert group["label"].startswith("together: " + found[named]["phrase"]), (group["label"], named)
         assert max(group["weights"]) == 1 and min(group["weights"]) > 0  # relative to the heaviest member
         assert group["id"] == "default:" + "+".join(m.rpartition(":")[2] + ("" if w == 1 else f"*{w:g}")
                                                     for m, w in zip(group["members"], group["weights"], strict=True))
