@@ -157,14 +157,13 @@ class BatchRunner:
         pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
         mask = (torch.ones(width, width, dtype=torch.bool).tril() & valid[:, None, :]) | torch.eye(width,
                                                                                                   dtype=torch.bool)
-        x = model.embed(ids)
-        cos = model.rope_cos[pos].to(x.dtype).unsqueeze(1)
-        sin = model.rope_sin[pos].to(x.dtype).unsqueeze(1)
-        if upto > 0:
-            cache = _Cache(model, b, width)
-            with torch.no_grad():
-                for layer in model.layers[:upto]:
-                    x = layer(x, cache, 0, cos, sin, mask[:, None])
+        with torch.no_grad():  # reused by every step of a search: no graph may hang on it
+            x = model.embed(ids)
+            cos = model.rope_cos[pos].to(x.dtype).unsqueeze(1)
+            sin = model.rope_sin[pos].to(x.dtype).unsqueeze(1)
+            cache = _Cache(model, b, width) if upto > 0 else None
+            for layer in model.layers[:upto]:
+                x = layer(x, cache, 0, cos, sin, mask[:, None])
         return Prefix(upto, x, cos, sin, mask[:, None], self._steer_mask(ids, pos, valid))
 
     def hidden_from(self, start: Prefix, plan: ResolvedPlan | None = None, read_layer: int | None = None
