@@ -26,7 +26,7 @@ mixture of three prompt templates (56 vs ~62 % at 1.51x), and steering only the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -144,7 +144,8 @@ def distill_pushes(model, tokenizer, description: str, texts: Sequence[Sequence[
 def fit_weights(model, tokenizer, description: str, texts: Sequence[Sequence[int]], directions: torch.Tensor,
                 layers: Sequence[int], budget: float, special_ids: Sequence[int] = (), steps: int = FIT_STEPS,
                 penalty: float = REPEAT_PENALTY, lr: float = FIT_LEARNING_RATE,
-                word_ids: Sequence[int] = (), word_bonus: float = WORD_BONUS) -> tuple[torch.Tensor, list[float]]:
+                word_ids: Sequence[int] = (), word_bonus: float = WORD_BONUS,
+                stop: Callable[[], bool] = lambda: False) -> tuple[torch.Tensor | None, list[float]]:
     """Non-negative weights w [n] for `directions` [n, d] such that pushing plain `texts` by
     ``w @ directions``, shared out evenly over `layers`, makes them continue as the model does after
     `PROMPT_TEMPLATE` with `description` (the `distill_pushes` objective, over a few chosen directions
@@ -157,7 +158,8 @@ def fit_weights(model, tokenizer, description: str, texts: Sequence[Sequence[int
     favour features that make any text a story over the one that writes the concept (`steer eval
     --quick`, strength 1, without / with a bonus of 3: main set 49 % at 1.50x / 58 % at 1.50x,
     held-out 51 % at 1.54x / 49 % at 1.49x, 20 concepts neither has 27 % at 1.46x / 37 % at 1.49x;
-    a bonus of 6: 34 % at 1.48x there)."""
+    a bonus of 6: 34 % at 1.48x there). `stop` is asked before every step: once true, the fit ends
+    with no weights (None; a search that a newer one has overtaken)."""
     texts = _usable(texts)
     runner = BatchRunner(model, special_ids=special_ids)
     teacher = _prompted_targets(runner, _head(tokenizer, description), texts, penalty, word_ids, word_bonus)
@@ -168,6 +170,8 @@ def fit_weights(model, tokenizer, description: str, texts: Sequence[Sequence[int
     best = (float("inf"), w.detach().clone())
     start = runner.prefix(texts, min(layers))
     for step in range(steps + 1):
+        if stop():
+            return None, losses
         with torch.enable_grad() if step < steps else torch.no_grad():
             push = (w @ directions) / len(layers)
             loss = _kl(teacher, _steered_logprobs(runner, texts, dict.fromkeys(layers, push), start))

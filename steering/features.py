@@ -343,13 +343,16 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
     ("less hedging", "fewer adjectives", "more formal") is searched without it, and every result
     carries the strength that steers it that way (`suggestedStrength`: -1 for "less", else 1): the
     features are those of "hedging", and "less" is the sign of the push, as it is for a description.
-    `superseded` is asked between stages: once it says a newer search has overtaken this one (a
+    `superseded` is asked between stages and fit steps: once it says a newer search has overtaken this one (a
     picker's user typed on), the stages that steer the model (the re-ranking by effect and the
     group's fit, ~4 s on 2 cores) are skipped and the answer is what the cheaper signals rank.
     """
     query, sign = split_sign(query)
     results = _ranked_features(library, query, limit, model, superseded)
-    group = None if superseded() else feature_group(*_group_members(library, model, query, results))
+    group = None
+    if not superseded():
+        members, weights = _group_members(library, model, query, results, superseded)
+        group = None if superseded() else feature_group(members, weights)
     hits = ([group] if group else []) + results[:limit - (group is not None)]
     for hit in hits:
         hit["suggestedStrength"] = sign
@@ -425,8 +428,8 @@ def _ranked_features(library: FeatureLibrary, query: str, limit: int, model,
     return results
 
 
-def _group_members(library: FeatureLibrary, engine, query: str, results: Sequence[dict]
-                   ) -> tuple[list[dict], list[float] | None]:
+def _group_members(library: FeatureLibrary, engine, query: str, results: Sequence[dict],
+                   superseded: Callable[[], bool] = lambda: False) -> tuple[list[dict], list[float] | None]:
     """The hits a group is made of and their weights: with the engine's own model those of the best
     `GROUP_CANDIDATES` (of the first hit's SAE) the fit gives weight (`prompt_weights`), in search
     order, the best hit always first (at least `MIN_WEIGHT_SHARE`: it leads the label and the
@@ -435,7 +438,7 @@ def _group_members(library: FeatureLibrary, engine, query: str, results: Sequenc
     if len(candidates) > GROUP_SIZE:
         sae = library.sae(candidates[0]["id"].rpartition(":")[0])
         weights = prompt_weights(sae, engine, query, [int(h["id"].rpartition(":")[2]) for h in candidates],
-                                 getattr(library, "feature_span", 1))
+                                 getattr(library, "feature_span", 1), superseded=superseded)
         if weights is not None and max(weights) > 0:
             top = max(weights)
             weights[0] = max(weights[0], MIN_WEIGHT_SHARE * top)  # the best hit leads: what the group is about
@@ -447,12 +450,13 @@ def _group_members(library: FeatureLibrary, engine, query: str, results: Sequenc
 
 
 def prompt_weights(sae, engine, query: str, candidates: Sequence[int], span: int = 1,
-                   word_bonus: float | None = None) -> list[float] | None:
+                   word_bonus: float | None = None, superseded: Callable[[], bool] = lambda: False
+                   ) -> list[float] | None:
     """Per candidate feature, the non-negative weight of its decoder direction in the push (shared
     over `span` layers from the SAE's) that makes neutral plain text read most as it does with "The
     following text is about <query>." in front, the query's own words asked for a little more
     (`distill.fit_weights`, `word_bonus` default `distill.WORD_BONUS`; 0: the feature does not help).
-    None without the engine's own model."""
+    None without the engine's own model, or when `superseded` stopped the fit (nothing is kept then)."""
     from .distill import WORD_BONUS, fit_weights
 
     word_bonus = WORD_BONUS if word_bonus is None else word_bonus
@@ -472,7 +476,9 @@ def prompt_weights(sae, engine, query: str, candidates: Sequence[int], span: int
         budget = FIT_PUSH * float(sae.resid_norm or FALLBACK_NORM)
         weights, _ = fit_weights(model, tokenizer, description, texts, directions, layers, budget,
                                  getattr(engine, "special_ids", ()), word_ids=_query_tokens(tokenizer, query),
-                                 word_bonus=word_bonus)
+                                 word_bonus=word_bonus, stop=superseded)
+        if weights is None:
+            return None
     with _FITS_LOCK:
         _FITS[key] = (weakref.ref(model), weights)
         while len(_FITS) > FITS_KEPT:

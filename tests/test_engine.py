@@ -539,6 +539,10 @@ def test_fitted_weights_move_plain_text_toward_the_prompted_model(tiny_model_dir
     after = kl_to_prompted(engine.model, engine.tokenizer, "about the sea", texts,
                            dict.fromkeys(layers, push / len(layers)))
     assert after < before and len(losses) > 1 and losses[0] == pytest.approx(before, rel=1e-3)
+    asked = []  # a search overtaken by a newer one stops its fit between steps, with no weights
+    stopped, _ = fit_weights(engine.model, engine.tokenizer, "about the sea", texts, directions, layers, budget,
+                             stop=lambda: asked.append(1) or len(asked) > 2)
+    assert stopped is None and len(asked) == 3
 
 
 def test_calibration_stops_where_the_fitted_perplexity_ratio_meets_the_budget():
