@@ -343,9 +343,9 @@ def search_features(library: FeatureLibrary, query: str, limit: int = 10, model=
     ("less hedging", "fewer adjectives", "more formal") is searched without it, and every result
     carries the strength that steers it that way (`suggestedStrength`: -1 for "less", else 1): the
     features are those of "hedging", and "less" is the sign of the push, as it is for a description.
-    `superseded` is asked between stages and fit steps: once it says a newer search has overtaken this one (a
-    picker's user typed on), the stages that steer the model (the re-ranking by effect and the
-    group's fit, ~4 s on 2 cores) are skipped and the answer is what the cheaper signals rank.
+    `superseded` is asked between stages and fit steps: once it says a newer search has overtaken
+    this one (a picker's user typed on), the stages that steer the model (the re-ranking by effect
+    and the group's fit, ~4 s on 2 cores) are skipped and the answer is what the cheaper signals rank.
     """
     query, sign = split_sign(query)
     results = _ranked_features(library, query, limit, model, superseded)
@@ -432,8 +432,8 @@ def _group_members(library: FeatureLibrary, engine, query: str, results: Sequenc
                    superseded: Callable[[], bool] = lambda: False) -> tuple[list[dict], list[float] | None]:
     """The hits a group is made of and their weights: with the engine's own model those of the best
     `GROUP_CANDIDATES` (of the first hit's SAE) the fit gives weight (`prompt_weights`), in search
-    order, the best hit always first (at least `MIN_WEIGHT_SHARE`: it leads the label and the
-    calibration); else the best `GROUP_SIZE`, equal (None)."""
+    order, the best hit always first (at least `MIN_WEIGHT_SHARE`: a group pushes its first member's
+    calibrated push, `FeatureLibrary.calibrated_as`); else the best `GROUP_SIZE`, equal (None)."""
     candidates = _of_first_sae(results)[:GROUP_CANDIDATES]
     if len(candidates) > GROUP_SIZE:
         sae = library.sae(candidates[0]["id"].rpartition(":")[0])
@@ -441,7 +441,7 @@ def _group_members(library: FeatureLibrary, engine, query: str, results: Sequenc
                                  getattr(library, "feature_span", 1), superseded=superseded)
         if weights is not None and max(weights) > 0:
             top = max(weights)
-            weights[0] = max(weights[0], MIN_WEIGHT_SHARE * top)  # the best hit leads: what the group is about
+            weights[0] = max(weights[0], MIN_WEIGHT_SHARE * top)  # the best hit leads the calibration
             keep = [0, *sorted(range(1, len(weights)), key=lambda i: -weights[i])[:MAX_GROUP - 1]]
             keep = sorted(i for i in keep if weights[i] >= MIN_WEIGHT_SHARE * top)
             if len(keep) >= 2:
@@ -501,8 +501,13 @@ def group_label(members: Sequence[dict]) -> str:
     `features show` lists them."""
     lead = max(range(len(members)), key=lambda i: (members[i].get("word", 0.0), -i), default=0)
     members = [members[lead], *members[:lead], *members[lead + 1:]]
-    named = [m for i, m in enumerate(members) if i == 0 or m.get("density", 0.0) <= BROAD_DENSITY]
-    broad = [100 * m.get("density", 0.0) for m in members if not any(m is n for n in named)]
+    named: list[dict] = []
+    broad: list[float] = []  # % of tokens each broad member fires on
+    for i, m in enumerate(members):
+        if i == 0 or m.get("density", 0.0) <= BROAD_DENSITY:
+            named.append(m)
+        else:
+            broad.append(100 * m["density"])
     text = "together: " + "; ".join(m.get("phrase") or m.get("label") or m["id"] for m in named)
     if broad:
         lo, hi = round(min(broad)), round(max(broad))
