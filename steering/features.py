@@ -203,17 +203,36 @@ def _unembed(model) -> _Unembed:
     return _UNEMBED[key]
 
 
+def _pieces(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _query_tokens(tokenizer, query: str) -> list[int]:
-    """First token of each content word of the query (as ' word', 'word', ' Word')."""
-    out = []
+    """The token of each content word of the query as the model writes it — ' word', 'word' (after a
+    line break or a quote), ' Word' — each form only where it is one whole token: a form the
+    vocabulary splits begins with a fragment that other words share ('d' of 'dance', ' par' of
+    'paris', 'b' of 'basketball'), and asking for it or scoring features by it asks for those words.
+    A word with no single-token form gives the first piece of ' word' (' sarc' of ' sarcasm')."""
+    out: list[int] = []
     for w in words(query):
         if w in _STOP and len(words(query)) > 1:
             continue
-        for form in (f" {w}", w, f" {w.capitalize()}"):
-            ids = tokenizer(form, add_special_tokens=False)["input_ids"]
-            if ids and ids[0] not in out:
-                out.append(ids[0])
+        forms = [_pieces(tokenizer, form) for form in (f" {w}", w, f" {w.capitalize()}")]
+        whole = [ids[0] for ids in forms if len(ids) == 1] or [ids[0] for ids in forms[:1] if ids]
+        out += [i for i in whole if i not in out]
     return out
+
+
+def as_the_model_knows(tokenizer, query: str) -> str:
+    """`query` with each word in the case the model's vocabulary knows it in: "paris" reads as the
+    pieces ' par' + 'is' (and search then found `par, parolles, parley`), "Paris" as one token; a
+    word is capitalized only where its lower-case form is split and its capitalized one is not."""
+    def known(m: re.Match) -> str:
+        w = m.group(0)
+        if len(_pieces(tokenizer, f" {w}")) > 1 and len(_pieces(tokenizer, f" {w.capitalize()}")) == 1:
+            return w.capitalize()
+        return w
+    return re.sub(r"[A-Za-z]+", known, query)
 
 
 def _related_tokens(model, tokenizer, query: str) -> tuple[list[int], list[int]]:
@@ -391,7 +410,7 @@ def _ranked_features(library: FeatureLibrary, query: str, limit: int, model,
         if net is not None and tokenizer is not None and words(query):
             try:
                 out = output_scores(sae, net, tokenizer, query)
-                act = activation_scores(sae, net, tokenizer, query)
+                act = activation_scores(sae, net, tokenizer, as_the_model_knows(tokenizer, query))
             except (RuntimeError, ValueError, IndexError):  # a model the SAE does not fit: labels only
                 out, act = None, None
             if out is not None:
@@ -432,8 +451,8 @@ def _group_members(library: FeatureLibrary, engine, query: str, results: Sequenc
                    superseded: Callable[[], bool] = lambda: False) -> tuple[list[dict], list[float] | None]:
     """The hits a group is made of and their weights: with the engine's own model those of the best
     `GROUP_CANDIDATES` (of the first hit's SAE) the fit gives weight (`prompt_weights`), in search
-    order, the best hit always first (at least `MIN_WEIGHT_SHARE`: a group pushes its first member's
-    calibrated push, `FeatureLibrary.calibrated_as`); else the best `GROUP_SIZE`, equal (None)."""
+    order, the best hit always first (at least `MIN_WEIGHT_SHARE`: what search ranks first is in what
+    its first answer steers); else the best `GROUP_SIZE`, equal (None)."""
     candidates = _of_first_sae(results)[:GROUP_CANDIDATES]
     if len(candidates) > GROUP_SIZE:
         sae = library.sae(candidates[0]["id"].rpartition(":")[0])
@@ -441,7 +460,7 @@ def _group_members(library: FeatureLibrary, engine, query: str, results: Sequenc
                                  getattr(library, "feature_span", 1), superseded=superseded)
         if weights is not None and max(weights) > 0:
             top = max(weights)
-            weights[0] = max(weights[0], MIN_WEIGHT_SHARE * top)  # the best hit leads the calibration
+            weights[0] = max(weights[0], MIN_WEIGHT_SHARE * top)  # the best hit is always a member
             keep = [0, *sorted(range(1, len(weights)), key=lambda i: -weights[i])[:MAX_GROUP - 1]]
             keep = sorted(i for i in keep if weights[i] >= MIN_WEIGHT_SHARE * top)
             if len(keep) >= 2:
@@ -464,7 +483,7 @@ def prompt_weights(sae, engine, query: str, candidates: Sequence[int], span: int
     model, tokenizer = getattr(engine, "model", None), getattr(engine, "tokenizer", None)
     if not hasattr(model, "new_cache") or tokenizer is None or not candidates:
         return None
-    query = " ".join(query.split())
+    query = as_the_model_knows(tokenizer, " ".join(query.split()))
     description = query if query.lower().startswith("about ") else f"about {query}"
     layers = list(range(sae.layer, min(sae.layer + max(1, span), model.cfg.n_layers)))
     key = (id(model), sae.layer, len(layers), description, tuple(candidates), word_bonus)

@@ -288,6 +288,27 @@ def test_search_finds_the_concept_features(library: FeatureLibrary, engine: Engi
     assert labels_only and all(h["id"].startswith("default:") for h in labels_only)
 
 
+def test_search_reads_a_word_as_the_model_knows_it(library: FeatureLibrary, engine: Engine) -> None:
+    """A name typed in lower case ("paris": the pieces ' par' + 'is') is read as the one token the
+    vocabulary has (' Paris'), and a word's forms the vocabulary splits ('d' + 'ance') are not asked
+    for: their first piece begins other words. Before, "paris" found `par, parolles, parley` and
+    features that fire on no city; now a feature that reads Paris comes first."""
+    from tinymorph.steering.features import _query_tokens, as_the_model_knows
+
+    tok = engine.tokenizer
+
+    def pieces(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    assert len(pieces("dance")) > 1 and len(pieces(" paris")) > 1  # what the rule is about
+    assert _query_tokens(tok, "dance") == [pieces(" dance")[0], pieces(" Dance")[0]]
+    assert _query_tokens(tok, "paris") == pieces(" Paris")
+    assert as_the_model_knows(tok, "paris and dance") == "Paris and dance"
+    hits = search_features(library, "paris", limit=3, model=engine)
+    assert hits[1]["readsQuery"] and "paris" in hits[1]["label"], hits[1]
+    assert hits[0]["readsQuery"], hits[0]
+
+
 def test_search_says_when_no_feature_reads_the_query(library: FeatureLibrary, engine: Engine, tmp_path) -> None:
     """The shipped SAE has no feature for dinosaurs: search still answers (its nearest neighbours,
     e.g. `ancient, old, past`), marks that none of them fires on the word, and the CLI says so and
