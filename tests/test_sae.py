@@ -399,17 +399,18 @@ def test_a_calibration_does_not_outlive_its_sae(tmp_path: Path) -> None:
     assert FeatureLibrary({"tiny": str(new)}, calibrations=store).add_fraction("tiny:3", LAYER) == ADD_FRACTION
 
 
-def test_a_group_takes_its_lead_features_calibrated_push(tmp_path: Path) -> None:
-    """`steer add tiny:3+7` calibrates (and then reads) the calibration of `tiny:3`, its lead feature."""
+def test_a_group_is_calibrated_along_its_own_direction(tmp_path: Path) -> None:
+    """`steer add tiny:3+7` reads (and makes) a calibration of the group itself, not of a member: a
+    member's calibrated push says nothing about a direction made mostly of the others."""
     from tinymorph.steering.calibration import CalibrationStore
 
     store = CalibrationStore(tmp_path / "calibrations.json")
     lib = FeatureLibrary({"tiny": str(make_sae(tmp_path / "tiny"))}, calibrations=store)
-    assert FeatureLibrary.calibrated_as("tiny:3+7") == "tiny:3"
-    assert FeatureLibrary.calibrated_as("tiny:7") == "tiny:7"
     store.set(lib.model_key, lib._calibration_ref("tiny:3"), LAYER, 0.2)
-    assert lib.add_fraction("tiny:3+7", LAYER) == 0.2 and lib.add_fraction("tiny:7+3", LAYER) == ADD_FRACTION
+    assert lib.add_fraction("tiny:3", LAYER) == 0.2 and lib.add_fraction("tiny:3+7", LAYER) == ADD_FRACTION
+    store.set(lib.model_key, lib._calibration_ref("tiny:3+7"), LAYER, 0.3)
+    assert lib.add_fraction("tiny:3+7", LAYER) == 0.3 and lib.add_fraction("tiny:3", LAYER) == 0.2
     sae = lib.sae("tiny")
     summed = sae.direction(3) + sae.direction(7)
     push = sum(h.add_scale * h.direction for h in lib.handles("tiny:3+7"))
-    assert torch.allclose(push, 0.2 * FALLBACK_NORM * summed / summed.norm(), atol=1e-4)
+    assert torch.allclose(push, 0.3 * FALLBACK_NORM * summed / summed.norm(), atol=1e-4)
