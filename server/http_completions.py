@@ -138,7 +138,7 @@ async def check_plan(
     if sources_available is not None:
         await asyncio.to_thread(sources_available, plan)
     try:
-        await asyncio.to_thread(engine.resolve, plan)
+        await asyncio.to_thread(runtime.check_plan, plan)  # resolves, and calibrates what is new
     except ValueError as exc:  # SteeringError and friends
         raise unresolved(str(exc), param) from None
     except Exception as exc:  # noqa: BLE001 - e.g. an SAE file that cannot be read

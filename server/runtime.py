@@ -93,11 +93,16 @@ class Runtime:
 
     def check_plan(self, plan: SteeringPlan) -> None:
         """Resolve `plan` with the loaded engine's resolver (raises ValueError/SteeringError if it
-        cannot be applied): the same check every generation makes, done once, up front."""
+        cannot be applied): the same check every generation makes, done once, up front. Directions
+        that `add` pushes and that have no calibration yet get one now (`calibrate_missing`), so
+        strength 1 is the calibrated push wherever the plan was set."""
         engine = self.engine
         if engine is None:
             raise RuntimeError("the model is not loaded yet")
         engine.resolve(plan)
+        library = self.feature_library()
+        if library is not None and plan is not None:
+            library.calibrate_missing(plan)
 
     def use_feature_library(self, library) -> None:
         """Resolve feature references with `library` (the SAEs of the workspace's config) from now on.

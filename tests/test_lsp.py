@@ -9,6 +9,7 @@ scheduler, streaming, cancellation) is the real one; one test at the end uses th
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import tempfile
@@ -671,8 +672,17 @@ async def test_workspace_config_is_used_wherever_the_server_started(ws_client: L
     st = await wait_status(ws_client, lambda s: s["steering"])
     assert [e["feature"] for e in st["steering"]] == ["mine:3"] and st["steeringError"] is None
     # steer.set and features.show know the workspace's SAE too
+    calibrations = Path(os.environ["TINYMORPH_CACHE_DIR"]) / "calibrations.json"
+
+    def calibrated(feature: str) -> list[float]:
+        data = json.loads(calibrations.read_text()) if calibrations.is_file() else {}
+        return [v for k, v in data.items() if f"|{feature}@" in k]
+
+    assert not calibrated("mine:4")
     assert [e["feature"] for e in await command(ws_client, "tinymorph.steer.set",
                                                 {"feature": "mine:4", "strength": 1.0})] == ["mine:3", "mine:4"]
+    # strength 1 is the calibrated push in the editor too: setting it calibrated the feature (once)
+    assert len(calibrated("mine:4")) == 1 and len(calibrated("mine:3")) == 1  # mine:3: when the config was read
     try:
         await command(ws_client, "tinymorph.features.show", "mine:4")
     except JsonRpcException as exc:  # no labels for a random SAE is fine; not knowing "mine" is not
