@@ -73,7 +73,7 @@ export async function pickFeature(call: ServerCall, steering: SteeringEntry[]): 
   if (!picked) return undefined;
   const strength = await askStrength(picked.featureId, picked.currentStrength ?? picked.suggestedStrength);
   if (strength === undefined) return undefined;
-  return call<SteeringEntry[]>("tinymorph.steer.set", [{ feature: picked.featureId, strength }]);
+  return steerSet(call, { feature: picked.featureId, strength });
 }
 
 /** Lists the current steering; lets the user change a strength, remove an entry, add or clear. */
@@ -89,7 +89,20 @@ export async function editSteering(call: ServerCall, steering: SteeringEntry[]):
   if (what !== "Change strength") return undefined;
   const strength = await askStrength(feature, entry?.strength);
   if (strength === undefined) return undefined;
-  return call<SteeringEntry[]>("tinymorph.steer.set", [{ ...entry, feature, strength }]);
+  return steerSet(call, { ...entry, feature, strength });
+}
+
+/** `tinymorph.steer.set` with a notification while it runs: the first time a feature is added the
+ * server calibrates its strength 1 (~20 s on a laptop CPU), and a picker that closed with nothing
+ * to show for that long reads as a hang. */
+function steerSet(call: ServerCall, entry: SteeringEntry): Thenable<SteeringEntry[] | undefined> {
+  return vscode.window.withProgress(
+    {
+      location: vscode.ProgressLocation.Notification,
+      title: `tinymorph: steering by ${entry.feature} (a new one is calibrated first, ~20 s)…`,
+    },
+    () => call<SteeringEntry[]>("tinymorph.steer.set", [entry]),
+  );
 }
 
 /**

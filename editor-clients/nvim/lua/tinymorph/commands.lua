@@ -24,6 +24,16 @@ local function format_list(list)
   return lines
 end
 
+-- Sets one steering entry and shows the new list. Says so first: the server calibrates strength 1 of
+-- a feature it has not seen (~20 s on a laptop CPU), and a prompt that closes with nothing to show
+-- for that long reads as a hang.
+local function steer(feature, strength, extra)
+  echo("steering by " .. feature .. "… (a new one is calibrated first, ~20 s)")
+  tm().steer(feature, strength, extra, function(list)
+    echo(format_list(list))
+  end)
+end
+
 -- Last search results, for completing feature ids after `:Tinymorph steer `.
 local known_features = {}
 
@@ -55,9 +65,7 @@ function M.ask_strength(feature, default)
       end
       return
     end
-    tm().steer(feature, strength, nil, function(list)
-      echo(format_list(list))
-    end)
+    steer(feature, strength, nil)
   end)
 end
 
@@ -187,9 +195,7 @@ subcommands.steer = function(args)
         vim.log.levels.ERROR)
       return
     end
-    tm().steer(feature, strength, extra, function(list)
-      echo(format_list(list))
-    end)
+    steer(feature, strength, extra)
   end
 end
 
