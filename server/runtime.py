@@ -101,7 +101,7 @@ class Runtime:
             raise RuntimeError("the model is not loaded yet")
         engine.resolve(plan)
         library = self.feature_library()
-        if library is not None and plan is not None:
+        if library is not None:
             library.calibrate_missing(plan)
 
     def use_feature_library(self, library) -> None:

@@ -190,25 +190,18 @@ class FeatureLibrary:
         self.calibrations.set(self.model_key, self._calibration_ref(ref), handle.layer, fraction)
         return fraction
 
-    def calibrate_missing(self, plan) -> list[str]:
-        """Calibrate `add` strength 1 of each SAE feature, group or saved vector in `plan` (a
-        `SteeringPlan`) that has no calibration yet, as `steer add` does on the command line, and
-        return their references. Why: an editor or the HTTP API sets steering without the CLI, and
-        its strength prompt promises that 1 is the calibrated push (before, a feature picked in VS Code
-        pushed the uncalibrated default, `ADD_FRACTION`); descriptions calibrate when they are built.
-        ~18 s per new direction on 2 cores for the default model, once: it is kept with the user's
-        calibrations."""
+    def calibrate_missing(self, plan) -> None:
+        """Make sure each SAE feature, group or saved vector that `plan` (a `SteeringPlan`) adds has
+        its strength 1 calibrated (`calibrated`: the stored one, else a new one, as `steer add` makes
+        it). Why: an editor or the HTTP API sets steering without the CLI, and its strength prompt
+        promises that 1 is the calibrated push (before, a feature picked in VS Code pushed the
+        uncalibrated default, `ADD_FRACTION`); descriptions calibrate when they are built. ~18 s per
+        new direction on 2 cores for the default model, once: it is kept with the user's calibrations."""
         if self._engine is None or plan is None:
-            return []
-        done: list[str] = []
+            return
         for entry in plan.entries:
-            source, _ = parse_feature_ref(entry.feature)
-            if entry.mode != "add" or source == "concept" or not entry.strength or entry.feature in done:
-                continue
-            if self._stored_fraction(entry.feature, self.handle(entry.feature).layer) is None:
-                self.calibrate(entry.feature)
-                done.append(entry.feature)
-        return done
+            if entry.mode == "add" and entry.strength and parse_feature_ref(entry.feature)[0] != "concept":
+                self.calibrated(entry.feature)
 
     def calibrated(self, ref: str) -> float:
         """`add` strength 1 of a feature or vector as a fraction of the residual norm: the stored
